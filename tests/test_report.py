@@ -1,0 +1,227 @@
+import json
+import math
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from preftune import report
+from preftune.report import legend_labels, load_run, main, make_figures, plot_runs, write_report
+
+N_STEPS = 120
+
+
+def train_line(step, *, loss=None, margin=None, speed=1.0, **extra):
+    loss = 0.69 * math.exp(-speed * step / 60) + 0.05 * math.sin(step) + 0.1 if loss is None else loss
+    margin = speed * 0.02 * step + 0.1 * math.cos(step) if margin is None else margin
+    return {
+        "step": step,
+        "epoch": step / N_STEPS,
+        "loss": loss,
+        "rewards/chosen": margin / 2,
+        "rewards/rejected": -margin / 2,
+        "rewards/margins": margin,
+        "rewards/accuracies": min(1.0, 0.5 + step / 300 + 0.05 * math.sin(3 * step)),
+        "logps/chosen": -50.0 + step / 10,
+        "logps/rejected": -55.0 - step / 10,
+        "learning_rate": 5e-7,
+        "grad_norm": 1.5,
+        "tokens_per_second": 12345.6,
+        "peak_memory_mb": 2048.0,
+        **extra,
+    }
+
+
+def eval_line(step, loss):
+    return {
+        "step": step,
+        "epoch": step / N_STEPS,
+        "eval_loss": loss,
+        "eval_rewards/margins": step / 40,
+        "eval_rewards/accuracies": 0.5 + step / 400,
+    }
+
+
+def make_run(
+    root, name, *, method="mrpo", beta=0.1, evaluation=True, final_loss=0.1234, exact_match=0.25, speed=1.0
+):
+    run_dir = root / name
+    run_dir.mkdir()
+    lines = [train_line(step, speed=speed, **{"mrpo/alpha_0": 0.5}) for step in range(1, 81)]
+    lines.append(eval_line(40, 0.55))
+    lines.append(eval_line(80, 0.9999))  # logged again after the resume below
+    # Resumed from the step-60 checkpoint: steps 61..80 are logged again and must win.
+    lines += [train_line(step, speed=speed, **{"mrpo/alpha_0": 0.6}) for step in range(61, N_STEPS)]
+    lines.append(eval_line(80, 0.45))
+    lines.append(train_line(N_STEPS, loss=final_loss, margin=2.5, **{"mrpo/alpha_0": 0.7}))
+    lines.append(eval_line(N_STEPS, 0.4321))
+    text = "\n".join(json.dumps(line) for line in lines) + "\n"
+    text += '{"step": 121, "epoch": 1.01, "loss": 0.0'  # crash mid-write
+    (run_dir / "metrics.jsonl").write_text(text)
+    (run_dir / "config.yaml").write_text(
+        f"method: {method}\nmodel: HuggingFaceTB/SmolLM2-135M-Instruct\nbeta: {beta}\nlearning_rate: 5.0e-7\n"
+    )
+    if evaluation:
+        (run_dir / "evaluation.json").write_text(
+            json.dumps(
+                {
+                    "before": {
+                        "preference_accuracy": 0.5125,
+                        "reward_margin": 0.0,
+                        "exact_match": exact_match,
+                        "n": 80,
+                    },
+                    "after": {
+                        "preference_accuracy": 0.8375,
+                        "reward_margin": 1.75,
+                        "exact_match": None if exact_match is None else exact_match + 0.125,
+                        "n": 80,
+                    },
+                }
+            )
+        )
+    return run_dir
+
+
+def assert_valid_png(path):
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert image[..., :3].var() > 1e-3, f"{path.name} looks blank"
+    assert image.shape[:2] == (500, 800)  # 8x5 in at 100 dpi
+
+
+def test_load_run_last_line_wins_and_truncated_line_ignored(tmp_path):
+    run = load_run(make_run(tmp_path, "run"))
+    steps = [row["step"] for row in run.train]
+    assert steps == list(range(1, N_STEPS + 1))  # one row per step, sorted, partial step 121 dropped
+    by_step = {row["step"]: row for row in run.train}
+    assert by_step[60]["mrpo/alpha_0"] == 0.5  # before the resume point: first attempt
+    assert by_step[70]["mrpo/alpha_0"] == 0.6  # re-logged after the resume: last wins
+    assert [row["step"] for row in run.eval] == [40, 80, N_STEPS]
+    assert {row["step"]: row["eval_loss"] for row in run.eval}[80] == 0.45
+    assert run.label == "mrpo β=0.1"
+    assert run.config["beta"] == 0.1
+    assert run.evaluation["after"]["preference_accuracy"] == 0.8375
+    assert run.last_step == N_STEPS
+    assert run.final("loss") == 0.1234 and run.final("eval_loss") == 0.4321
+
+
+def test_load_run_tolerates_bad_lines_and_nested_config(tmp_path, caplog):
+    run_dir = tmp_path / "nested"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 0.7}\nnot json\n[1, 2]\n{"loss": 0.1}\n\n{"step": 2.0, "loss": NaN}\n'
+    )
+    (run_dir / "config.yaml").write_text(
+        "method:\n  name: dpo\nloss:\n  beta: 0.25\nmodel:\n  name_or_path: tiny\n"
+    )
+    run = load_run(run_dir)
+    assert [row["step"] for row in run.train] == [1, 2]
+    assert run.label == "dpo β=0.25"
+    assert "not valid JSON" in caplog.text  # a bad line in the middle is reported, not fatal
+    assert run.evaluation is None
+    text = write_report(run_dir).read_text()
+    assert "| model | tiny |" in text and "| `loss` | nan | — |" in text
+
+
+def test_write_report_single_run(tmp_path):
+    run_dir = make_run(tmp_path, "run")
+    path = write_report(run_dir, extra_sections={"Notes": "Demo on SmolLM2."})
+    assert path == run_dir / "report.md"
+    for name in ("loss.png", "margins.png", "accuracy.png", "before_after.png"):
+        assert_valid_png(run_dir / name)
+        assert f"]({name})" in path.read_text()
+    text = path.read_text()
+    assert "# Training report: mrpo β=0.1" in text
+    assert "| method | mrpo |" in text and "| beta | 0.1 |" in text and "| steps | 120 |" in text
+    assert "SmolLM2-135M-Instruct" in text
+    # Final train/eval metrics, including the method extras.
+    assert "| `loss` | 0.1234 | 0.4321 |" in text
+    assert "| `rewards/margins` | 2.5 | 3 |" in text
+    assert "| `mrpo/alpha_0` | 0.7 | — |" in text
+    assert "| median tokens/s | 12346 |" in text
+    # Before/after table.
+    assert "| preference accuracy | 0.5125 | 0.8375 | +0.325 |" in text
+    assert "| exact match | 0.25 | 0.375 | +0.125 |" in text
+    assert "| examples (n) | 80 | 80 |" in text
+    assert text.rstrip().endswith("## Notes\n\nDemo on SmolLM2.")
+
+
+def test_single_run_figures_and_no_evaluation(tmp_path):
+    run = load_run(make_run(tmp_path, "run", evaluation=False))
+    figures = make_figures([run])
+    assert set(figures) == {"loss.png", "margins.png", "accuracy.png"}
+    labels = legend_labels(figures["loss.png"])
+    assert labels == ["mrpo β=0.1", "train (EMA)", "train (raw)", "eval"]
+    text = write_report(run.path).read_text()
+    assert "Before vs after" not in text and not (run.path / "before_after.png").exists()
+
+
+def test_comparison_of_two_runs(tmp_path):
+    run_a = make_run(tmp_path, "a", method="dpo", beta=0.1, exact_match=None)
+    run_b = make_run(tmp_path, "b", method="mrpo", beta=0.05, speed=1.5)
+    runs = [load_run(run_a), load_run(run_b)]
+    figures = make_figures(runs)
+    for name in ("loss.png", "margins.png", "accuracy.png"):
+        labels = legend_labels(figures[name])
+        assert "dpo β=0.1" in labels and "mrpo β=0.05" in labels
+    # Exact match missing for one run still gets a panel (for the other).
+    assert len(figures["before_after.png"].axes) == 2
+
+    out = tmp_path / "compare"
+    paths = plot_runs([run_a, run_b], out, labels=["baseline", "multi-ref"])
+    assert sorted(p.name for p in paths) == ["accuracy.png", "before_after.png", "loss.png", "margins.png"]
+    for path in paths:
+        assert_valid_png(path)
+
+
+def test_duplicate_labels_are_disambiguated(tmp_path):
+    runs = report._load_runs([make_run(tmp_path, "seed0"), make_run(tmp_path, "seed1")], None)
+    assert [run.label for run in runs] == ["mrpo β=0.1 (seed0)", "mrpo β=0.1 (seed1)"]
+
+
+def test_cli_single_and_compare(tmp_path, monkeypatch, capsys):
+    run_a = make_run(tmp_path, "a", method="dpo")
+    run_b = make_run(tmp_path, "b", evaluation=False)
+    assert main([str(run_a), "--label", "my run"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert str(run_a / "report.md") in printed and str(run_a / "loss.png") in printed
+    assert "# Training report: my run" in (run_a / "report.md").read_text()
+
+    monkeypatch.chdir(tmp_path)
+    assert main([str(run_a), str(run_b)]) == 0
+    printed = capsys.readouterr().out.split()
+    compare = tmp_path / "report-compare"
+    assert {p.split("/")[-1] for p in printed} == {
+        "loss.png",
+        "margins.png",
+        "accuracy.png",
+        "before_after.png",
+        "report.md",
+    }
+    text = (compare / "report.md").read_text()
+    assert "| dpo β=0.1 |" in text and "| mrpo β=0.1 |" in text and "0.8375" in text
+
+
+def test_missing_metrics_gives_clear_error(tmp_path, capsys):
+    empty = tmp_path / "not_a_run"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="not_a_run.*metrics.jsonl"):
+        load_run(empty)
+    assert main([str(empty)]) == 2
+    assert "not_a_run" in capsys.readouterr().err
+    assert main([str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and "does not exist" in err
+
+
+def test_label_count_must_match(tmp_path):
+    run_a, run_b = make_run(tmp_path, "a"), make_run(tmp_path, "b")
+    with pytest.raises(SystemExit):
+        main([str(run_a), str(run_b), "--label", "only one"])
+
+
+def test_ema_is_debiased_and_tracks_constant():
+    assert report.ema([2.0, 2.0, 2.0], 0.1) == pytest.approx([2.0, 2.0, 2.0])
+    smoothed = np.array(report.ema(list(np.sin(np.arange(300))), 2 / 11))
+    assert smoothed.std() < 0.5 * np.sin(np.arange(300)).std()
