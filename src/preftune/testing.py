@@ -12,9 +12,12 @@ CHATML_TEMPLATE = (
 
 
 @functools.lru_cache(maxsize=8)
-def tiny_tokenizer(vocab_size: int = 512, chat_template: str | None = CHATML_TEMPLATE, lowercase: bool = False):
+def tiny_tokenizer(
+    vocab_size: int = 512, chat_template: str | None = CHATML_TEMPLATE, lowercase: bool = False
+):
     """A byte-level BPE tokenizer trained on Python's bundled pydoc topics (no network needed)."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -69,8 +72,14 @@ def tiny_llama(
     return LlamaForCausalLM(config)
 
 
-def save_tiny_model(directory: str | Path, *, vocab_size: int = 512, seed: int = 0, chat_template=CHATML_TEMPLATE,
-                    **model_kwargs) -> Path:
+def save_tiny_model(
+    directory: str | Path,
+    *,
+    vocab_size: int = 512,
+    seed: int = 0,
+    chat_template=CHATML_TEMPLATE,
+    **model_kwargs,
+) -> Path:
     """Write a tiny random model + tokenizer as a local HF directory and return its path."""
     directory = Path(directory)
     tokenizer = tiny_tokenizer(vocab_size, chat_template)

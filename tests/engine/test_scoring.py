@@ -80,7 +80,10 @@ def test_score_dataset_restores_original_order():
 def test_non_causal_lm_is_rejected():
     from transformers import BertConfig, BertModel
 
-    bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=16))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+        )
+    )
     with pytest.raises(ValueError, match="causal language model"):
         score_batch(bert, torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3), torch.ones(1, 3))

@@ -1,0 +1,81 @@
+import json
+import random
+
+import pytest
+
+
+def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 60), rng.randint(1, 60)
+        wrong = a + b + rng.choice([-10, -1, 1, 10])
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"What is {a} plus {b}?"}],
+                "chosen": [{"role": "assistant", "content": f"{a} + {b} = {a + b}. The answer is {a + b}."}],
+                "rejected": [
+                    {"role": "assistant", "content": f"{a} + {b} = {wrong}. The answer is {wrong}."}
+                ],
+            }
+        )
+    return rows
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def pair_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pairs")
+    return write_jsonl(d / "train.jsonl", arithmetic_rows(32)), write_jsonl(
+        d / "eval.jsonl", arithmetic_rows(8, 1)
+    )
+
+
+@pytest.fixture(scope="session")
+def unpaired_file(tmp_path_factory):
+    rows = []
+    for r in arithmetic_rows(16, 2):
+        rows.append({"prompt": r["prompt"], "completion": r["chosen"], "label": True})
+        rows.append({"prompt": r["prompt"], "completion": r["rejected"], "label": False})
+    random.Random(0).shuffle(rows)
+    return write_jsonl(tmp_path_factory.mktemp("unpaired") / "train.jsonl", rows)
+
+
+@pytest.fixture
+def base_config(tiny_model_dir, pair_files, tmp_path):
+    def make(**overrides):
+        cfg = {
+            "model": str(tiny_model_dir),
+            "data": {"train": pair_files[0], "eval": pair_files[1]},
+            "batch_size": 4,
+            "max_steps": 2,
+            "logging_steps": 1,
+            "learning_rate": 1e-3,
+            "lr_scheduler": "constant",
+            "output_dir": str(tmp_path / "run"),
+            "cache_dir": str(tmp_path / "cache"),
+            "progress": False,
+            "report_to": [],
+        }
+        for key, value in overrides.items():
+            node = cfg
+            parts = key.split("__")
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
+        return cfg
+
+    return make
+
+
+def losses_by_step(metrics_path) -> dict[int, float]:
+    out = {}
+    for line in open(metrics_path):
+        row = json.loads(line)
+        if "loss" in row:
+            out[row["step"]] = row["loss"]
+    return out

@@ -1,0 +1,198 @@
+"""End to end on a tiny random model: every method trains, and the engine's invariances hold."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from preftune.trainer import train
+
+from .conftest import losses_by_step
+
+METHODS = [
+    "dpo",
+    "ipo",
+    "hinge",
+    "mallows_theta",
+    "mallows_phi",
+    "rpo",
+    "rpo_uniform",
+    "rpo_diagonal",
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_single_reference_method_trains_and_saves_a_loadable_model(method, base_config):
+    from transformers import AutoModelForCausalLM
+
+    result = train(base_config(method=method))
+    losses = losses_by_step(result.metrics_path)
+    assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
+    model = AutoModelForCausalLM.from_pretrained(result.final_model_dir)
+    assert model.config.vocab_size > 0
+    metrics = [json.loads(x) for x in open(result.metrics_path)]
+    assert any("eval_rewards/accuracies" in m for m in metrics)
+
+
+@pytest.mark.parametrize("method", ["mrpo", "mdpo", "mrpo+mallows_theta+rpo"])
+def test_multi_reference_methods_with_a_reference_of_another_tokenizer(
+    method, base_config, other_tokenizer_model_dir
+):
+    # The second reference has a smaller vocabulary: feeding it the policy's token ids would fail.
+    cfg = base_config(method=method, references=["policy", str(other_tokenizer_model_dir)])
+    result = train(cfg)
+    rows = [json.loads(x) for x in open(result.metrics_path)]
+    train_rows = [r for r in rows if "loss" in r]
+    assert all(math.isfinite(r["loss"]) for r in train_rows)
+    assert "mrpo/alpha_1" in train_rows[0] or method == "mdpo"
+
+
+def test_unpaired_rpo_trains(base_config, unpaired_file):
+    result = train(base_config(method="rpo_unpaired", data={"train": unpaired_file}, batch_size=6))
+    losses = losses_by_step(result.metrics_path)
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses.values())
+
+
+def test_dpo_margins_grow_while_training(base_config):
+    result = train(base_config(batch_size=8, max_steps=24, logging_steps=4, learning_rate=3e-3))
+    rows = [json.loads(x) for x in open(result.metrics_path) if '"loss"' in x]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"] + 0.1
+    assert rows[-1]["rewards/accuracies"] > 0.6
+
+
+def test_lora_trains_adapters_and_reference_is_the_base(base_config):
+    from peft import PeftConfig
+    from transformers import AutoModelForCausalLM
+
+    result = train(base_config(lora={"enabled": True, "r": 4, "alpha": 8}, max_steps=3, learning_rate=1e-2))
+    assert PeftConfig.from_pretrained(result.output_dir / "final-adapter").r == 4
+    merged = AutoModelForCausalLM.from_pretrained(result.final_model_dir)  # merged: plain transformers
+    assert not hasattr(merged, "peft_config")
+    first = json.loads(open(result.metrics_path).readline())
+    # Before the first update the policy equals the reference (base with adapters off): zero rewards.
+    assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/margins"]) < 1e-5
+
+
+def test_precomputed_and_online_references_give_the_same_losses(
+    base_config, other_tokenizer_model_dir, tmp_path
+):
+    refs = ["policy", str(other_tokenizer_model_dir)]
+    pre = train(base_config(method="mrpo", references=refs, max_steps=3, output_dir=str(tmp_path / "pre")))
+    online = train(
+        base_config(
+            method="mrpo",
+            references=refs,
+            max_steps=3,
+            reference_mode="online",
+            output_dir=str(tmp_path / "online"),
+        )
+    )
+    a, b = losses_by_step(pre.metrics_path), losses_by_step(online.metrics_path)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-5)
+
+
+def test_batch_8_accum_1_equals_batch_1_accum_8(base_config, tmp_path):
+    big = train(base_config(batch_size=8, grad_accum=1, max_steps=3, output_dir=str(tmp_path / "a")))
+    small = train(base_config(batch_size=1, grad_accum=8, max_steps=3, output_dir=str(tmp_path / "b")))
+    a, b = losses_by_step(big.metrics_path), losses_by_step(small.metrics_path)
+    assert a.keys() == b.keys() == {1, 2, 3}
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-5)
+    # the trajectories really move: the invariance is not between two constant curves
+    assert abs(a[3] - a[1]) > 1e-3
+
+
+def test_resumed_run_equals_uninterrupted_run(base_config, tmp_path, monkeypatch):
+    from preftune import trainer as trainer_mod
+
+    # LoRA dropout draws random numbers every step: the RNG state must be restored too.
+    common = dict(
+        max_steps=6,
+        save_steps=3,
+        lora={"enabled": True, "r": 4, "dropout": 0.3},
+        learning_rate=1e-2,
+        lr_scheduler="linear",
+    )
+    full = train(base_config(output_dir=str(tmp_path / "full"), **common))
+
+    crash_dir = tmp_path / "crash"
+    real_checkpoint = trainer_mod.Trainer._checkpoint
+
+    def checkpoint_then_crash(self, step, optimizer, scheduler):
+        real_checkpoint(self, step, optimizer, scheduler)
+        if step == 3:
+            raise KeyboardInterrupt("simulated crash after the step-3 checkpoint")
+
+    monkeypatch.setattr(trainer_mod.Trainer, "_checkpoint", checkpoint_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(base_config(output_dir=str(crash_dir), **common))
+    monkeypatch.setattr(trainer_mod.Trainer, "_checkpoint", real_checkpoint)
+    assert (crash_dir / "checkpoint-3").is_dir() and not (crash_dir / "final").exists()
+
+    resumed = train(base_config(output_dir=str(crash_dir), resume=True, **common))
+    a, b = losses_by_step(full.metrics_path), losses_by_step(resumed.metrics_path)
+    assert a.keys() == b.keys() == set(range(1, 7))
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-6), step
+
+
+def test_reference_cache_is_reused_and_invalidated(base_config, tiny_model_dir, tmp_path, pair_files):
+    import shutil
+
+    from preftune.testing import save_tiny_model
+
+    cache = tmp_path / "cache" / "references"
+
+    def entries():
+        return set(p.name for p in cache.glob("*.safetensors"))
+
+    train(base_config(output_dir=str(tmp_path / "r1")))
+    first = entries()
+    assert len(first) == 2  # train and eval splits
+    train(base_config(output_dir=str(tmp_path / "r2")))
+    assert entries() == first  # same inputs: reused
+
+    train(base_config(output_dir=str(tmp_path / "r3"), max_length=33))
+    after_length = entries()
+    assert len(after_length) == 4  # max_length changed the token ids, so new entries
+
+    shorter = tmp_path / "short.jsonl"
+    shorter.write_text("".join(open(pair_files[0]).readlines()[:-1]))
+    train(base_config(output_dir=str(tmp_path / "r4"), data={"train": str(shorter), "eval": pair_files[1]}))
+    after_data = entries()
+    assert len(after_data) == 5  # train data changed; eval unchanged and reused
+
+    model_copy = tmp_path / "model-copy"
+    shutil.copytree(tiny_model_dir, model_copy)
+    train(base_config(output_dir=str(tmp_path / "r5"), model=str(model_copy)))
+    assert entries() == after_data  # identical weights in another folder: same fingerprint
+    save_tiny_model(model_copy, seed=123)  # same tokenizer, different weights
+    train(base_config(output_dir=str(tmp_path / "r6"), model=str(model_copy)))
+    assert len(entries()) == 7
+
+
+def test_reference_free_mode_needs_no_reference(base_config):
+    result = train(base_config(reference_free=True, gamma=0.5))
+    assert all(math.isfinite(v) for v in losses_by_step(result.metrics_path).values())
+
+
+def test_global_and_local_contrast_scope_agree_on_one_process(base_config, tmp_path):
+    a = train(base_config(method="rpo", output_dir=str(tmp_path / "g")))
+    b = train(base_config(method="rpo", rpo={"contrast_scope": "local"}, output_dir=str(tmp_path / "l")))
+    assert losses_by_step(a.metrics_path) == pytest.approx(losses_by_step(b.metrics_path), abs=1e-7)
+
+
+def test_final_model_matches_the_trained_weights(base_config):
+    from transformers import AutoModelForCausalLM
+
+    from preftune.testing import tiny_llama
+
+    result = train(base_config(max_steps=2))
+    loaded = AutoModelForCausalLM.from_pretrained(result.final_model_dir)
+    initial = tiny_llama(loaded.config.vocab_size, seed=0)
+    moved = [not torch.equal(p, q) for p, q in zip(loaded.parameters(), initial.parameters())]
+    assert any(moved)
