@@ -1,0 +1,126 @@
+"""The records the data stage produces, and the one error type it raises."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+# A prompt or completion is plain text, or a list of chat messages {"role": ..., "content": ...}.
+Text = str | list[dict[str, Any]]
+RowKind = Literal["line", "index"]
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Names of the dataset columns holding each field (defaults follow TRL's dataset formats)."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    completion: str = "completion"
+    label: str = "label"
+
+
+class DataError(ValueError):
+    """A problem with the training data, naming where it is.
+
+    The message reads ``<source>, <row_kind> <row>, field '<field>': <reason>``, for example
+    ``data/train.jsonl, line 17, field 'chosen': empty completion``. ``row_kind`` is ``"line"``
+    (1-based line number, as an editor shows it: JSONL, JSON arrays, CSV) or ``"index"`` (0-based
+    position: Parquet, ``save_to_disk`` folders, hub datasets). Parts that are unknown are left out.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        source: str | None = None,
+        row: int | None = None,
+        field: str | None = None,
+        row_kind: RowKind = "line",
+    ):
+        self.reason = reason
+        self.source = source
+        self.row = row
+        self.field = field
+        self.row_kind = row_kind
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        where = []
+        if self.source is not None:
+            where.append(str(self.source))
+        if self.row is not None:
+            where.append(f"{self.row_kind} {self.row}")
+        if self.field is not None:
+            where.append(f"field '{self.field}'")
+        return f"{', '.join(where)}: {self.reason}" if where else self.reason
+
+    def __reduce__(self):  # keep the attributes across pickling (multiprocessing, accelerate)
+        return (
+            _rebuild_data_error,
+            (self.reason, self.source, self.row, self.field, self.row_kind),
+        )
+
+
+def _rebuild_data_error(reason, source, row, field, row_kind) -> DataError:
+    return DataError(reason, source=source, row=row, field=field, row_kind=row_kind)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One preference pair. ``prompt``/``chosen``/``rejected`` are all plain text or all messages."""
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    row: int
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.chosen, list)
+
+
+@dataclass(frozen=True)
+class UnpairedExample:
+    """One KTO-style item: a prompt, one completion, and whether the completion is desirable."""
+
+    prompt: Text
+    completion: Text
+    label: bool
+    row: int
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.completion, list)
+
+
+@dataclass
+class LoadedData:
+    """Validated examples of one source.
+
+    ``skipped`` holds ``(row, field, reason)`` for every row left out with ``on_error="skip"``
+    (``field`` is ``None`` when the whole row was unreadable). ``identical_pairs`` lists the rows whose
+    chosen equals rejected: they are kept (their DPO gradient is zero, but RPO contrasts them with
+    other pairs) and counted so the caller can report them.
+    """
+
+    examples: list[Example | UnpairedExample]
+    source: str
+    skipped: list[tuple[int, str | None, str]] = field(default_factory=list)
+    conversational: bool = False
+    columns: Columns = field(default_factory=Columns)
+    row_kind: RowKind = "line"
+    unpaired: bool = False
+    identical_pairs: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def where(self, row: int) -> str:
+        """How to name ``row`` to a user, e.g. ``"data/train.jsonl, line 17"``."""
+        return f"{self.source}, {self.row_kind} {row}"
+
+    def error(self, row: int | None, field: str | None, reason: str) -> DataError:
+        """A :class:`DataError` about ``row`` of this source (for later stages that find bad rows)."""
+        return DataError(reason, source=self.source, row=row, field=field, row_kind=self.row_kind)
