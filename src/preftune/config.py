@@ -195,6 +195,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        # Prefer the member that is the value's own type (`str | list[str]` keeps "all-linear" a string).
+        if type(value) in args:
+            return _coerce(value, type(value), key)
         errors = []
         for arg in args:
             if arg is type(None):
