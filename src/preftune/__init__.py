@@ -7,3 +7,10 @@ DPO and its relatives, plus MRPO (multi-reference), MallowsPO (preference disper
 """
 
 __version__ = "0.1.0"
+
+
+def train(config, overrides=None):
+    """Train as the config (a YAML path, a dict or a TrainConfig) says; see preftune.trainer.train."""
+    from .trainer import train as _train
+
+    return _train(config, overrides)

@@ -10,29 +10,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from .config import ConfigError, ReferenceConfig, TrainConfig, load_config
-
-_ANSWER = re.compile(r"answer is\s*\$?\s*(-?[\d,]+)", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d[\d,]*")
-
-
-def extract_answer(text: str) -> int | None:
-    """The integer after "The answer is", else the last integer in the text, else None."""
-    found = _ANSWER.findall(text)
-    if not found:
-        found = _NUMBER.findall(text)
-    if not found:
-        return None
-    try:
-        return int(found[-1].replace(",", ""))
-    except ValueError:
-        return None
-
 
 def precompute(config, overrides=None) -> None:
     """Score the references, entropies and embeddings a run needs, into the cache, without training."""
@@ -143,6 +125,8 @@ def generate(
 
 def exact_match(model, tokenizer, items: list[dict], **kwargs) -> tuple[float, list[dict]]:
     """Fraction of items whose greedy answer equals ``item["answer"]``, and the per-item details."""
+    from .data.arithmetic import extract_answer
+
     outputs = generate(model, tokenizer, [it["prompt"] for it in items], **kwargs)
     details = []
     for it, text in zip(items, outputs):
@@ -156,13 +140,15 @@ def exact_match(model, tokenizer, items: list[dict], **kwargs) -> tuple[float, l
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="preftune eval", description="Held-out preference metrics of a run")
-    parser.add_argument("run", help="a run directory (with config.yaml and final/)")
+    parser.add_argument("run", help="a run directory (with config.yaml and final/), or the config that made it")
     parser.add_argument("--data", help="held-out preference data (default: the run's data.eval)")
     parser.add_argument("--checkpoint", help="a model directory to evaluate instead of RUN/final")
     parser.add_argument("--prompts", help="JSONL of {prompt, answer}: also measure greedy exact match")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args(argv)
     run_dir = Path(args.run)
+    if run_dir.is_file():  # a config file: evaluate the run it trains into
+        run_dir = Path(load_config(run_dir).output_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
     metrics = evaluate_run(run_dir, args.data, args.checkpoint)
