@@ -130,14 +130,26 @@ def set_seed(seed: int) -> None:
         pass
 
 
+def resolve_causal_lm(name: str, key: str) -> Path:
+    """A model directory for a config value, checked to be a causal LM; errors name the config key."""
+    from .models import check_causal_lm_config, resolve_model
+
+    try:
+        path = Path(resolve_model(name))
+        check_causal_lm_config(path)
+    except (ValueError, ImportError) as e:  # not a causal LM / a file / a preset's package missing
+        raise ConfigError(f"{key}: {e}") from e
+    return path
+
+
 def load_policy(cfg: TrainConfig, device) -> tuple[nn.Module, Any, Path]:
-    from .models import load_causal_lm, resolve_model
+    from .models import load_causal_lm
 
     if not cfg.model:
         raise ConfigError(
             "`model` is required: a local HF directory or a preset name (e.g. smollm2-135m-instruct)"
         )
-    path = resolve_model(cfg.model)
+    path = resolve_causal_lm(cfg.model, "model")
     model, tokenizer = load_causal_lm(
         str(path), dtype=_dtype(cfg.model_dtype) or torch.float32, device=device
     )
@@ -199,7 +211,6 @@ def prepare_data(
     from transformers import AutoTokenizer
 
     from .data import Columns, load_examples, tokenize_dataset
-    from .models import resolve_model
 
     columns = Columns(**to_dict(cfg.data.columns))
     sources = {"train": (cfg.data.train, cfg.data.train_split)}
@@ -223,13 +234,13 @@ def prepare_data(
     policy_view = ModelView("policy", policy_path, policy_tokenizer, cfg.data.chat_template)
     views = [policy_view]
     reference_views = []
-    for ref in cfg.references or []:
+    for k, ref in enumerate(cfg.references or []):
         if ref.model == "policy":
             if ref.chat_template:
                 raise ConfigError("references: the `policy` reference always uses the policy's chat template")
             reference_views.append(policy_view)
             continue
-        path = resolve_model(ref.model)
+        path = resolve_causal_lm(ref.model, f"references[{k}]")
         tok = AutoTokenizer.from_pretrained(str(path))
         view = ModelView(ref.model, Path(path), tok, ref.chat_template, dtype=_dtype(ref.dtype))
         views.append(view)
@@ -253,6 +264,12 @@ def prepare_data(
             per_view.append(items)
             rows = {it.row for it in items}
             kept_rows = rows if kept_rows is None else kept_rows & rows
+            if rep.skipped:
+                row, column, reason = rep.skipped[0]
+                log(
+                    f"{split}: skipped {len(rep.skipped)} row(s) that do not tokenize for {view.name} "
+                    f"(data.on_error=skip); first: {data.where(row)}, field '{column}': {reason}"
+                )
             if rep.truncated:
                 log(
                     f"{split}: {rep.truncated} of {rep.total} rows truncated to max_length={cfg.max_length} "
@@ -375,6 +392,16 @@ def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     return torch.cat(all_gather(x), dim=0)
+
+
+def _mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Average logged metrics over processes (each saw only its share of the batch). Keys may differ
+    between processes (unpaired batches without chosen or rejected items): average where present."""
+    from accelerate.utils import gather_object
+
+    per_process = gather_object([values])
+    keys = dict.fromkeys(k for v in per_process for k in v)
+    return {k: sum(v[k] for v in per_process if k in v) / sum(k in v for v in per_process) for k in keys}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,8 +585,6 @@ class Trainer:
         acc.wait_for_everyone()
         set_seed(cfg.seed)
         self.cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        if acc.is_main_process:
-            save_config(cfg, self.output_dir / "config.yaml")
 
         self.model, self.tokenizer, self.policy_path = load_policy(cfg, acc.device)
         self.data = prepare_data(
@@ -570,7 +595,8 @@ class Trainer:
         self.references = self._references()
         self.phi_star: float | None = None
         self.inputs = self._step_inputs()
-        if acc.is_main_process:
+        if acc.is_main_process:  # written once the inputs proved usable: a failed start keeps the old one
+            save_config(cfg, self.output_dir / "config.yaml")
             state = {"phi_star": self.phi_star, "data": self.data.report, "method": self.spec["method"]}
             (self.output_dir / "run_state.json").write_text(json.dumps(state, indent=1))
 
@@ -675,11 +701,10 @@ class Trainer:
             c = acc.gather(c) if c is not None else None
             emb = acc.gather(emb) if emb is not None else None
         out = self.loss_fn(policy, lengths, refs, c=c, embeddings=emb)
-        # DDP averages gradients over processes; a loss computed over the gathered (global) batch
-        # is identical on every process, so scale it back up to keep the gradient of the mean.
-        scale = acc.num_processes if gather else 1
+        # No rescaling of a gathered (global) loss: every process computes the same loss, all_gather's
+        # backward sums their gradients into each local part (P x), and DDP's average divides by P.
         tokens = int(batch["attention_mask"].sum())
-        return out, scale, tokens, policy, refs
+        return out, tokens, policy, refs
 
     # -- data order --------------------------------------------------------------------------------
 
@@ -777,8 +802,8 @@ class Trainer:
             for m, index in enumerate(micro_batches):
                 sync = m == len(micro_batches) - 1
                 with nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(scorer):
-                    out, scale, tokens, _, _ = self._micro_batch(scorer, "train", index, grad=True)
-                    acc.backward(out.loss * scale / cfg.grad_accum)
+                    out, tokens, _, _ = self._micro_batch(scorer, "train", index, grad=True)
+                    acc.backward(out.loss / cfg.grad_accum)
                 losses.append(out.loss.detach())
                 window_tokens += tokens
                 for k, v in out.metrics.items():
@@ -803,6 +828,8 @@ class Trainer:
             if done % cfg.logging_steps == 0 or done == total:
                 elapsed = time.perf_counter() - window_start
                 row = {k: sum(v) / len(v) for k, v in window.items()}
+                if acc.num_processes > 1:
+                    row = _mean_over_processes(row)
                 row.update(
                     epoch=done / per_epoch,
                     learning_rate=lr,
@@ -848,16 +875,25 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": step, "global_batch": self._global_batch(), "method": self.cfg.method}
-            save_checkpoint(
-                self.output_dir,
-                step,
-                self.model,
-                self.tokenizer,
-                optimizer,
-                scheduler,
-                state,
-                self.cfg.save_total_limit,
-            )
+            try:
+                save_checkpoint(
+                    self.output_dir,
+                    step,
+                    self.model,
+                    self.tokenizer,
+                    optimizer,
+                    scheduler,
+                    state,
+                    self.cfg.save_total_limit,
+                )
+            except TrainingError as e:
+                kept = find_checkpoints(self.output_dir)
+                hint = (
+                    f"{kept[-1]} is intact: rerun with resume=true to continue from it"
+                    if kept
+                    else "no earlier checkpoint exists"
+                )
+                raise TrainingError(f"{e}; {hint}") from e
         acc.wait_for_everyone()
 
     # -- evaluation ----------------------------------------------------------------------------------
@@ -874,7 +910,7 @@ class Trainer:
         losses, rc, rr, pc, pr = [], [], [], [], []
         for start in range(0, n, bs):
             index = list(range(start, min(n, start + bs)))
-            out, _, _, policy, refs = self._micro_batch(scorer, split, index, grad=False)
+            out, _, policy, refs = self._micro_batch(scorer, split, index, grad=False)
             losses.append(out.losses.float().cpu())
             if out.chosen_rewards is not None:
                 rc.append(out.chosen_rewards.float().cpu())
