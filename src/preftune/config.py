@@ -304,9 +304,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"mrpo.weights: {cfg.mrpo.weights!r} must be `adaptive` or a list of numbers")
     if isinstance(cfg.mallows.phi_star, str) and cfg.mallows.phi_star != "auto":
         raise ConfigError(f"mallows.phi_star: {cfg.mallows.phi_star!r} must be `auto` or a positive number")
-    for key in ("batch_size", "grad_accum", "max_length"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    for key, least in (("batch_size", 1), ("grad_accum", 1), ("max_length", 2)):
+        if getattr(cfg, key) < least:
+            raise ConfigError(f"{key} must be at least {least}, got {getattr(cfg, key)}")
     if cfg.beta <= 0:
         raise ConfigError(f"beta must be positive, got {cfg.beta}")
     return cfg
