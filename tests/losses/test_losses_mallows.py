@@ -236,3 +236,16 @@ def test_dispersion_from_entropy():
     assert torch.isfinite(L.neg_log_dispersion(torch.zeros(2), torch.zeros(2), 1.0)).all()
     with pytest.raises(ValueError):
         L.calibrate_phi_star(torch.ones(3), torch.ones(3))
+
+
+def test_neg_log_dispersion_keeps_float64_precision_of_phi_star():
+    import torch
+
+    from preftune.losses import calibrate_phi_star, neg_log_dispersion
+
+    g = torch.Generator().manual_seed(0)
+    hc = torch.rand(50, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    hr = torch.rand(50, generator=g, dtype=torch.float64) * 0.8 + 0.1
+    c = neg_log_dispersion(hc, hr, calibrate_phi_star(hc, hr))
+    assert c.dtype == torch.float64
+    assert abs(float(c.mean()) - 1.0) < 1e-12

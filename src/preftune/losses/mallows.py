@@ -162,7 +162,8 @@ def neg_log_dispersion(entropy_chosen: Tensor, entropy_rejected: Tensor, phi_sta
     hc, hr = _float(entropy_chosen).detach(), _float(entropy_rejected).detach()
     dtype = torch.promote_types(hc.dtype, hr.dtype)
     h_bar = ((hc.to(dtype) + hr.to(dtype)) / 2).clamp(min=torch.finfo(dtype).tiny, max=1.0)
-    phi_star = torch.as_tensor(phi_star, device=h_bar.device).detach().to(dtype)
+    # A Python float goes straight to the compute dtype (via float32 it would lose digits in float64).
+    phi_star = torch.as_tensor(phi_star, dtype=dtype, device=h_bar.device).detach()
     return -phi_star * torch.log(h_bar)
 
 
