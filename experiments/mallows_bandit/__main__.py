@@ -1,0 +1,5 @@
+import sys
+
+from .run import main
+
+main(sys.argv[1:])
