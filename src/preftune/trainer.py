@@ -901,13 +901,14 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, scorer=None, split: str = "eval") -> dict[str, float]:
         """Held-out metrics with TRL's ``eval_`` names: the method's loss and rewards, plus rewards
-        against the primary reference alone (``eval_primary/...``)."""
+        against the primary reference alone (``eval_primary/...``) and the policy's own preference
+        ``eval_logps/accuracies`` (fraction of pairs with log π(y_w|x) > log π(y_l|x), no reference)."""
         scorer = scorer or PolicyScorer(self.model, self.cfg.logits_chunk_tokens).to(self.accelerator.device)
         was_training = scorer.training
         scorer.eval()
         n = len(self.data.views[0].tokenized[split])
         bs = self.cfg.batch_size
-        losses, rc, rr, pc, pr = [], [], [], [], []
+        losses, rc, rr, pc, pr, own = [], [], [], [], [], []
         for start in range(0, n, bs):
             index = list(range(start, min(n, start + bs)))
             out, _, policy, refs = self._micro_batch(scorer, split, index, grad=False)
@@ -915,11 +916,15 @@ class Trainer:
             if out.chosen_rewards is not None:
                 rc.append(out.chosen_rewards.float().cpu())
                 rr.append(out.rejected_rewards.float().cpu())
+            if not self.unpaired:
+                own.append((policy["chosen"] > policy["rejected"]).float().cpu())
             if not self.unpaired and self.references is not None:
                 pc.append((policy["chosen"].float() - refs["chosen"][0]).cpu())
                 pr.append((policy["rejected"].float() - refs["rejected"][0]).cpu())
         scorer.train(was_training)
         result = {"eval_loss": float(torch.cat(losses).mean())}
+        if own:
+            result["eval_logps/accuracies"] = float(torch.cat(own).mean())
         if rc:
             c, r = torch.cat(rc), torch.cat(rr)
             result.update(
