@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .models.presets import MANIFEST_NAME, default_cache_dir  # one definition of the cache root
+
 CACHE_FORMAT = 1  # bump when the meaning of cached numbers changes
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("PREFTUNE_CACHE", Path.home() / ".cache" / "preftune"))
 
 
 def hash_token_lists(*lists: Sequence[Sequence[int]]) -> str:
@@ -54,7 +54,10 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     and modification times in the cache, so an unchanged model is hashed once.
     """
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    # The preset manifest holds timestamps, not weights: a rebuilt identical preset keeps its fingerprint.
+    files = sorted(
+        p for p in path.rglob("*") if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES) and p.name != MANIFEST_NAME
+    )
     if not files:
         raise FileNotFoundError(f"{path}: no model files found (expected *.safetensors and config.json)")
     stat_key = hash_texts(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
