@@ -37,8 +37,8 @@ class DemoSize:
 
 # Sized for a 2-core CPU: ~10 minutes for the full run (references included), ~2 for --quick with
 # the references cached. Every policy forward costs ~0.5 s per sequence there; see README.
-FULL = DemoSize(train_pairs=96, eval_pairs=48, epochs=1.0, batch_size=4, max_new_tokens=40)
-QUICK = DemoSize(train_pairs=16, eval_pairs=8, epochs=1.0, batch_size=4, max_new_tokens=32)
+FULL = DemoSize(train_pairs=96, eval_pairs=48, epochs=1.0, batch_size=4, max_new_tokens=96)
+QUICK = DemoSize(train_pairs=16, eval_pairs=8, epochs=1.0, batch_size=4, max_new_tokens=64)
 
 
 def demo_config(method: str, size: DemoSize, output_dir: Path, data_dir: Path, seed: int = 0) -> dict:
