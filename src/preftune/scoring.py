@@ -16,8 +16,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-# Default logits budget per chunk: 2**25 float32 values = 128 MiB.
-DEFAULT_LOGITS_BUDGET = 2**25
+# Logits budget per chunk, in float32 values. On a GPU a large tile keeps the matmuls efficient
+# (2**27 values = 512 MiB). On a CPU the tile (allocated once, reused by every chunk) is 32 MiB: small
+# enough to stay near the cache, large enough that a busy machine's per-op threading overhead does
+# not dominate (see bench/NOTES.md for the measurements).
+DEFAULT_LOGITS_BUDGET = 2**27
+CPU_LOGITS_BUDGET = 2**23
 
 
 @dataclass
@@ -48,6 +52,16 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | N
     return backbone, head, softcap
 
 
+def default_chunk_tokens(vocab: int, device: torch.device | str) -> int:
+    budget = CPU_LOGITS_BUDGET if torch.device(device).type == "cpu" else DEFAULT_LOGITS_BUDGET
+    return max(1, budget // vocab)
+
+
+# --------------------------------------------------------------------------------------------------
+# The straightforward chunked path (any head module): autograd through each chunk, recomputed in
+# backward by activation checkpointing. Used for heads that are not a plain nn.Linear.
+
+
 def _logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
     logits = head(hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
@@ -70,18 +84,7 @@ def _chunk_token_logps_entropy(hidden, targets, head, softcap):
     return token, entropy
 
 
-def token_logps(
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    head: nn.Module,
-    *,
-    softcap: float | None = None,
-    chunk_tokens: int = 0,
-    with_entropy: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(target) for P hidden states [P, H] -> [P] (and normalised entropies [P]), chunk by chunk."""
-    vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
-    chunk = chunk_tokens or max(1, DEFAULT_LOGITS_BUDGET // vocab)
+def _checkpointed_token_logps(hidden, targets, head, softcap, chunk, with_entropy):
     pieces, entropies = [], []
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start : start + chunk], targets[start : start + chunk]
@@ -98,41 +101,250 @@ def token_logps(
     return logps, (torch.cat(entropies) if entropies else (empty if with_entropy else None))
 
 
+# --------------------------------------------------------------------------------------------------
+# The fused path (plain nn.Linear heads): one reusable float32 logits tile, in-place arithmetic, and
+# a hand-written backward that turns each recomputed tile into d(logits) in place and feeds it to the
+# two gradient matmuls. Same math as above; no per-chunk allocations, no autograd graph per chunk.
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
+
+
+def _project(tile, hidden, weight_t, bias) -> None:
+    """tile[:] = hidden @ weight_t (+ bias) in float32; a low-precision product is rounded first,
+    exactly as the autocast path (head(hidden).float()) rounds it."""
+    if hidden.dtype == tile.dtype:
+        torch.mm(hidden, weight_t, out=tile)
+    else:
+        tile.copy_(hidden @ weight_t)
+    if bias is not None:
+        tile.add_(bias)
+
+
+def _softcap_(tile, softcap, tanh_out=None) -> None:
+    """tile <- softcap · tanh(tile / softcap) in place; keeps tanh in tanh_out when given."""
+    if tanh_out is None:
+        tile.div_(softcap).tanh_().mul_(softcap)
+    else:
+        torch.div(tile, softcap, out=tanh_out)
+        tanh_out.tanh_()
+        torch.mul(tanh_out, softcap, out=tile)
+
+
+class _LinearTokenLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, softcap, chunk, with_entropy):
+        cdtype = _compute_dtype(hidden)
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight_t = weight.to(cdtype).t()
+            bias_c = None if bias is None else bias.to(cdtype).float()
+            n, vocab = hidden.shape[0], weight.shape[0]
+            f32 = dict(dtype=torch.float32, device=hidden.device)
+            logps, lse = torch.empty(n, **f32), torch.empty(n, **f32)
+            entropy = torch.empty(n, **f32) if with_entropy else None
+            width = min(chunk, max(n, 1))
+            tile = torch.empty(width, vocab, **f32)
+            probs = torch.empty(width, vocab, **f32) if with_entropy else None
+            for start in range(0, n, chunk):
+                end = min(start + chunk, n)
+                t = tile[: end - start]
+                _project(t, hidden[start:end].to(cdtype), weight_t, bias_c)
+                if softcap:
+                    _softcap_(t, softcap)
+                target = t.gather(1, targets[start:end, None]).squeeze(1)
+                peak = t.amax(1, keepdim=True)
+                if with_entropy:  # H = lse - sum_v p_v z_v
+                    e = probs[: end - start]
+                    torch.sub(t, peak, out=e).exp_()
+                    total = e.sum(1)
+                    pz = e.mul_(t).sum(1) / total
+                else:
+                    total = t.sub_(peak).exp_().sum(1)
+                chunk_lse = total.log_().add_(peak.squeeze(1))
+                lse[start:end] = chunk_lse
+                logps[start:end] = target - chunk_lse
+                if with_entropy:
+                    entropy[start:end] = (chunk_lse - pz) / math.log(vocab)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.softcap, ctx.chunk, ctx.cdtype = softcap, chunk, cdtype
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_entropy):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        softcap, chunk, cdtype = ctx.softcap, ctx.chunk, ctx.cdtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n, vocab = hidden.shape[0], weight.shape[0]
+        f32 = dict(dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            weight_c = weight.to(cdtype)
+            bias_c = None if bias is None else bias.to(cdtype).float()
+            g = grad_logps.float()
+            grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
+            grad_w = torch.zeros(weight.shape, **f32) if need_w else None
+            grad_b = torch.zeros(vocab, **f32) if need_b else None
+            width = min(chunk, max(n, 1))
+            tile = torch.empty(width, vocab, **f32)
+            tanh = torch.empty(width, vocab, **f32) if softcap else None
+            low = torch.empty(width, vocab, dtype=cdtype, device=hidden.device) if cdtype != torch.float32 else None
+            for start in range(0, n, chunk):
+                end = min(start + chunk, n)
+                m = end - start
+                t = tile[:m]
+                h = hidden[start:end].to(cdtype)
+                _project(t, h, weight_c.t(), bias_c)
+                if softcap:
+                    _softcap_(t, softcap, tanh[:m])
+                gc = g[start:end, None]
+                # d logp(target) / d z_v = 1[v = target] - p_v, times the incoming gradient
+                t.sub_(lse[start:end, None]).exp_().mul_(-gc)
+                t.scatter_add_(1, targets[start:end, None], gc)
+                if softcap:  # d z / d logits = 1 - tanh^2
+                    th = tanh[:m]
+                    t.mul_(th.mul_(th).neg_().add_(1))
+                d = t if low is None else low[:m].copy_(t)
+                if need_h:
+                    if grad_h.dtype == d.dtype:
+                        torch.mm(d, weight_c, out=grad_h[start:end])
+                    else:
+                        grad_h[start:end] = d @ weight_c
+                if need_w:
+                    if d.dtype == torch.float32:
+                        grad_w.addmm_(d.t(), h.float() if h.dtype != torch.float32 else h)
+                    else:
+                        grad_w.add_(d.t() @ h)
+                if need_b:
+                    grad_b.add_(t.sum(0))
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _fusable(head: nn.Module) -> bool:
+    weight = getattr(head, "weight", None)
+    return (
+        type(head) is nn.Linear
+        and isinstance(weight, torch.Tensor)
+        and type(weight) in (torch.Tensor, nn.Parameter)  # not a DTensor / FSDP flat view
+        and not head._forward_hooks
+        and not head._forward_pre_hooks
+    )
+
+
+def token_logps(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: nn.Module,
+    *,
+    softcap: float | None = None,
+    chunk_tokens: int = 0,
+    with_entropy: bool = False,
+    fused: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(target) for P hidden states [P, H] -> [P] (and normalised entropies [P]), chunk by chunk.
+
+    ``fused`` (default: whenever the head is a plain ``nn.Linear``) uses one reusable logits tile and
+    a hand-written backward; otherwise each chunk goes through autograd with checkpointing.
+    """
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
+    chunk = chunk_tokens or default_chunk_tokens(vocab, hidden.device)
+    if fused is None:
+        fused = _fusable(head)
+    if not fused:
+        return _checkpointed_token_logps(hidden, targets, head, softcap, chunk, with_entropy)
+    if with_entropy:  # entropy is for references and metrics: never differentiated
+        with torch.no_grad():
+            return _LinearTokenLogProbs.apply(hidden, head.weight, head.bias, targets, softcap, chunk, True)
+    logps, _ = _LinearTokenLogProbs.apply(hidden, head.weight, head.bias, targets, softcap, chunk, False)
+    return logps, None
+
+
 def score_batch(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    completion_mask: torch.Tensor,
+    completion_mask: torch.Tensor | None = None,
     *,
     chunk_tokens: int = 0,
     with_entropy: bool = False,
+    position_ids: torch.Tensor | None = None,
+    predict_index: torch.Tensor | None = None,
+    predict_targets: torch.Tensor | None = None,
+    predict_sequence: torch.Tensor | None = None,
+    num_sequences: int | None = None,
 ) -> SequenceScores:
     """Score N right-padded sequences [N, T]; ``completion_mask`` marks the completion tokens.
 
     Position t's hidden state predicts token t+1, so the positions projected are those whose next
     token is a completion token. Prompt tokens and padding never count.
+
+    A batch from :func:`collate_shared_prompt_pairs` instead names the projected positions itself
+    (``predict_index`` into the flattened [rows × T] hidden states, ``predict_targets`` the token
+    each one predicts, ``predict_sequence`` the sequence it belongs to) and carries a 4D attention
+    mask and position ids.
     """
     backbone, head, softcap = backbone_and_head(model)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    predicts = completion_mask[:, 1:].bool()
-    rows = (
-        torch.arange(input_ids.shape[0], device=input_ids.device).unsqueeze(1).expand_as(predicts)[predicts]
-    )
+    if predict_index is None:
+        predicts = completion_mask[:, 1:].bool()
+        flat = torch.arange(input_ids.numel(), device=input_ids.device).view_as(input_ids)[:, :-1][predicts]
+        targets = input_ids[:, 1:][predicts]
+        rows = (
+            torch.arange(input_ids.shape[0], device=input_ids.device)
+            .unsqueeze(1)
+            .expand_as(predicts)[predicts]
+        )
+        n = input_ids.shape[0]
+    else:
+        flat, targets, rows, n = predict_index, predict_targets, predict_sequence, num_sequences
+        attention_mask = _mask_for(backbone, attention_mask)
+    hidden = backbone(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
     tok_logps, tok_entropy = token_logps(
-        hidden[:, :-1][predicts],
-        input_ids[:, 1:][predicts],
+        hidden.reshape(-1, hidden.shape[-1])[flat],
+        targets,
         head,
         softcap=softcap,
         chunk_tokens=chunk_tokens,
         with_entropy=with_entropy,
     )
-    n = input_ids.shape[0]
     logps = tok_logps.new_zeros(n).index_add(0, rows, tok_logps)
     n_tokens = torch.bincount(rows, minlength=n)
     entropy = None
     if tok_entropy is not None:
         entropy = tok_entropy.new_zeros(n).index_add(0, rows, tok_entropy) / n_tokens.clamp(min=1)
     return SequenceScores(logps=logps, n_tokens=n_tokens, entropy=entropy)
+
+
+def _mask_for(backbone: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean [rows, 1, T, T] "may attend" mask in the form the model's attention expects."""
+    config = getattr(backbone, "config", None)
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl == "sdpa":
+        return allowed
+    if impl == "eager":
+        dtype = next(backbone.parameters()).dtype
+        if torch.is_autocast_enabled(allowed.device.type):
+            dtype = torch.get_autocast_dtype(allowed.device.type)
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+    raise ValueError(
+        f"shared-prompt batches need a custom attention mask, which attn_implementation={impl!r} does "
+        "not take; use sdpa or eager, or collate_pairs"
+    )
 
 
 def collate_sequences(
@@ -166,6 +378,59 @@ def collate_pairs(
     prompts = [e.prompt_ids for e in examples] * 2
     completions = [e.chosen_ids for e in examples] + [e.rejected_ids for e in examples]
     return collate_sequences(prompts, completions, pad_token_id, device)
+
+
+def collate_shared_prompt_pairs(
+    prompts: Sequence[Sequence[int]],
+    chosen: Sequence[Sequence[int]],
+    rejected: Sequence[Sequence[int]],
+    pad_token_id: int,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """One row per pair, ``prompt | chosen | rejected``: the prompt goes through the model once.
+
+    The rejected tokens see the prompt and themselves, never the chosen tokens, and their position
+    ids continue from the prompt's, so every hidden state equals the one a separate
+    ``prompt + rejected`` row would give; the last prompt position predicts the first token of both
+    completions. :func:`score_batch` returns chosen sequences first (0..B-1), then rejected (B..2B-1),
+    as for :func:`collate_pairs`.
+    """
+    b = len(prompts)
+    lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
+    width = max(lengths) if lengths else 1
+    input_ids = torch.full((b, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((b, width), dtype=torch.long)
+    allowed = torch.zeros((b, width, width), dtype=torch.bool)
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    index, targets, sequence = [], [], []
+    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+        lp, lc, lr = len(p), len(c), len(r)
+        if lp == 0:
+            raise ValueError(f"pair {i}: shared-prompt batches need a non-empty prompt")
+        n = lp + lc + lr
+        input_ids[i, :n] = torch.tensor(list(p) + list(c) + list(r), dtype=torch.long)
+        position_ids[i, :n] = torch.cat([torch.arange(lp + lc), torch.arange(lp, lp + lr)])
+        allowed[i, :n, :n] = causal[:n, :n]
+        allowed[i, lp + lc : n, lp : lp + lc] = False  # rejected never sees chosen
+        allowed[i, n:, n:] = torch.eye(width - n, dtype=torch.bool)  # padding: itself only
+        row = i * width
+        # the hidden state before each completion token predicts it; for both completions the first
+        # one is predicted from the last prompt position
+        index += [row + lp - 1 + j for j in range(lc)]
+        targets += list(c)
+        sequence += [i] * lc
+        index += [row + (lp - 1 if j == 0 else lp + lc + j - 1) for j in range(lr)]
+        targets += list(r)
+        sequence += [b + i] * lr
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": allowed.unsqueeze(1).to(device),
+        "position_ids": position_ids.to(device),
+        "predict_index": torch.tensor(index, dtype=torch.long).to(device),
+        "predict_targets": torch.tensor(targets, dtype=torch.long).to(device),
+        "predict_sequence": torch.tensor(sequence, dtype=torch.long).to(device),
+        "num_sequences": 2 * b,
+    }
 
 
 @torch.no_grad()
