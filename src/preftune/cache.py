@@ -22,8 +22,6 @@ from .models.presets import MANIFEST_NAME, default_cache_dir  # one definition o
 CACHE_FORMAT = 1  # bump when the meaning of cached numbers changes
 
 
-
-
 def hash_token_lists(*lists: Sequence[Sequence[int]]) -> str:
     h = hashlib.sha256()
     for seqs in lists:
@@ -56,7 +54,9 @@ def model_fingerprint(path: str | os.PathLike) -> str:
     path = Path(path)
     # The preset manifest holds timestamps, not weights: a rebuilt identical preset keeps its fingerprint.
     files = sorted(
-        p for p in path.rglob("*") if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES) and p.name != MANIFEST_NAME
+        p
+        for p in path.rglob("*")
+        if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES) and p.name != MANIFEST_NAME
     )
     if not files:
         raise FileNotFoundError(f"{path}: no model files found (expected *.safetensors and config.json)")

@@ -16,6 +16,7 @@ import torch
 
 from .config import ConfigError, ReferenceConfig, TrainConfig, load_config
 
+
 def precompute(config, overrides=None) -> None:
     """Score the references, entropies and embeddings a run needs, into the cache, without training."""
     from .trainer import Trainer
@@ -140,7 +141,9 @@ def exact_match(model, tokenizer, items: list[dict], **kwargs) -> tuple[float, l
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="preftune eval", description="Held-out preference metrics of a run")
-    parser.add_argument("run", help="a run directory (with config.yaml and final/), or the config that made it")
+    parser.add_argument(
+        "run", help="a run directory (with config.yaml and final/), or the config that made it"
+    )
     parser.add_argument("--data", help="held-out preference data (default: the run's data.eval)")
     parser.add_argument("--checkpoint", help="a model directory to evaluate instead of RUN/final")
     parser.add_argument("--prompts", help="JSONL of {prompt, answer}: also measure greedy exact match")

@@ -192,7 +192,11 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             width = min(chunk, max(n, 1))
             tile = torch.empty(width, vocab, **f32)
             tanh = torch.empty(width, vocab, **f32) if softcap else None
-            low = torch.empty(width, vocab, dtype=cdtype, device=hidden.device) if cdtype != torch.float32 else None
+            low = (
+                torch.empty(width, vocab, dtype=cdtype, device=hidden.device)
+                if cdtype != torch.float32
+                else None
+            )
             for start in range(0, n, chunk):
                 end = min(start + chunk, n)
                 m = end - start

@@ -35,7 +35,9 @@ def test_precompute_train_eval_report(config_file, tmp_path, capsys):
     metrics = json.loads((run / "eval.json").read_text())
     last_eval = [json.loads(x) for x in open(run / "metrics.jsonl") if "eval_loss" in x][-1]
     # eval re-scores the final model against the cached initial policy: same numbers as training's eval
-    assert metrics["eval_primary/rewards/accuracies"] == pytest.approx(last_eval["eval_primary/rewards/accuracies"])
+    assert metrics["eval_primary/rewards/accuracies"] == pytest.approx(
+        last_eval["eval_primary/rewards/accuracies"]
+    )
     assert metrics["eval_loss"] == pytest.approx(last_eval["eval_loss"], abs=1e-4)
 
     assert main(["report", str(run)]) == 0

@@ -6,9 +6,11 @@ from preftune.models import load_causal_lm
 
 def test_batched_greedy_generation_equals_one_by_one(tiny_model_dir):
     model, tok = load_causal_lm(str(tiny_model_dir))
-    prompts = [[{"role": "user", "content": "What is 2 plus 2?"}],
-               [{"role": "user", "content": "A much longer question about the sum of seventeen and twenty-five?"}],
-               "plain text prompt"]
+    prompts = [
+        [{"role": "user", "content": "What is 2 plus 2?"}],
+        [{"role": "user", "content": "A much longer question about the sum of seventeen and twenty-five?"}],
+        "plain text prompt",
+    ]
     batched = generate(model, tok, prompts[:2], max_new_tokens=8, batch_size=2)
     single = [generate(model, tok, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts[:2]]
     assert batched == single

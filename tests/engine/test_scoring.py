@@ -133,7 +133,9 @@ def test_fused_head_matches_full_logits(chunk, softcap, bias):
     want, want_grads = _grads(lambda x, t, m: naive_token_logps(x, t, m, softcap), head, h, targets, weights)
     for fused in (True, False):
         got, got_grads = _grads(
-            lambda x, t, m: token_logps(x, t, m, softcap=softcap, chunk_tokens=chunk, fused=fused)[0],
+            lambda x, t, m, fused=fused: token_logps(
+                x, t, m, softcap=softcap, chunk_tokens=chunk, fused=fused
+            )[0],
             head,
             h,
             targets,
@@ -172,7 +174,11 @@ def test_fused_head_under_bf16_autocast_matches_the_autocast_path():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             results.append(
                 _grads(
-                    lambda x, t, m: token_logps(x, t, m, chunk_tokens=6, fused=fused)[0], head, h, targets, weights
+                    lambda x, t, m, fused=fused: token_logps(x, t, m, chunk_tokens=6, fused=fused)[0],
+                    head,
+                    h,
+                    targets,
+                    weights,
                 )
             )
     (a, ga), (b, gb) = results
@@ -194,7 +200,9 @@ def test_non_linear_heads_take_the_checkpointed_path():
     head, h, targets, weights = _head_case(seed=4)
     scaled = Scaled(head)
     want, want_grads = _grads(lambda x, t, m: naive_token_logps(x, t, m), scaled, h, targets, weights)
-    got, got_grads = _grads(lambda x, t, m: token_logps(x, t, m, chunk_tokens=5)[0], scaled, h, targets, weights)
+    got, got_grads = _grads(
+        lambda x, t, m: token_logps(x, t, m, chunk_tokens=5)[0], scaled, h, targets, weights
+    )
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got_grads["hidden"], want_grads["hidden"], atol=1e-5, rtol=1e-5)
 
