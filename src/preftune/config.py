@@ -160,6 +160,13 @@ class TrainConfig:
         0,
         "Completion positions projected to the vocabulary at once (0 = automatic, ~128 MB of float32 logits).",
     )
+    share_prompt: bool | None = _f(
+        None,
+        "Score each pair as one `prompt | chosen | rejected` row, so the prompt is run once (same "
+        "numbers). null = automatic: on CPU, for micro-batches whose prompts are at least a quarter "
+        "of their tokens, where the model supports it (sdpa/eager attention, no sliding window "
+        "shorter than max_length); off on GPUs until measured there.",
+    )
     reference_mode: str = _f(
         "precompute", "`precompute` (score references once, cached on disk) or `online` (score every step)."
     )

@@ -34,7 +34,13 @@ from .references import (
     PrecomputedReferences,
     precompute_references,
 )
-from .scoring import collate_sequences, score_batch
+from .scoring import (
+    collate_sequences,
+    collate_shared_prompt_pairs,
+    score_batch,
+    shared_prompt_support,
+    sharing_pays,
+)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -64,10 +70,9 @@ class PolicyScorer(nn.Module):
         self.model = model
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids, attention_mask, completion_mask):
-        scores = score_batch(
-            self.model, input_ids, attention_mask, completion_mask, chunk_tokens=self.chunk_tokens
-        )
+    def forward(self, **batch):
+        """A batch from ``collate_sequences`` or ``collate_shared_prompt_pairs``."""
+        scores = score_batch(self.model, **batch, chunk_tokens=self.chunk_tokens)
         return scores.logps, scores.n_tokens
 
 
@@ -591,6 +596,7 @@ class Trainer:
             cfg, self.tokenizer, self.policy_path, self.unpaired, log=lambda m: _log(m, acc)
         )
         self.loss_fn = LossComputer(cfg, self.spec, len(self.data.reference_views), self.unpaired)
+        self.share_prompt = self._resolve_share_prompt()
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
         self.references = self._references()
         self.phi_star: float | None = None
@@ -625,6 +631,38 @@ class Trainer:
                 progress=cfg.progress and acc.is_local_main_process,
                 log=lambda m: _log(m, acc),
             )
+
+    def _resolve_share_prompt(self) -> bool | None:
+        """True/False: always/never share; None: decide per micro-batch (see :meth:`_shares`)."""
+        cfg, device = self.cfg, self.accelerator.device
+        if self.unpaired:
+            if cfg.share_prompt:
+                raise ConfigError(
+                    "share_prompt: unpaired data has one completion per prompt, nothing to share"
+                )
+            return False
+        why_not = shared_prompt_support(self.model, cfg.max_length)
+        if cfg.share_prompt is None:
+            if why_not or device.type != "cpu":
+                reason = (
+                    why_not
+                    or "not measured on accelerators yet, where the custom mask costs the fast kernels"
+                )
+                _log(f"share_prompt (auto): off ({reason})", self.accelerator)
+                return False
+            return None
+        if cfg.share_prompt and why_not:
+            raise ConfigError(f"share_prompt: true is not possible with this model: {why_not}")
+        return bool(cfg.share_prompt)
+
+    def _shares(self, prompts: list, completions: list) -> bool:
+        """Whether this micro-batch (chosen rows, then rejected rows) goes as shared-prompt rows."""
+        b = len(prompts) // 2
+        if not all(prompts[:b]):  # an empty prompt has nothing to share (and no position to predict from)
+            return False
+        if self.share_prompt is not None:
+            return self.share_prompt
+        return sharing_pays(prompts[:b], completions[:b], completions[b:])
 
     def _step_inputs(self) -> StepInputs:
         cfg, spec = self.cfg, self.spec
@@ -669,10 +707,15 @@ class Trainer:
             p, c = view.sequences(split, side, index)
             prompts += p
             completions += c
-        batch = collate_sequences(prompts, completions, view.pad_token_id, acc.device)
+        b = len(index)
+        if self._shares(prompts, completions):
+            batch = collate_shared_prompt_pairs(
+                prompts[:b], completions[:b], completions[b:], view.pad_token_id, acc.device
+            )
+        else:
+            batch = collate_sequences(prompts, completions, view.pad_token_id, acc.device)
         with nullcontext() if grad else torch.no_grad():
             logps, n_tok = scorer(**batch)
-        b = len(index)
         policy = {s: logps[j * b : (j + 1) * b] for j, s in enumerate(self.sides)}
         lengths = {s: n_tok[j * b : (j + 1) * b] for j, s in enumerate(self.sides)}
         if self.references is None:
@@ -703,7 +746,7 @@ class Trainer:
         out = self.loss_fn(policy, lengths, refs, c=c, embeddings=emb)
         # No rescaling of a gathered (global) loss: every process computes the same loss, all_gather's
         # backward sums their gradients into each local part (P x), and DDP's average divides by P.
-        tokens = int(batch["attention_mask"].sum())
+        tokens = sum(len(p) + len(c) for p, c in zip(prompts, completions))  # a shared prompt counts twice
         return out, tokens, policy, refs
 
     # -- data order --------------------------------------------------------------------------------
