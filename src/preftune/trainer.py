@@ -800,7 +800,8 @@ class Trainer:
             betas=tuple(cfg.adam_betas),
             eps=cfg.adam_eps,
             weight_decay=cfg.weight_decay,
-            fused=acc.device.type == "cuda" or None,
+            # one kernel per step on CPU and CUDA, as TRL's default adamw_torch_fused
+            fused=acc.device.type in ("cpu", "cuda") or None,
         )
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
         scheduler = get_scheduler(
