@@ -2,7 +2,7 @@
 """Each performance lever of preftune's scoring path, measured alone, in one process, interleaved.
 
     python bench/levers.py                  # all groups
-    python bench/levers.py --groups head    # head | shared | all
+    python bench/levers.py --groups head    # head, head-smollm2, shared, shared-long-prompt, floor
     python bench/levers.py --reps 5
 
 Groups:
@@ -10,6 +10,7 @@ Groups:
           tokens, hidden 32, vocabulary 50,257), forward + backward: full logits (HF-style),
           autograd-checkpointed chunks (preftune before), the fused head at several chunk sizes, and
           the fused head over every position (what projecting prompts and padding too would cost).
+  head-smollm2  the same at SmolLM2's head shape (1,536 positions, hidden 576, vocabulary 49,152).
   shared  SmolLM2-135M policy forward + backward of a config-2 batch (4 pairs, prompt 64 +
           completions 192) as two rows per pair vs one shared-prompt row per pair;
           shared-long-prompt: the same with prompt 192 + completions 64.
@@ -52,11 +53,11 @@ def report(title: str, results: dict, baseline: str) -> None:
         print(f"  {name:<40} {med:8.3f} s  ×{med / base:5.2f}   rounds {[round(t, 2) for t in all_times]}")
 
 
-def head_group(reps: int) -> None:
+def head_group(reps: int, config: str = "1", chunks=(16, 41, 166, 667)) -> None:
     from preftune.scoring import token_logps
 
-    w = CONFIGS["1"]
-    vocab, hidden = w.vocab, w.hidden
+    w = CONFIGS[config]
+    vocab, hidden = (w.vocab, w.hidden) if w.model == "tiny" else (49152, 576)
     n_pred = 2 * w.batch * w.completion_len
     n_all = 2 * w.batch * (w.seq - 1)
     torch.manual_seed(0)
@@ -80,18 +81,20 @@ def head_group(reps: int) -> None:
         torch.log_softmax(logits, -1).gather(-1, t_pred[:, None]).sum().backward()
         head.weight.grad = None
 
+    before = "checkpointed chunks of 667 (before)"
     variants = {
         "full logits (log_softmax over [P, V])": full_logits,
-        "checkpointed chunks of 667 (before)": run(h_pred, t_pred, chunk_tokens=667, fused=False),
+        before: run(h_pred, t_pred, chunk_tokens=667, fused=False),
     }
-    for chunk in (16, 41, 166, 667):
+    for chunk in chunks:
         variants[f"fused, chunk {chunk}"] = run(h_pred, t_pred, chunk_tokens=chunk, fused=True)
-    variants["fused, chunk 166, every position"] = run(h_all, t_all, chunk_tokens=166, fused=True)
+    default = max(1, 2**25 // vocab)
+    variants[f"fused, chunk {default}, every position"] = run(h_all, t_all, chunk_tokens=default, fused=True)
     report(
-        f"head: {n_pred} completion positions × vocab {vocab} × hidden {hidden}, forward + backward "
-        f"({torch.get_num_threads()} threads)",
+        f"head (config {config}): {n_pred} completion positions × vocab {vocab} × hidden {hidden}, "
+        f"forward + backward ({torch.get_num_threads()} threads)",
         measure(variants, reps),
-        "checkpointed chunks of 667 (before)",
+        before,
     )
 
 
@@ -139,7 +142,9 @@ def floor_group(reps: int) -> None:
     probe = torch.randn(model.config.hidden_size) * 1e-3
 
     def backbone_only():
-        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = backbone(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
         (hidden @ probe).sum().backward()
         model.zero_grad(set_to_none=True)
 
@@ -150,14 +155,17 @@ def floor_group(reps: int) -> None:
 
     report(
         f"floor: SmolLM2-135M forward + backward, {w.batch} pairs × {w.seq} tokens ({torch.get_num_threads()} threads)",
-        measure({"backbone only (no output head)": backbone_only, "preftune scoring (backbone + head)": scoring}, reps),
+        measure(
+            {"backbone only (no output head)": backbone_only, "preftune scoring (backbone + head)": scoring},
+            reps,
+        ),
         "backbone only (no output head)",
     )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--groups", default="head,shared")
+    p.add_argument("--groups", default="head,head-smollm2,shared,shared-long-prompt,floor")
     p.add_argument("--reps", type=int, default=4, help="rounds; the first is warm-up")
     args = p.parse_args(argv)
     import os
@@ -165,6 +173,7 @@ def main(argv=None) -> int:
     print(f"load average {os.getloadavg()}")
     groups = {
         "head": head_group,
+        "head-smollm2": lambda reps: head_group(reps, "2a", chunks=(170, 682, 1536)),
         "shared": shared_group,
         "shared-long-prompt": lambda reps: shared_group(reps, prompt_len=192),
         "floor": floor_group,

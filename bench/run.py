@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.util
 import json
 import os
 import platform
@@ -48,6 +47,7 @@ COMPARISONS = [
     ("2a", "preftune", "trl", {"time": ("<=", 0.7), "mem": ("<=", 0.5)}),
     ("2a", "preftune", "sft-hf", {"time": ("<=", 1.15)}),
     ("2b", "preftune", "trl", {"time": ("<=", 0.7), "mem": ("<=", 0.5)}),
+    ("2c", "preftune", "trl", {"time": ("<=", 0.7), "mem": ("<=", 0.5)}),
     ("3", "preftune-mrpo", "preftune", {"time": ("<=", 1.05)}),
     ("3", "preftune-mrpo", "trl", {}),
     ("4a", "preftune", "trl", {}),
@@ -79,7 +79,11 @@ def trl_available(env: dict) -> str | None:
 
 def cuda_device() -> str | None:
     r = subprocess.run(
-        [sys.executable, "-c", "import torch,sys; sys.stdout.write(torch.cuda.get_device_name() if torch.cuda.is_available() else '')"],
+        [
+            sys.executable,
+            "-c",
+            "import torch,sys; sys.stdout.write(torch.cuda.get_device_name() if torch.cuda.is_available() else '')",
+        ],
         capture_output=True,
         text=True,
     )
@@ -106,6 +110,26 @@ def run_worker(w: Workload, framework: str, env: dict, log, in_process: bool = F
             log(f"    {framework} failed (exit {r.returncode}):\n{tail}")
             return {"error": tail.strip().splitlines()[-1] if tail.strip() else f"exit {r.returncode}"}
         return json.loads(out.read_text())
+
+
+def run_config(w: Workload, frameworks: list[str], env: dict, log, in_process: bool) -> dict:
+    """Every framework's processes for one configuration, round-robin; aggregated per framework."""
+    log(
+        f"[bench] config {w.name}: {w.title} ({', '.join(frameworks)}; {w.rounds} round(s) × {w.steps} steps)"
+    )
+    per_fw: dict[str, list] = {}
+    for r in range(w.rounds):
+        order = frameworks[r % len(frameworks) :] + frameworks[: r % len(frameworks)]
+        for fw in order:
+            res = run_worker(w, fw, env, log, in_process)
+            for fw_name, part in (res.get("split") or {fw: res}).items():
+                per_fw.setdefault(fw_name, []).append(part)
+                if "error" not in part:
+                    log(
+                        f"    round {r + 1} {fw_name:<14} median {part['median_s']:.3f} s/step, "
+                        f"peak +{fmt_bytes(part['peak_mb'])} (abs {fmt_bytes(part['peak_abs_mb'])})"
+                    )
+    return {fw: aggregate(w, rounds) for fw, rounds in per_fw.items()}
 
 
 def aggregate(w: Workload, rounds: list[dict]) -> dict:
@@ -279,7 +303,9 @@ def main(argv=None) -> int:
     trl_version = trl_available(env)
     gpu = cuda_device()
     info = machine_info(trl_version, gpu)
-    info["command"] = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    info["command"] = "python " + " ".join(
+        [os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])
+    )
     notes = []
     if in_process:
         notes.append("workers ran in one process (--quick / --in-process): memory figures are not isolated.")
@@ -301,7 +327,9 @@ def main(argv=None) -> int:
             notes.append(f"config {name} needs a GPU: not measured here ({w.title}).")
             report["configs"][name] = {"workload": w.to_dict(), "skipped": "no GPU"}
             continue
-        overrides = {k: v for k, v in (("steps", args.steps), ("warmup", args.warmup), ("rounds", args.rounds)) if v}
+        overrides = {
+            k: v for k, v in (("steps", args.steps), ("warmup", args.warmup), ("rounds", args.rounds)) if v
+        }
         if args.gradient_checkpointing:
             overrides["gradient_checkpointing"] = True
         w = replace(w, **overrides)
@@ -320,45 +348,47 @@ def main(argv=None) -> int:
                 notes.append(f"config {name}: preset {w.model} unavailable ({e}); skipped.")
                 report["configs"][name] = {"workload": w.to_dict(), "skipped": str(e)}
                 continue
-        log(f"[bench] config {name}: {w.title} ({', '.join(frameworks)}; {w.rounds} round(s) × {w.steps} steps)")
-        per_fw: dict[str, list] = {}
-        for r in range(w.rounds):
-            order = frameworks[r % len(frameworks) :] + frameworks[: r % len(frameworks)]
-            for fw in order:
-                res = run_worker(w, fw, env, log, in_process)
-                for fw_name, part in (res.get("split") or {fw: res}).items():
-                    per_fw.setdefault(fw_name, []).append(part)
-                    if "error" not in part:
-                        log(
-                            f"    round {r + 1} {fw_name:<14} median {part['median_s']:.3f} s/step, "
-                            f"peak +{fmt_bytes(part['peak_mb'])} (abs {fmt_bytes(part['peak_abs_mb'])})"
-                        )
-        if reuse_trl:
-            per_fw["trl"] = reuse_trl
-            notes.append("config 3: the TRL DPO row is config 1's measurement (same model, data and batch).")
-        results = {fw: aggregate(w, rounds) for fw, rounds in per_fw.items()}
+        results = run_config(w, frameworks, env, log, in_process)
         oom = [fw for fw, res in results.items() if "OutOfMemory" in str(res.get("error", ""))]
-        if oom and not w.gradient_checkpointing:
-            notes.append(f"config {name}: {oom} ran out of memory; rerun with --gradient-checkpointing (both sides).")
+        if oom and not w.gradient_checkpointing and w.device == "cuda":
+            notes.append(
+                f"config {name}: {', '.join(oom)} ran out of memory without gradient checkpointing; "
+                "the configuration was rerun with gradient checkpointing on both sides."
+            )
+            w = replace(w, gradient_checkpointing=True)
+            results = run_config(w, frameworks, env, log, in_process)
+        if reuse_trl:
+            results["trl"] = aggregate(w, reuse_trl)
+            notes.append("config 3: the TRL DPO row is config 1's measurement (same model, data and batch).")
         rows = compare(name, results)
         all_rows += rows
         report["configs"][name] = {"workload": w.to_dict(), "results": results, "comparisons": rows}
 
     info["load_average_end"] = os.getloadavg()
     print()
-    print(f"preftune benchmark — {info['date']} — {info['cpu']} ({info['cores']} cores)"
-          + (f", GPU {gpu}" if gpu else ", no GPU")
-          + f"; torch {info['torch']}, transformers {info['transformers']}, TRL {trl_version or 'absent'}")
+    print(
+        f"preftune benchmark — {info['date']} — {info['cpu']} ({info['cores']} cores)"
+        + (f", GPU {gpu}" if gpu else ", no GPU")
+        + f"; torch {info['torch']}, transformers {info['transformers']}, TRL {trl_version or 'absent'}"
+    )
     print(f"command: {info['command']}")
     print(f"load average start {info['load_average_start']}, end {info['load_average_end']}")
-    print("memory: peak over the setup baseline (model, data and references loaded), CPU = RSS high-water "
-          "mark, GPU = max_memory_allocated; 'abs A/B' = ratio of absolute peaks")
+    print(
+        "memory: peak over the setup baseline (model, data and references loaded), CPU = RSS high-water "
+        "mark, GPU = max_memory_allocated; 'abs A/B' = ratio of absolute peaks"
+    )
     print()
     print(table(all_rows))
-    checks = [line for name in report["configs"] for line in cross_check(name, report["configs"][name].get("results", {}))]
+    checks = [
+        line
+        for name in report["configs"]
+        for line in cross_check(name, report["configs"][name].get("results", {}))
+    ]
     if checks:
         print()
-        print("correctness cross-check (same weights, same batches; losses and mean log-probs of step 0, loss of the last step):")
+        print(
+            "correctness cross-check (same weights, same batches; losses and mean log-probs of step 0, loss of the last step):"
+        )
         print("\n".join(checks))
     settings = {
         f"{name}/{fw}": res["settings"]

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import os
 import statistics
-from dataclasses import replace
 import threading
 import time
+from dataclasses import replace
 
 import torch
-
 from workloads import (
     Workload,
     apply_lora,
@@ -162,16 +161,16 @@ def _references(w: Workload, model, rows, k: int, device, autocast_dtype):
     return logps[:, :n], logps[:, n:]
 
 
-def run_preftune(w: Workload, method: str, share_prompt: bool = False) -> dict:
+def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> dict:
     """What preftune's Trainer does per optimiser step (Trainer._micro_batch + fit), step by step.
 
-    ``share_prompt`` collates each pair as one ``prompt | chosen | rejected`` row (the proposed
-    trainer change; see bench/NOTES.md) instead of two rows. ``method="alternate"`` alternates DPO
+    ``share_prompt`` collates each pair as one ``prompt | chosen | rejected`` row instead of two;
+    None decides per batch as the trainer's automatic mode does (``sharing_pays``). ``method="alternate"`` alternates DPO
     (reference 0) and MRPO (all references) steps in one process, so that the small difference
     between them is not drowned by a busy machine; it returns both under "split".
     """
     from preftune import losses as L
-    from preftune.scoring import collate_sequences, collate_shared_prompt_pairs
+    from preftune.scoring import collate_sequences, collate_shared_prompt_pairs, sharing_pays
     from preftune.trainer import PolicyScorer
 
     device = torch.device(w.device)
@@ -190,20 +189,23 @@ def run_preftune(w: Workload, method: str, share_prompt: bool = False) -> dict:
     k = w.references if method in ("mrpo", "alternate") else 1
     ref_c, ref_r = _references(w, model, rows, k, device, autocast_dtype)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=w.learning_rate, weight_decay=0.0, fused=(device.type == "cuda") or None
-    )
+    opt = torch.optim.AdamW(params, lr=w.learning_rate, weight_decay=0.0, fused=True)
     scorer = PolicyScorer(model)
     setup_s = time.perf_counter() - t0
 
     meter = MemoryMeter(device)
     meter.start()
     times, losses, checks = [], [], {}
+    shared_steps = 0
     b = w.batch
     for step, step_method in enumerate(schedule):
         t = time.perf_counter()
         part = rows[step * b : (step + 1) * b]
-        if share_prompt:
+        share = share_prompt
+        if share is None:
+            share = sharing_pays([r[0] for r in part], [r[1] for r in part], [r[2] for r in part])
+        shared_steps += bool(share)
+        if share:
             batch = collate_shared_prompt_pairs(
                 [r[0] for r in part], [r[1] for r in part], [r[2] for r in part], 0, device
             )
@@ -211,7 +213,9 @@ def run_preftune(w: Workload, method: str, share_prompt: bool = False) -> dict:
             batch = collate_sequences(
                 [r[0] for r in part] * 2, [r[1] for r in part] + [r[2] for r in part], 0, device
             )
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+        ):
             logps, n_tok = scorer(**batch)
         sl = slice(step * b, (step + 1) * b)
         refs = slice(None) if step_method == "mrpo" else slice(0, 1)
@@ -256,8 +260,9 @@ def run_preftune(w: Workload, method: str, share_prompt: bool = False) -> dict:
         "setup_s": setup_s,
         "checks": checks,
         "settings": f"preftune {method}: fused chunked completion-only log-probs, {k} precomputed reference(s), "
-        + ("one shared-prompt row per pair, " if share_prompt else "chosen and rejected rows in one batch, ")
-        + f"{w.precision}, AdamW (weight_decay 0, clip 1.0), "
+        + f"one shared-prompt row per pair in {shared_steps}/{len(schedule)} steps ("
+        + ("automatic rule), " if share_prompt is None else "forced), ")
+        + f"{w.precision}, fused AdamW (weight_decay 0, clip 1.0), "
         + ("gradient checkpointing" if w.gradient_checkpointing else "no gradient checkpointing"),
     }
 
@@ -280,9 +285,7 @@ def run_sft(w: Workload, path: str) -> dict:
     model.train()
     autocast_dtype = torch.bfloat16 if w.precision == "bf16" else None
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=w.learning_rate, weight_decay=0.0, fused=(device.type == "cuda") or None
-    )
+    opt = torch.optim.AdamW(params, lr=w.learning_rate, weight_decay=0.0, fused=True)
     setup_s = time.perf_counter() - t0
     meter = MemoryMeter(device)
     meter.start()
@@ -294,7 +297,9 @@ def run_sft(w: Workload, path: str) -> dict:
         batch = collate_sequences(
             [r[0] for r in part] * 2, [r[1] for r in part] + [r[2] for r in part], 0, device
         )
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        with torch.autocast(
+            device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
+        ):
             if path == "hf":  # the standard path: full logits, token-level cross-entropy
                 labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
                 loss = model(
@@ -335,7 +340,7 @@ def trl_settings(w: Workload) -> dict:
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        optim="adamw_torch_fused" if cuda else "adamw_torch",
+        optim="adamw_torch_fused",
         beta=w.beta,
         loss_type=["sigmoid"],
         precompute_ref_log_probs=True,
@@ -414,11 +419,13 @@ def run_trl(w: Workload) -> dict:
 
     checkpointing = bool(getattr(trainer.model, "is_gradient_checkpointing", False))
     assert checkpointing == w.gradient_checkpointing, "TRL's gradient checkpointing is not what was asked"
-    first = trainer.train_dataset[0]
-    assert len(first["prompt_ids"]) == w.prompt_len and len(first["chosen_ids"]) == w.completion_len, (
-        {k: len(v) for k, v in first.items() if k.endswith("_ids")},
-        "TRL tokenized the synthetic text to different lengths"
-    )
+    for i, (p, c, r) in enumerate(rows[:8]):
+        got = trainer.train_dataset[i]
+        assert (got["prompt_ids"], got["chosen_ids"], got["rejected_ids"]) == (p, c, r), (
+            i,
+            {k: len(v) for k, v in got.items() if k.endswith("_ids")},
+            "TRL tokenized the benchmark's text to other token ids than preftune scores",
+        )
     setup_s = time.perf_counter() - t0
     trainer.train()
     mem = meter.stop()
@@ -435,7 +442,9 @@ def run_trl(w: Workload) -> dict:
         checks["loss_last"] = by_step[last].get("loss")
     import trl
 
-    shown = {k: v for k, v in settings.items() if k not in ("seed", "disable_tqdm", "report_to", "save_strategy")}
+    shown = {
+        k: v for k, v in settings.items() if k not in ("seed", "disable_tqdm", "report_to", "save_strategy")
+    }
     return {
         **summarize(w, times, trainer.model, device),
         **mem,

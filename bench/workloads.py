@@ -42,6 +42,7 @@ class Workload:
     learning_rate: float = 1e-5
     beta: float = 0.1
     gradient_checkpointing: bool = False
+    data: str = "synthetic"  # or "arithmetic": the bundled pairs in the preset's chat template
     needs_gpu: bool = False
     seed: int = 0
     extra: dict = field(default_factory=dict)
@@ -87,6 +88,16 @@ CONFIGS: dict[str, Workload] = {
         model=SMOLLM2,
         lora=True,
         batch=4,
+        frameworks=("preftune", "trl"),
+        steps=3,
+        rounds=1,
+    ),
+    "2c": Workload(
+        "2c",
+        "SmolLM2-135M full fine-tune on the bundled arithmetic pairs (chat template), batch 4, CPU fp32",
+        model=SMOLLM2,
+        batch=4,
+        data="arithmetic",
         frameworks=("preftune", "trl"),
         steps=3,
         rounds=1,
@@ -244,10 +255,13 @@ def total_steps(w: Workload) -> int:
 
 
 def synthetic_pairs(w: Workload, vocab: int) -> list[tuple[list[int], list[int], list[int]]]:
-    """One fresh batch per step: (prompt, chosen, rejected) token ids of fixed lengths.
+    """One fresh batch per step: (prompt, chosen, rejected) token ids.
 
-    Ids 0-2 are pad/bos/eos; every completion ends with eos (2), so TRL appends nothing.
+    Synthetic data has fixed lengths. Ids 0-2 are pad/bos/eos; every completion ends with eos (2),
+    so TRL appends nothing. ``w.data == "arithmetic"`` takes the bundled training pairs instead.
     """
+    if w.data == "arithmetic":
+        return arithmetic_pairs(w.model, w.batch * total_steps(w))
     g = torch.Generator().manual_seed(w.seed + 7)
     rows = []
     for _ in range(w.batch * total_steps(w)):
@@ -255,6 +269,34 @@ def synthetic_pairs(w: Workload, vocab: int) -> list[tuple[list[int], list[int],
         chosen = torch.randint(3, vocab, (w.completion_len - 1,), generator=g).tolist() + [2]
         rejected = torch.randint(3, vocab, (w.completion_len - 1,), generator=g).tolist() + [2]
         rows.append((prompt, chosen, rejected))
+    return rows
+
+
+def arithmetic_pairs(model: str, n: int) -> list[tuple[list[int], list[int], list[int]]]:
+    """The first n bundled arithmetic pairs as the preset's trainer sees them (its chat template).
+
+    Real prompts and completions: variable lengths, prompts ~60 % of each sequence. SmolLM2's
+    <|im_end|> is id 2 like the word tokenizer's eos; each completion gets it last if the template
+    left a newline after it, so TRL appends nothing and both sides score the same tokens.
+    """
+    from transformers import AutoTokenizer
+
+    from preftune.data.arithmetic import load_arithmetic
+    from preftune.data.formatting import add_special_tokens_for, render_example
+    from preftune.data.records import Columns
+    from preftune.data.tokenize import tokenize_example
+    from preftune.data.validation import paired_from_row
+    from preftune.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    rows = []
+    for i, raw in enumerate(load_arithmetic("train")[:n]):
+        example = paired_from_row(raw, i, Columns(), implicit=False)
+        texts = render_example(example, tokenizer)
+        special = add_special_tokens_for(tokenizer, conversational=isinstance(example.prompt, list))
+        t = tokenize_example(*texts, tokenizer, max_length=None, add_special_tokens=special)
+        ends = [ids if ids[-1] == 2 else [*ids, 2] for ids in (t.chosen_ids, t.rejected_ids)]
+        rows.append((t.prompt_ids, *ends))
     return rows
 
 
