@@ -417,8 +417,6 @@ def run_trl(w: Workload) -> dict:
         callbacks=[Timer()],
     )
 
-    checkpointing = bool(getattr(trainer.model, "is_gradient_checkpointing", False))
-    assert checkpointing == w.gradient_checkpointing, "TRL's gradient checkpointing is not what was asked"
     for i, (p, c, r) in enumerate(rows[:8]):
         got = trainer.train_dataset[i]
         assert (got["prompt_ids"], got["chosen_ids"], got["rejected_ids"]) == (p, c, r), (
@@ -428,6 +426,10 @@ def run_trl(w: Workload) -> dict:
         )
     setup_s = time.perf_counter() - t0
     trainer.train()
+    # the Trainer turns checkpointing on inside train(), on the model under any peft wrapper
+    base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+    checkpointing = bool(getattr(base, "is_gradient_checkpointing", False))
+    assert checkpointing == w.gradient_checkpointing, "TRL's gradient checkpointing is not what was asked"
     mem = meter.stop()
     by_step = {entry["step"]: entry for entry in logs}
     checks = {}
