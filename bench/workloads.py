@@ -130,27 +130,14 @@ CONFIGS: dict[str, Workload] = {
         rounds=1,
         learning_rate=1e-6,
     ),
-    "4b": Workload(
-        "4b",
-        "random Llama ~1.2B (16 layers, hidden 2048, vocab 128,256), seq 2048, batch 8, GPU bf16",
-        vocab=128256,
-        hidden=2048,
-        layers=16,
-        heads=32,
-        kv_heads=8,
-        intermediate=8192,
-        prompt_len=512,
-        completion_len=1536,
-        precision="bf16",
-        device="cuda",
-        needs_gpu=True,
-        frameworks=("preftune", "trl", "sft-hf"),
-        steps=5,
-        warmup=2,
-        rounds=1,
-        learning_rate=1e-6,
-    ),
 }
+CONFIGS["4b"] = replace(
+    CONFIGS["4a"],
+    name="4b",
+    title="random Llama ~1.2B (16 layers, hidden 2048, vocab 128,256), seq 2048, batch 8, GPU bf16",
+    prompt_len=512,
+    completion_len=1536,
+)
 
 
 def quick(w: Workload) -> Workload:
@@ -275,29 +262,25 @@ def synthetic_pairs(w: Workload, vocab: int) -> list[tuple[list[int], list[int],
 def arithmetic_pairs(model: str, n: int) -> list[tuple[list[int], list[int], list[int]]]:
     """The first n bundled arithmetic pairs as the preset's trainer sees them (its chat template).
 
-    Real prompts and completions: variable lengths, prompts ~60 % of each sequence. SmolLM2's
-    <|im_end|> is id 2 like the word tokenizer's eos; each completion gets it last if the template
-    left a newline after it, so TRL appends nothing and both sides score the same tokens.
+    Real prompts and completions: variable lengths, the prompt about three quarters of each
+    sequence. SmolLM2's <|im_end|> is id 2 like the word tokenizer's eos; each completion gets it last
+    if the template left a newline after it, so TRL appends nothing and both sides score the same
+    tokens.
     """
     from transformers import AutoTokenizer
 
-    from preftune.data.arithmetic import load_arithmetic
-    from preftune.data.formatting import add_special_tokens_for, render_example
-    from preftune.data.records import Columns
-    from preftune.data.tokenize import tokenize_example
-    from preftune.data.validation import paired_from_row
+    from preftune.data.arithmetic import arithmetic_path
+    from preftune.data.loading import load_examples
+    from preftune.data.tokenize import tokenize_dataset
     from preftune.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
-    rows = []
-    for i, raw in enumerate(load_arithmetic("train")[:n]):
-        example = paired_from_row(raw, i, Columns(), implicit=False)
-        texts = render_example(example, tokenizer)
-        special = add_special_tokens_for(tokenizer, conversational=isinstance(example.prompt, list))
-        t = tokenize_example(*texts, tokenizer, max_length=None, add_special_tokens=special)
-        ends = [ids if ids[-1] == 2 else [*ids, 2] for ids in (t.chosen_ids, t.rejected_ids)]
-        rows.append((t.prompt_ids, *ends))
-    return rows
+    loaded = load_examples(str(arithmetic_path("train")), max_rows=n)
+    tokenized, _ = tokenize_dataset(loaded, tokenizer, max_length=None, progress=False)
+    return [
+        (t.prompt_ids, *(ids if ids[-1] == 2 else [*ids, 2] for ids in (t.chosen_ids, t.rejected_ids)))
+        for t in tokenized
+    ]
 
 
 SPECIAL_WORDS = ("<pad>", "<s>", "</s>")
