@@ -171,7 +171,7 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
     """
     from preftune import losses as L
     from preftune.scoring import collate_sequences, collate_shared_prompt_pairs, sharing_pays
-    from preftune.trainer import PolicyScorer
+    from preftune.trainer import PolicyScorer, enable_activation_checkpointing
 
     device = torch.device(w.device)
     t0 = time.perf_counter()
@@ -181,7 +181,7 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
     if w.lora:
         model = apply_lora(w, model)
     if w.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         if w.lora:
             model.enable_input_require_grads()
     model.train()
@@ -273,6 +273,7 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
 
 def run_sft(w: Workload, path: str) -> dict:
     from preftune.scoring import collate_sequences, score_batch
+    from preftune.trainer import enable_activation_checkpointing
 
     device = torch.device(w.device)
     t0 = time.perf_counter()
@@ -281,7 +282,7 @@ def run_sft(w: Workload, path: str) -> dict:
     if w.lora:
         model = apply_lora(w, model)
     if w.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     autocast_dtype = torch.bfloat16 if w.precision == "bf16" else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -428,7 +429,12 @@ def run_trl(w: Workload) -> dict:
     trainer.train()
     # the Trainer turns checkpointing on inside train(), on the model under any peft wrapper
     base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
-    checkpointing = bool(getattr(base, "is_gradient_checkpointing", False))
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(base, "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    checkpointing = bool(getattr(base, flag, False))
     assert checkpointing == w.gradient_checkpointing, "TRL's gradient checkpointing is not what was asked"
     mem = meter.stop()
     by_step = {entry["step"]: entry for entry in logs}

@@ -147,6 +147,19 @@ def resolve_causal_lm(name: str, key: str) -> Path:
     return path
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpointing).
+
+    transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias until v6) to
+    activation_checkpointing_enable; older releases have only the first.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def load_policy(cfg: TrainConfig, device) -> tuple[nn.Module, Any, Path]:
     from .models import load_causal_lm
 
@@ -159,7 +172,7 @@ def load_policy(cfg: TrainConfig, device) -> tuple[nn.Module, Any, Path]:
         str(path), dtype=_dtype(cfg.model_dtype) or torch.float32, device=device
     )
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora.enabled:
         from peft import LoraConfig, get_peft_model

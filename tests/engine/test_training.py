@@ -75,6 +75,32 @@ def test_lora_trains_adapters_and_reference_is_the_base(base_config):
     assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/margins"]) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"lora": {"enabled": True, "r": 4, "dropout": 0.0}}, {"share_prompt": True}],
+    ids=["full", "lora", "shared-prompt"],
+)
+def test_activation_checkpointing_trains_exactly_as_without(base_config, tmp_path, extra):
+    from preftune.config import load_config
+    from preftune.trainer import Trainer
+
+    cfg = base_config(gradient_checkpointing=True, **extra)
+    model = Trainer(load_config(cfg)).model
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    runs = {}
+    for on in (False, True):
+        runs[on] = train(
+            base_config(
+                gradient_checkpointing=on, max_steps=3, output_dir=str(tmp_path / f"gc-{on}"), **extra
+            )
+        )
+    a, b = losses_by_step(runs[False].metrics_path), losses_by_step(runs[True].metrics_path)
+    assert a.keys() == b.keys() == {1, 2, 3}
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-6)
+    assert abs(a[3] - a[1]) > 1e-4  # the runs move
+
+
 def test_precomputed_and_online_references_give_the_same_losses(
     base_config, other_tokenizer_model_dir, tmp_path
 ):
