@@ -241,6 +241,7 @@ def cross_check(name: str, results: dict) -> list[str]:
 def machine_info(trl_version: str | None, gpu: str | None) -> dict:
     import torch
     import transformers
+    from workers import allocator_env
 
     cpu = platform.processor()
     try:
@@ -262,6 +263,7 @@ def machine_info(trl_version: str | None, gpu: str | None) -> dict:
         "transformers": transformers.__version__,
         "trl": trl_version,
         "load_average_start": os.getloadavg(),
+        "allocator_env": allocator_env(),
     }
 
 
@@ -372,6 +374,7 @@ def main(argv=None) -> int:
         + f"; torch {info['torch']}, transformers {info['transformers']}, TRL {trl_version or 'absent'}"
     )
     print(f"command: {info['command']}")
+    print(f"allocator environment: {info['allocator_env'] or 'glibc defaults'}")
     print(f"load average start {info['load_average_start']}, end {info['load_average_end']}")
     print(
         "memory: peak over the setup baseline (model, data and references loaded), CPU = RSS high-water "

@@ -44,6 +44,11 @@ def _proc_status_kb(field: str) -> int:
     raise KeyError(field)
 
 
+def allocator_env() -> dict:
+    """The C allocator's settings from the environment (they change what RSS measures: NOTES.md)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+
+
 class MemoryMeter:
     def __init__(self, device: torch.device):
         self.device = device

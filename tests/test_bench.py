@@ -75,3 +75,32 @@ def test_preftune_and_trl_compute_the_same_losses(quick_run):
         tol = 1e-3 if report["configs"][name]["workload"]["precision"] == "bf16" else 1e-4
         for key in ("loss_step0", "logps_chosen_step0", "logps_rejected_step0", "loss_last"):
             assert ours[key] == pytest.approx(trl[key], rel=tol), (name, key)
+
+
+def _memory_census(tmp_path, *flags) -> dict:
+    out = tmp_path / f"memory{'-'.join(flags)}.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "memory.py"), "--config", "2a", "--quick", "--passes", "1"]
+        + ["--json", str(out), *flags],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "saved for backward" in proc.stdout and "peak RSS" in proc.stdout
+    return json.loads(out.read_text())
+
+
+def test_memory_census_counts_activations_not_parameters(tmp_path):
+    plain = _memory_census(tmp_path)
+    checkpointed = _memory_census(tmp_path, "--gradient-checkpointing")
+    assert plain["saved_mb"] > 0 and plain["saved_kb_per_token_layer"] > 0
+    # checkpointing keeps only the layers' inputs: far less saved outside the checkpointed layers
+    assert checkpointed["saved_mb"] < plain["saved_mb"] / 3
+    # the tied embedding / head weight (vocabulary 1000 × hidden 32 at toy size) is a parameter
+    assert all(row["shape"] != [1000, 32] for row in plain["saved_top"])
+    assert sum(row["mb"] for row in plain["saved_top"]) <= plain["saved_mb"] + 1e-9
+    assert plain["grads_and_adam_mb"] > 0
