@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from workers import MemoryMeter, allocator_env  # noqa: E402
-from workloads import CONFIGS, apply_lora, build_model, model_vocab, quick, synthetic_pairs  # noqa: E402
+from workers import MemoryMeter, allocator_env, trainable_policy  # noqa: E402
+from workloads import CONFIGS, model_vocab, quick, synthetic_pairs  # noqa: E402
 
 
 class SavedTensorCensus:
@@ -68,19 +68,12 @@ class SavedTensorCensus:
 
 def census(config: str, gradient_checkpointing: bool, passes: int, small: bool) -> dict:
     from preftune.scoring import collate_sequences
-    from preftune.trainer import PolicyScorer, enable_activation_checkpointing
+    from preftune.trainer import PolicyScorer
 
     w = replace(CONFIGS[config], gradient_checkpointing=gradient_checkpointing)
     if small:
         w = quick(w)
-    model = build_model(w)
-    if w.lora:
-        model = apply_lora(w, model)
-    if gradient_checkpointing:
-        enable_activation_checkpointing(model)
-        if w.lora:
-            model.enable_input_require_grads()
-    model.train()
+    model = trainable_policy(w)
     scorer = PolicyScorer(model)
     prompt, chosen, rejected = zip(*synthetic_pairs(replace(w, warmup=0, steps=1), model_vocab(w)))
     batch = collate_sequences(list(prompt) * 2, list(chosen) + list(rejected), 0, torch.device("cpu"))

@@ -166,6 +166,22 @@ def _references(w: Workload, model, rows, k: int, device, autocast_dtype):
     return logps[:, :n], logps[:, n:]
 
 
+def trainable_policy(w: Workload):
+    """The policy as preftune's trainer prepares it: LoRA adapters and activation checkpointing as the
+    workload asks, in training mode."""
+    from preftune.trainer import enable_activation_checkpointing
+
+    model = build_model(w)
+    if w.lora:
+        model = apply_lora(w, model)
+    if w.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+        if w.lora:
+            model.enable_input_require_grads()
+    model.train()
+    return model
+
+
 def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> dict:
     """What preftune's Trainer does per optimiser step (Trainer._micro_batch + fit), step by step.
 
@@ -176,20 +192,13 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
     """
     from preftune import losses as L
     from preftune.scoring import collate_sequences, collate_shared_prompt_pairs, sharing_pays
-    from preftune.trainer import PolicyScorer, enable_activation_checkpointing
+    from preftune.trainer import PolicyScorer
 
     device = torch.device(w.device)
     t0 = time.perf_counter()
     schedule = ["dpo", "mrpo"] * total_steps(w) if method == "alternate" else [method] * total_steps(w)
     rows = synthetic_pairs(replace(w, warmup=0, steps=len(schedule)), model_vocab(w))
-    model = build_model(w)
-    if w.lora:
-        model = apply_lora(w, model)
-    if w.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-        if w.lora:
-            model.enable_input_require_grads()
-    model.train()
+    model = trainable_policy(w)
     autocast_dtype = torch.bfloat16 if w.precision == "bf16" else None
     k = w.references if method in ("mrpo", "alternate") else 1
     ref_c, ref_r = _references(w, model, rows, k, device, autocast_dtype)
@@ -278,17 +287,11 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
 
 def run_sft(w: Workload, path: str) -> dict:
     from preftune.scoring import collate_sequences, score_batch
-    from preftune.trainer import enable_activation_checkpointing
 
     device = torch.device(w.device)
     t0 = time.perf_counter()
     rows = synthetic_pairs(w, model_vocab(w))
-    model = build_model(w)
-    if w.lora:
-        model = apply_lora(w, model)
-    if w.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    model.train()
+    model = trainable_policy(w)
     autocast_dtype = torch.bfloat16 if w.precision == "bf16" else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=w.learning_rate, weight_decay=0.0, fused=True)

@@ -18,12 +18,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "results.json"
+def _run_bench_script(script: str, out: Path, *args: str) -> tuple[str, dict]:
+    """Runs bench/<script> with --json out; its stdout and the JSON it wrote."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--json", str(out)],
+        [sys.executable, str(ROOT / "bench" / script), *args, "--json", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -32,6 +31,11 @@ def quick_run(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    return _run_bench_script("run.py", tmp_path_factory.mktemp("bench") / "results.json", "--quick")
 
 
 def test_table_has_a_row_per_comparison(quick_run):
@@ -79,19 +83,9 @@ def test_preftune_and_trl_compute_the_same_losses(quick_run):
 
 def _memory_census(tmp_path, *flags) -> dict:
     out = tmp_path / f"memory{'-'.join(flags)}.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "memory.py"), "--config", "2a", "--quick", "--passes", "1"]
-        + ["--json", str(out), *flags],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "saved for backward" in proc.stdout and "peak RSS" in proc.stdout
-    return json.loads(out.read_text())
+    stdout, report = _run_bench_script("memory.py", out, "--config", "2a", "--quick", "--passes", "1", *flags)
+    assert "saved for backward" in stdout and "peak RSS" in stdout
+    return report
 
 
 def test_memory_census_counts_activations_not_parameters(tmp_path):
