@@ -61,10 +61,6 @@ class Workload:
         return cls(**d)
 
 
-def _tiny(**kw) -> dict:
-    return kw
-
-
 CONFIGS: dict[str, Workload] = {
     "1": Workload(
         "1",
