@@ -1,0 +1,154 @@
+"""Reference-free preference losses: SimPO and ORPO, on length-normalised policy log-probs.
+
+Inputs are the policy's per-sequence **summed** completion log-probs ``[B]`` and completion-token
+counts ``[B]`` (pass ones if the log-probs are already averaged); ``ā(y) = logp_θ(y|x)/|y|``. No
+reference model is used: ``ref_chosen``/``ref_rejected`` exist only so that the signature matches
+the other losses, and are ignored. Math in float32 (float64 if an input is float64).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .output import LossOutput, as_float, compute_dtype, reward_metrics, safe_mean
+
+__all__ = ["simpo", "orpo", "log1mexp"]
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """``log(1 − eˣ)`` for ``x < 0``, stable at both ends (``−inf`` at ``x = 0``)."""
+    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def _averaged(
+    policy_chosen: Tensor, policy_rejected: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dtype = compute_dtype(policy_chosen, policy_rejected)
+    pc = as_float(policy_chosen, dtype, detach=False)
+    pr = as_float(policy_rejected, dtype, detach=False)
+    if pc.dim() != 1 or pc.shape != pr.shape:
+        raise ValueError(f"policy log-probs must both be [B], got {tuple(pc.shape)} and {tuple(pr.shape)}")
+    out = []
+    for name, lengths in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+        if lengths is None:
+            raise ValueError(
+                f"{name} (completion-token counts [B]) is required; pass ones if already averaged"
+            )
+        t = torch.as_tensor(lengths, device=pc.device).detach().to(dtype)
+        if t.shape != pc.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(pc.shape)}")
+        out.append(t.clamp(min=1.0))
+    return pc, pr, pc / out[0], pr / out[1]
+
+
+def simpo(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor | None = None,
+    ref_rejected: Tensor | None = None,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+    *,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+) -> LossOutput:
+    """SimPO (Meng et al., arXiv 2405.14734, Eq. 6): reference-free, length-normalised, target margin γ.
+
+    ``ℓ = −log σ(β/|y_w| · log π_θ(y_w|x) − β/|y_l| · log π_θ(y_l|x) − γ)`` (γ in SimPO's own reward
+    units; TRL's CPOTrainer writes the same as ``β·(ā_w − ā_l − γ/β)``). With ε = ``label_smoothing``
+    (TRL's conservative variant): ``−(1−ε) log σ(z) − ε log σ(−z)``.
+
+    Args:
+        ref_chosen, ref_rejected: ignored (SimPO has no reference).
+        beta: β (paper: 2.0–2.5; TRL's CPOConfig default 0.1).
+        gamma: γ, the target reward margin (paper: γ/β ≈ 0.3–0.8, so γ ≈ 0.5–1.6 at β = 2; TRL 0.5).
+        chosen_lengths, rejected_lengths: ``[B]`` completion-token counts.
+        sft_weight: λ of the CPO-SimPO add-on ``λ·(−ā_w)`` per pair (TRL's ``cpo_alpha``, but per pair).
+
+    Returns:
+        :class:`LossOutput`; rewards are ``β·ā`` as TRL logs them (``logps/*`` are the averages ā);
+        ``sft/loss`` when λ > 0.
+    """
+    del ref_chosen, ref_rejected
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    _, _, avg_c, avg_r = _averaged(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
+    z = beta * (avg_c - avg_r) - gamma
+    losses = -F.logsigmoid(z)
+    if label_smoothing:
+        losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-z)
+    metrics: dict[str, Tensor] = {}
+    if sft_weight:
+        losses = losses + sft_weight * (-avg_c)
+    with torch.no_grad():
+        if avg_c.numel():
+            metrics = reward_metrics(beta, avg_c.detach(), avg_r.detach(), avg_c, avg_r)
+            if sft_weight:
+                metrics["sft/loss"] = -avg_c.detach().mean()
+    return LossOutput(safe_mean(losses), losses, metrics, beta * avg_c.detach(), beta * avg_r.detach())
+
+
+def orpo(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor | None = None,
+    ref_rejected: Tensor | None = None,
+    beta: float = 0.1,
+    *,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    nll: Tensor | float | None = None,
+) -> LossOutput:
+    """ORPO (Hong et al., arXiv 2403.07691, Eqs. 6–7): SFT plus an odds-ratio penalty, no reference.
+
+    ``odds_θ(y|x) = P_θ(y|x)/(1 − P_θ(y|x))`` with ``P_θ(y|x) = exp(ā(y))`` (length-normalised, as in
+    the paper's implementation and TRL), ``L_OR = −log σ(log odds_θ(y_w|x) − log odds_θ(y_l|x))`` and
+    ``L = L_SFT + λ·L_OR``, ``log odds = ā − log(1 − e^ā)``.
+
+    Args:
+        ref_chosen, ref_rejected: ignored (ORPO has no reference).
+        beta: λ (TRL's ORPOConfig ``beta``, default 0.1; the paper uses 0.1–1.0).
+        chosen_lengths, rejected_lengths: ``[B]`` completion-token counts.
+        nll: ``L_SFT`` override: a scalar or ``[B]``. Default: ``−ā(y_w)`` per pair (the chosen
+            completion's token-mean NLL, as LLaMA-Factory's ``orpo``). TRL's ORPOTrainer instead uses
+            one cross-entropy pooled over all tokens of the chosen sequences **including the prompt**;
+            a trainer that wants that passes it here.
+
+    Returns:
+        :class:`LossOutput` with ``losses = L_SFT + λ·L_OR`` per pair; TRL's metrics: ``rewards/*``
+        = ``λ·ā``, ``logps/*`` = ā, ``nll_loss``, ``log_odds_ratio`` (mean ``log σ(log-odds ratio)``)
+        and ``log_odds_chosen`` (mean log-odds ratio).
+    """
+    del ref_chosen, ref_rejected
+    if beta < 0:
+        raise ValueError(f"beta (λ) must be >= 0, got {beta}")
+    _, _, avg_c, avg_r = _averaged(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
+    if bool((avg_c.detach() >= 0).any()) or bool((avg_r.detach() >= 0).any()):
+        raise ValueError("orpo needs log-probs < 0 (a sequence probability of 1 has infinite odds)")
+    log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
+    ratio = F.logsigmoid(log_odds)
+    if nll is None:
+        sft_losses = -avg_c
+    else:
+        sft_losses = torch.as_tensor(nll, device=avg_c.device).to(avg_c.dtype)
+        if sft_losses.dim() == 0:
+            sft_losses = sft_losses.expand(avg_c.shape)
+        elif sft_losses.shape != avg_c.shape:
+            raise ValueError(f"nll must be a scalar or [B], got shape {tuple(sft_losses.shape)}")
+    losses = sft_losses - beta * ratio
+    metrics: dict[str, Tensor] = {}
+    with torch.no_grad():
+        if avg_c.numel():
+            metrics = reward_metrics(beta, avg_c.detach(), avg_r.detach(), avg_c, avg_r)
+            metrics["nll_loss"] = sft_losses.detach().mean()
+            metrics["log_odds_ratio"] = ratio.detach().mean()
+            metrics["log_odds_chosen"] = log_odds.detach().mean()
+    return LossOutput(safe_mean(losses), losses, metrics, beta * avg_c.detach(), beta * avg_r.detach())
