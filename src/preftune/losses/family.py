@@ -117,7 +117,9 @@ def f_divergence_score(
       α (the paper's ``f'(u) = (1 − u^{−a})/a`` with ``a = 1 − α``); α = 1 is the reverse KL, α → 0 the
       forward KL. The exponent is clamped at 80.
 
-    Constants cancel in ``ψ(r_w) − ψ(r_l)``, which is the only way the losses use ψ.
+    Each ψ is the paper's ``f'`` shifted so that ``ψ(0) = 0`` (``f'(u) − f'(1)``: no score when the
+    policy equals the reference), as in TRL. The shift cancels in ``ψ(r_w) − ψ(r_l)`` but not after
+    dividing by lengths (``ipo``, ``sigmoid_norm``), where this convention is what TRL computes.
     """
     if divergence == "reverse_kl":
         return logratio
@@ -312,10 +314,11 @@ def dpo_family_loss(
     psi_l = f_divergence_score(r_l, f_divergence, f_alpha)
     omega = None
     if pair_weights is not None:
-        omega = as_float(torch.as_tensor(pair_weights, device=pc.device), dtype, detach=True)
+        omega = as_float(torch.as_tensor(pair_weights, dtype=dtype, device=pc.device), dtype, detach=True)
         if omega.shape != pc.shape:
             raise ValueError(f"pair_weights has shape {tuple(omega.shape)}, expected {tuple(pc.shape)}")
-    delta = as_float(torch.as_tensor(bco_delta, device=pc.device), dtype, detach=True)
+    # a Python float must not pass through float32 on its way to a float64 computation
+    delta = as_float(torch.as_tensor(bco_delta, dtype=dtype, device=pc.device), dtype, detach=True)
 
     def sigmoid_eps(z: Tensor) -> Tensor:
         return margin_link(z, "sigmoid", 1.0, label_smoothing=label_smoothing)

@@ -120,7 +120,7 @@ def kto(
         )
     p, r, desirable = _unpaired_inputs(policy_logps, ref_logps, labels)
     if reference_point is not None:
-        z = torch.as_tensor(reference_point, device=p.device).detach().to(p.dtype)
+        z = torch.as_tensor(reference_point, dtype=p.dtype, device=p.device).detach().to(p.dtype)
     elif kl_policy_logps is None or kl_ref_logps is None:
         raise ValueError(
             "kto needs kl_policy_logps and kl_ref_logps (mismatched prompt/completion pairs) or reference_point"

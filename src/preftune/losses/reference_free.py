@@ -138,7 +138,7 @@ def orpo(
     if nll is None:
         sft_losses = -avg_c
     else:
-        sft_losses = torch.as_tensor(nll, device=avg_c.device).to(avg_c.dtype)
+        sft_losses = torch.as_tensor(nll, dtype=avg_c.dtype, device=avg_c.device)
         if sft_losses.dim() == 0:
             sft_losses = sft_losses.expand(avg_c.shape)
         elif sft_losses.shape != avg_c.shape:
