@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import losses as L
+from . import statefile
 from .cache import default_cache_dir
 from .config import ConfigError, TrainConfig, load_config, save_config, to_dict
 from .references import (
@@ -41,6 +42,7 @@ from .scoring import (
     shared_prompt_support,
     sharing_pays,
 )
+from .statefile import StateFileError, load_state, save_state
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -485,9 +487,9 @@ def save_checkpoint(
 
     def write(tmp: Path) -> None:
         save_model(model, tokenizer, tmp / "model")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng.pt")
+        save_state(optimizer.state_dict(), tmp, "optimizer")
+        save_state(scheduler.state_dict(), tmp, "scheduler")
+        save_state(_rng_state(), tmp, "rng")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
     _write_atomically(path, write)
@@ -516,10 +518,34 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
                 f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
                 f"unexpected {unexpected[:3]})"
             )
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    optimizer.load_state_dict(_load_training_state(path, "optimizer"))
+    scheduler.load_state_dict(_load_training_state(path, "scheduler"))
+    _set_rng_state(_load_training_state(path, "rng"))
     return json.loads((path / "trainer_state.json").read_text())
+
+
+def _load_training_state(path: Path, name: str):
+    """``name``'s state from a checkpoint: safetensors + JSON, never pickle.
+
+    Checkpoints written before that format hold ``<name>.pt``; those load only through
+    ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+    """
+    if statefile.exists(path, name):
+        try:
+            return load_state(path, name)
+        except StateFileError as e:
+            raise TrainingError(str(e)) from e
+    legacy = path / f"{name}.pt"
+    if not legacy.is_file():
+        raise TrainingError(f"{path}: checkpoint has no {name}.json/{name}.safetensors")
+    try:
+        return torch.load(legacy, weights_only=True, map_location="cpu")
+    except Exception as e:  # the restricted unpickler refuses other globals with UnpicklingError
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainingError(
+            f"{legacy}: refusing to load an old-format file that holds more than tensors ({reason}); "
+            "start over with overwrite_output_dir=true"
+        ) from e
 
 
 # --------------------------------------------------------------------------------------------------
