@@ -42,7 +42,6 @@ from .scoring import (
     shared_prompt_support,
     sharing_pays,
 )
-from .statefile import StateFileError, load_state, save_state
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -487,9 +486,9 @@ def save_checkpoint(
 
     def write(tmp: Path) -> None:
         save_model(model, tokenizer, tmp / "model")
-        save_state(optimizer.state_dict(), tmp, "optimizer")
-        save_state(scheduler.state_dict(), tmp, "scheduler")
-        save_state(_rng_state(), tmp, "rng")
+        statefile.save_state(optimizer.state_dict(), tmp, "optimizer")
+        statefile.save_state(scheduler.state_dict(), tmp, "scheduler")
+        statefile.save_state(_rng_state(), tmp, "rng")
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
 
     _write_atomically(path, write)
@@ -532,8 +531,8 @@ def _load_training_state(path: Path, name: str):
     """
     if statefile.exists(path, name):
         try:
-            return load_state(path, name)
-        except StateFileError as e:
+            return statefile.load_state(path, name)
+        except statefile.StateFileError as e:
             raise TrainingError(str(e)) from e
     legacy = path / f"{name}.pt"
     if not legacy.is_file():
