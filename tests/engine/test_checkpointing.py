@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from preftune import statefile
-from preftune.trainer import TrainingError, load_checkpoint, train
+from preftune.checkpointing import TrainingError, load_checkpoint
+from preftune.trainer import train
 
 from .conftest import losses_by_step
 
@@ -105,7 +106,8 @@ def test_adamw_and_scheduler_state_round_trip_and_continue_identically(tmp_path,
 
 
 def test_rng_streams_continue_identically_after_restore(tmp_path):
-    from preftune.trainer import _rng_state, _set_rng_state
+    from preftune.checkpointing import rng_state as _rng_state
+    from preftune.checkpointing import set_rng_state as _set_rng_state
 
     random.seed(1)
     torch.manual_seed(2)
@@ -158,7 +160,7 @@ def test_resume_never_unpickles_files_planted_in_a_checkpoint(base_config, tmp_p
 def test_old_format_files_load_only_as_plain_tensors(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from preftune.trainer import save_checkpoint
+    from preftune.checkpointing import save_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -1,6 +1,6 @@
 """Greedy generation and exact match: batching (left padding) must not change any answer."""
 
-from preftune.evaluation import exact_match, generate
+from preftune.generation import exact_match, generate
 from preftune.models import load_causal_lm
 
 
@@ -18,12 +18,12 @@ def test_batched_greedy_generation_equals_one_by_one(tiny_model_dir):
 
 
 def test_exact_match_counts_correct_answers(tiny_model_dir, monkeypatch):
-    from preftune import evaluation
+    from preftune import generation
 
     model, tok = load_causal_lm(str(tiny_model_dir))
     items = [{"prompt": "q1", "answer": 4}, {"prompt": "q2", "answer": 7}, {"prompt": "q3", "answer": 1}]
     replies = ["2 + 2 = 4. The answer is 4.", "The answer is 8.", "no idea"]
-    monkeypatch.setattr(evaluation, "generate", lambda *a, **k: replies)
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: replies)
     score, details = exact_match(model, tok, items)
     assert score == 1 / 3
     assert [d["predicted"] for d in details] == [4, 8, None]
