@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import random
@@ -184,3 +185,77 @@ def test_old_format_files_load_only_as_plain_tensors(tmp_path, tiny_model_dir):
         load_checkpoint(ckpt, model, opt, sched)
     assert "\n" not in str(err.value)
     assert not marker.exists() and not os.path.exists("pwned")
+
+
+# ------------------------------------------------------------------------------ checkpoint directories
+
+
+@pytest.fixture
+def tiny_parts(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    return model, tok, opt, sched
+
+
+def _train_one_step(model, opt, sched):
+    ids = torch.arange(12).view(2, 6)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_path, tiny_parts):
+    from preftune.checkpointing import save_checkpoint
+
+    model, tok, opt, sched = tiny_parts
+    _train_one_step(model, opt, sched)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    opt_state, sched_state = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
+    torch.manual_seed(5)
+    ckpt = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"step": 1, "global_batch": 4}, keep=2)
+    expected_draw = torch.rand(2)
+
+    _train_one_step(model, opt, sched)  # move everything on, then restore
+    torch.rand(7)
+    state = load_checkpoint(ckpt, model, opt, sched)
+    assert state == {"step": 1, "global_batch": 4}
+    assert torch.equal(torch.rand(2), expected_draw)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert _same(opt.state_dict(), opt_state) and _same(sched.state_dict(), sched_state)
+
+
+def test_rotation_keeps_the_newest_n(tmp_path, tiny_parts):
+    from preftune.checkpointing import find_checkpoints, save_checkpoint
+
+    model, tok, opt, sched = tiny_parts
+    for step in (1, 2, 3, 10, 11):  # 10 sorts before 2 as text: the order must be numeric
+        save_checkpoint(tmp_path, step, model, tok, opt, sched, {"step": step}, keep=3)
+    assert [p.name for p in find_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-10", "checkpoint-11"]
+    save_checkpoint(tmp_path, 12, model, tok, opt, sched, {"step": 12}, keep=0)  # 0 keeps all
+    assert len(find_checkpoints(tmp_path)) == 4
+
+
+def test_failed_write_leaves_the_old_directory_intact(tmp_path):
+    import errno
+
+    from preftune.checkpointing import write_atomically
+
+    target = tmp_path / "checkpoint-2"
+    write_atomically(target, lambda d: (d / "weights").write_text("old"))
+
+    def half_written(d):
+        (d / "weights").write_text("new, half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(TrainingError, match=r"could not write .*checkpoint-2: No space left on device"):
+        write_atomically(target, half_written)
+    assert (target / "weights").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]  # no .tmp / .old left behind
+    write_atomically(target, lambda d: (d / "weights").write_text("new"))
+    assert (target / "weights").read_text() == "new"

@@ -9,12 +9,12 @@ def test_batched_greedy_generation_equals_one_by_one(tiny_model_dir):
     prompts = [
         [{"role": "user", "content": "What is 2 plus 2?"}],
         [{"role": "user", "content": "A much longer question about the sum of seventeen and twenty-five?"}],
-        "plain text prompt",
     ]
-    batched = generate(model, tok, prompts[:2], max_new_tokens=8, batch_size=2)
-    single = [generate(model, tok, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts[:2]]
+    tok.padding_side = "right"  # generation must pad on the left, whatever the tokenizer says
+    batched = generate(model, tok, prompts, max_new_tokens=8, batch_size=2)
+    single = [generate(model, tok, [p], max_new_tokens=8, batch_size=1)[0] for p in prompts]
     assert batched == single
-    assert tok.padding_side == "right" or tok.padding_side == "left"  # restored, whatever it was
+    assert tok.padding_side == "right"  # and the caller's setting is restored afterwards
 
 
 def test_exact_match_counts_correct_answers(tiny_model_dir, monkeypatch):
