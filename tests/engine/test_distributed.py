@@ -32,6 +32,8 @@ from .conftest import arithmetic_rows, metric_rows, write_jsonl
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
 
+pytestmark = pytest.mark.distributed
+
 STEPS = 3
 WORLD = 2
 RUNS = {
