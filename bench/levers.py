@@ -101,7 +101,8 @@ def head_group(reps: int, config: str = "1", chunks=(16, 41, 166, 667)) -> None:
 def shared_group(reps: int, prompt_len: int = 64) -> None:
     from dataclasses import replace
 
-    from preftune.scoring import collate_sequences, collate_shared_prompt_pairs, score_batch
+    from preftune.data.collate import collate_sequences, collate_shared_prompt_pairs
+    from preftune.scoring import score_batch
 
     w = CONFIGS["2a"]
     w = replace(w, prompt_len=prompt_len, completion_len=w.seq - prompt_len)
@@ -130,7 +131,8 @@ def shared_group(reps: int, prompt_len: int = 64) -> None:
 
 def floor_group(reps: int) -> None:
     """How much of a SmolLM2 preference forward+backward is the backbone, which no framework avoids."""
-    from preftune.scoring import backbone_and_head, collate_sequences, score_batch
+    from preftune.data.collate import collate_sequences
+    from preftune.scoring import backbone_and_head, score_batch
 
     w = CONFIGS["2a"]
     rows = synthetic_pairs(w, 49152)[: w.batch]

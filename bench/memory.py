@@ -67,8 +67,8 @@ class SavedTensorCensus:
 
 
 def census(config: str, gradient_checkpointing: bool, passes: int, small: bool) -> dict:
-    from preftune.scoring import collate_sequences
-    from preftune.trainer import PolicyScorer
+    from preftune.data.collate import collate_sequences
+    from preftune.step import PolicyScorer
 
     w = replace(CONFIGS[config], gradient_checkpointing=gradient_checkpointing)
     if small:

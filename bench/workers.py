@@ -169,7 +169,7 @@ def _references(w: Workload, model, rows, k: int, device, autocast_dtype):
 def trainable_policy(w: Workload):
     """The policy as preftune's trainer prepares it: LoRA adapters and activation checkpointing as the
     workload asks, in training mode."""
-    from preftune.trainer import enable_activation_checkpointing
+    from preftune.models.loading import enable_activation_checkpointing
 
     model = build_model(w)
     if w.lora:
@@ -182,17 +182,27 @@ def trainable_policy(w: Workload):
     return model
 
 
+def _loss_computer(method: str, beta: float, k: int):
+    """The trainer's LossComputer for ``method`` with ``k`` references, from a config as the trainer's."""
+    from preftune import losses as L
+    from preftune.config import TrainConfig
+    from preftune.step import LossComputer
+
+    cfg = TrainConfig(method=method, beta=beta)
+    return LossComputer(cfg, L.parse_method(method), k, unpaired=False)
+
+
 def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> dict:
-    """What preftune's Trainer does per optimiser step (Trainer._micro_batch + fit), step by step.
+    """preftune's training step as the trainer runs it: the same functions of ``preftune.step``
+    (collation, scoring, loss, clip + AdamW update), fed from synthetic pairs instead of a dataset.
 
     ``share_prompt`` collates each pair as one ``prompt | chosen | rejected`` row instead of two;
     None decides per batch as the trainer's automatic mode does (``sharing_pays``). ``method="alternate"`` alternates DPO
     (reference 0) and MRPO (all references) steps in one process, so that the small difference
     between them is not drowned by a busy machine; it returns both under "split".
     """
-    from preftune import losses as L
-    from preftune.scoring import collate_sequences, collate_shared_prompt_pairs, sharing_pays
-    from preftune.trainer import PolicyScorer
+    from preftune.references import PAIRED_SIDES
+    from preftune.step import PolicyScorer, apply_update, make_optimizer, micro_batch_loss, shares_prompt
 
     device = torch.device(w.device)
     t0 = time.perf_counter()
@@ -202,9 +212,10 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
     autocast_dtype = torch.bfloat16 if w.precision == "bf16" else None
     k = w.references if method in ("mrpo", "alternate") else 1
     ref_c, ref_r = _references(w, model, rows, k, device, autocast_dtype)
+    loss_fns = {"dpo": _loss_computer("dpo", w.beta, 1), "mrpo": _loss_computer("mrpo", w.beta, k)}
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=w.learning_rate, weight_decay=0.0, fused=True)
-    scorer = PolicyScorer(model)
+    opt = make_optimizer(params, lr=w.learning_rate, weight_decay=0.0, device=device)
+    scorer = PolicyScorer(model, autocast_dtype=autocast_dtype)
     setup_s = time.perf_counter() - t0
 
     meter = MemoryMeter(device)
@@ -215,44 +226,34 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
     for step, step_method in enumerate(schedule):
         t = time.perf_counter()
         part = rows[step * b : (step + 1) * b]
-        share = share_prompt
-        if share is None:
-            share = sharing_pays([r[0] for r in part], [r[1] for r in part], [r[2] for r in part])
+        prompts = [r[0] for r in part] * 2
+        completions = [r[1] for r in part] + [r[2] for r in part]
+        share = shares_prompt(share_prompt, prompts, completions)
         shared_steps += bool(share)
-        if share:
-            batch = collate_shared_prompt_pairs(
-                [r[0] for r in part], [r[1] for r in part], [r[2] for r in part], 0, device
-            )
-        else:
-            batch = collate_sequences(
-                [r[0] for r in part] * 2, [r[1] for r in part] + [r[2] for r in part], 0, device
-            )
-        with torch.autocast(
-            device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None
-        ):
-            logps, n_tok = scorer(**batch)
         sl = slice(step * b, (step + 1) * b)
         refs = slice(None) if step_method == "mrpo" else slice(0, 1)
-        out = L.preference_loss(
-            logps[:b],
-            logps[b:],
-            ref_c[refs, sl],
-            ref_r[refs, sl],
-            beta=w.beta,
-            reference="mrpo" if step_method == "mrpo" and k > 1 else "single",
+        out, _, policy, _ = micro_batch_loss(
+            scorer,
+            loss_fns[step_method],
+            prompts,
+            completions,
+            {"chosen": ref_c[refs, sl].to(device), "rejected": ref_r[refs, sl].to(device)},
+            sides=PAIRED_SIDES,
+            pad_token_id=0,
+            device=device,
+            share=share,
+            grad=True,
         )
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        apply_update(opt, None, params, 1.0)
         losses.append(out.loss.item())
         _sync(device)
         times.append(time.perf_counter() - t)
         if step == 0:
             checks = {
                 "loss_step0": losses[0],
-                "logps_chosen_step0": logps[:b].mean().item(),
-                "logps_rejected_step0": logps[b:].mean().item(),
+                "logps_chosen_step0": policy["chosen"].mean().item(),
+                "logps_rejected_step0": policy["rejected"].mean().item(),
             }
     mem = meter.stop()
     checks["loss_last"] = losses[-1]
@@ -286,7 +287,9 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
 
 
 def run_sft(w: Workload, path: str) -> dict:
-    from preftune.scoring import collate_sequences, score_batch
+    from preftune.data.collate import collate_sequences
+    from preftune.scoring import score_batch
+    from preftune.step import apply_update, make_optimizer
 
     device = torch.device(w.device)
     t0 = time.perf_counter()
@@ -294,7 +297,7 @@ def run_sft(w: Workload, path: str) -> dict:
     model = trainable_policy(w)
     autocast_dtype = torch.bfloat16 if w.precision == "bf16" else None
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=w.learning_rate, weight_decay=0.0, fused=True)
+    opt = make_optimizer(params, lr=w.learning_rate, weight_decay=0.0, device=device)
     setup_s = time.perf_counter() - t0
     meter = MemoryMeter(device)
     meter.start()
@@ -318,9 +321,7 @@ def run_sft(w: Workload, path: str) -> dict:
                 s = score_batch(model, **batch)
                 loss = -s.logps.sum() / s.n_tokens.sum()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        apply_update(opt, None, params, 1.0)
         loss.item()
         _sync(device)
         times.append(time.perf_counter() - t)

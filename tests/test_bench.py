@@ -17,6 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.bench
+
 
 def _run_bench_script(script: str, out: Path, *args: str) -> tuple[str, dict]:
     """Runs bench/<script> with --json out; its stdout and the JSON it wrote."""

@@ -157,6 +157,26 @@ def test_single_run_figures_and_no_evaluation(tmp_path):
     assert "Before vs after" not in text and not (run.path / "before_after.png").exists()
 
 
+def test_report_shows_what_preftune_eval_wrote(tmp_path, caplog):
+    from preftune.rundir import RunDir
+
+    run_dir = make_run(tmp_path, "run", evaluation=False)
+    assert "Held-out evaluation" not in write_report(run_dir, plots=False).read_text()
+    # the file `preftune eval` writes (its name comes from the one run-directory schema)
+    RunDir(run_dir).eval_metrics.write_text(json.dumps({"eval_loss": 0.3456, "eval_exact_match": 0.75}))
+    text = write_report(run_dir, plots=False).read_text()
+    section = text.split("## Held-out evaluation", 1)[1]
+    assert "| `eval_loss` | 0.3456 |" in section and "| `eval_exact_match` | 0.75 |" in section
+    other = make_run(tmp_path, "other", evaluation=False)
+    runs = report._load_runs([run_dir, other], None)
+    comparison = report.write_comparison(runs, tmp_path / "compare").read_text()
+    assert "Held-out evaluation" in comparison and "0.3456" in comparison
+
+    RunDir(run_dir).eval_metrics.write_text("{not json")
+    assert "Held-out evaluation" not in write_report(run_dir, plots=False).read_text()
+    assert "eval.json is not valid JSON" in caplog.text
+
+
 def test_comparison_of_two_runs(tmp_path):
     run_a = make_run(tmp_path, "a", method="dpo", beta=0.1, exact_match=None)
     run_b = make_run(tmp_path, "b", method="mrpo", beta=0.05, speed=1.5)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preftune {command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # the trainer's own errors carry their explanation
-        from .trainer import TrainingError
+        from .checkpointing import TrainingError
 
         if isinstance(e, TrainingError):
             print(f"preftune {command}: error: {e}", file=sys.stderr)

@@ -81,33 +81,36 @@ def write_subsets(data_dir: Path, size: DemoSize) -> list[dict]:
 def likelihood_accuracy_before(trainer) -> float:
     """The initial policy's own preference on held-out pairs: it *is* the primary reference, whose
     log-probs are already cached, so this costs nothing."""
-    scores = trainer.references.scores["eval"]
-    return float((scores["chosen_logps"][0] > scores["rejected_logps"][0]).float().mean())
+    refs = trainer.reference_logps("eval")
+    return float((refs["chosen"][0] > refs["rejected"][0]).float().mean())
 
 
 def run_demo(
     method: str = "mrpo", *, quick: bool = False, output_dir: str | None = None, seed: int = 0
 ) -> Path:
     from .config import load_config
-    from .evaluation import exact_match
+    from .generation import exact_match
+    from .metrics import log
     from .models import load_causal_lm, resolve_model
     from .report import write_report
-    from .trainer import Trainer, _log
+    from .rundir import RunDir
+    from .trainer import Trainer
 
     if method not in DEMO_METHODS:
         raise ValueError(f"demo method must be one of {', '.join(DEMO_METHODS)}")
     size = QUICK if quick else FULL
     out = Path(output_dir or f"runs/demo-{method}{'-quick' if quick else ''}")
+    run = RunDir(out)
     started = time.perf_counter()
-    _log(f"demo: {method} on {POLICY} (LoRA), {size.train_pairs} training pairs, {size.eval_pairs} held-out")
+    log(f"demo: {method} on {POLICY} (LoRA), {size.train_pairs} training pairs, {size.eval_pairs} held-out")
     resolve_model(POLICY)  # converts the GGUF once, with progress, before anything else
     if method in ("mrpo", "mdpo"):
         resolve_model(SECOND_REFERENCE)
-    test_items = write_subsets(out / "data", size)
-    cfg = load_config(demo_config(method, size, out, out / "data", seed))
+    test_items = write_subsets(run.data, size)
+    cfg = load_config(demo_config(method, size, out, run.data, seed))
     trainer = Trainer(cfg)  # loads data and precomputes the references (cached for the next run)
 
-    _log("measuring the initial policy on the held-out problems")
+    log("measuring the initial policy on the held-out problems")
     before_match, before_details = exact_match(
         trainer.model,
         trainer.tokenizer,
@@ -124,7 +127,7 @@ def run_demo(
     }
     result = trainer.fit()
 
-    _log("measuring the trained policy (reloaded from final/ with transformers)")
+    log("measuring the trained policy (reloaded from final/ with transformers)")
     model, tokenizer = load_causal_lm(str(result.final_model_dir))
     after_match, after_details = exact_match(
         model, tokenizer, test_items, max_new_tokens=size.max_new_tokens, progress=cfg.progress
@@ -146,11 +149,9 @@ def run_demo(
         "quick": quick,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    (out / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
+    run.before_after.write_text(json.dumps(evaluation, indent=1))
     samples = [{"before": b, "after": a} for b, a in zip(before_details[:5], after_details[:5])]
-    (out / "generations.json").write_text(
-        json.dumps({"before": before_details, "after": after_details}, indent=1)
-    )
+    run.generations.write_text(json.dumps({"before": before_details, "after": after_details}, indent=1))
     report = write_report(out, extra_sections={"What this demo measured": _explain(method, size, samples)})
     print(_table(before, after))
     print(f"\nreport: {report}\nrun directory: {out}  ({evaluation['seconds']:.0f} s)")

@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import TensorCache, hash_token_lists, make_key, model_fingerprint
-from .scoring import collate_sequences, score_batch, score_dataset
+from .data.collate import collate_sequences
+from .scoring import score_batch, score_dataset
 
 PAIRED_SIDES = ("chosen", "rejected")
 UNPAIRED_SIDES = ("completion",)

@@ -7,6 +7,9 @@ Reads what the trainer leaves in a run directory:
   winning; unreadable lines (a crash mid-write leaves a partial last line) are skipped.
 - ``config.yaml``: the resolved config, used for the run's label and summary.
 - ``evaluation.json`` (optional): ``{"before": {...}, "after": {...}}`` from the demo.
+- ``eval.json`` (optional): held-out metrics written by ``preftune eval``.
+
+(File names: :mod:`preftune.rundir`.)
 
 and writes ``loss.png``, ``margins.png``, ``accuracy.png``, ``before_after.png`` and ``report.md``.
 Figures are built on :class:`matplotlib.figure.Figure` directly (no pyplot, no global backend state),
@@ -26,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import rundir
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -42,10 +47,12 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
-EVALUATION_FILE = "evaluation.json"
-REPORT_FILE = "report.md"
+METRICS_FILE = rundir.METRICS
+CONFIG_FILE = rundir.CONFIG
+EVALUATION_FILE = rundir.BEFORE_AFTER
+EVAL_METRICS_FILE = rundir.EVAL_METRICS
+REPORT_FILE = rundir.REPORT
+LOSS_PLOT, MARGINS_PLOT, ACCURACY_PLOT, BEFORE_AFTER_PLOT = rundir.PLOTS
 EVAL_PREFIX = "eval_"
 
 FIGSIZE = (8.0, 5.0)
@@ -85,7 +92,8 @@ class Run:
     """One training run as read from its directory.
 
     ``train`` and ``eval`` are metric rows sorted by step, one per step; eval rows keep TRL's
-    ``eval_`` prefix. ``evaluation`` is the parsed ``evaluation.json`` or ``None``.
+    ``eval_`` prefix. ``evaluation`` is the parsed ``evaluation.json`` or ``None``; ``held_out``
+    the metrics ``preftune eval`` wrote to ``eval.json``, or ``None``.
     """
 
     path: Path
@@ -94,6 +102,7 @@ class Run:
     eval: list[dict[str, Any]] = field(default_factory=list)
     evaluation: dict[str, Any] | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    held_out: dict[str, float] | None = None
 
     @property
     def last_step(self) -> int | None:
@@ -173,6 +182,20 @@ def _read_evaluation(path: Path) -> dict[str, Any] | None:
     return evaluation
 
 
+def _read_held_out(path: Path) -> dict[str, float] | None:
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        logger.warning("%s is not valid JSON (%s); ignoring it", path, error)
+        return None
+    if not isinstance(metrics, dict):
+        logger.warning("%s is not a JSON object of metrics; ignoring it", path)
+        return None
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def _config_value(config: dict[str, Any], key: str, nested_names: Sequence[str] = ()) -> Any:
     """``config[key]``, or the same key one level down (e.g. ``loss.beta``); dicts give their name."""
     value = config.get(key)
@@ -233,6 +256,7 @@ def load_run(run_dir: str | Path, *, label: str | None = None) -> Run:
         eval=evals,
         evaluation=_read_evaluation(path / EVALUATION_FILE),
         config=config,
+        held_out=_read_held_out(path / EVAL_METRICS_FILE),
     )
 
 
@@ -453,14 +477,14 @@ def make_figures(runs: Sequence[Run]) -> dict[str, Figure]:
     has an ``evaluation.json``.
     """
     builders = {
-        "loss.png": lambda: _curve_figure(runs, "loss", "Loss", "loss"),
-        "margins.png": lambda: _curve_figure(
+        LOSS_PLOT: lambda: _curve_figure(runs, "loss", "Loss", "loss"),
+        MARGINS_PLOT: lambda: _curve_figure(
             runs, "rewards/margins", "Reward margin (chosen − rejected)", "rewards/margins"
         ),
-        "accuracy.png": lambda: _curve_figure(
+        ACCURACY_PLOT: lambda: _curve_figure(
             runs, "rewards/accuracies", "Preference accuracy (margin > 0)", "rewards/accuracies"
         ),
-        "before_after.png": lambda: _before_after_figure(runs),
+        BEFORE_AFTER_PLOT: lambda: _before_after_figure(runs),
     }
     figures = {}
     for name, build in builders.items():
@@ -596,11 +620,19 @@ def _before_after_section(run: Run) -> str | None:
     return "## Before vs after training\n\n" + _table(["metric", "before", "after", "change"], rows)
 
 
+def _held_out_section(run: Run) -> str | None:
+    if not run.held_out:
+        return None
+    rows = [(f"`{k}`", _format_value(v)) for k, v in run.held_out.items()]
+    note = f"Written by `preftune eval` ({EVAL_METRICS_FILE})."
+    return f"## Held-out evaluation\n\n{note}\n\n" + _table(["metric", "value"], rows)
+
+
 _PLOT_TITLES = {
-    "loss.png": "Loss",
-    "margins.png": "Reward margin",
-    "accuracy.png": "Preference accuracy",
-    "before_after.png": "Before vs after",
+    LOSS_PLOT: "Loss",
+    MARGINS_PLOT: "Reward margin",
+    ACCURACY_PLOT: "Preference accuracy",
+    BEFORE_AFTER_PLOT: "Before vs after",
 }
 
 
@@ -627,6 +659,7 @@ def _write_report(
         _summary_section(run),
         _final_metrics_section(run),
         _before_after_section(run),
+        _held_out_section(run),
         _plots_section([path.name for path in plot_paths]),
     ]
     for title, body in (extra_sections or {}).items():
@@ -681,6 +714,16 @@ def write_comparison(runs: Sequence[Run], out_dir: str | Path, plot_names: Seque
             eval_rows.append(cells)
         header = ["run", "pref. acc. before", "pref. acc. after", "exact match before", "exact match after"]
         sections.append("## Before vs after training\n\n" + _table(header, eval_rows))
+    held_out = [run for run in runs if run.held_out]
+    if held_out:
+        keys = list(dict.fromkeys(k for run in held_out for k in run.held_out))
+        rows = [
+            [run.label.replace("|", "\\|")] + [_format_value(run.held_out.get(k)) for k in keys]
+            for run in held_out
+        ]
+        sections.append(
+            "## Held-out evaluation (`preftune eval`)\n\n" + _table(["run", *(f"`{k}`" for k in keys)], rows)
+        )
     sections.append(_plots_section(plot_names))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

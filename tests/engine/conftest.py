@@ -1,5 +1,6 @@
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -72,10 +73,14 @@ def base_config(tiny_model_dir, pair_files, tmp_path):
     return make
 
 
+def metric_rows(metrics, having: str | None = None) -> list[dict]:
+    """The rows of a metrics.jsonl (or of a run directory's), optionally only those with key ``having``."""
+    path = Path(metrics)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    rows = [json.loads(line) for line in open(path)]
+    return [r for r in rows if having is None or having in r]
+
+
 def losses_by_step(metrics_path) -> dict[int, float]:
-    out = {}
-    for line in open(metrics_path):
-        row = json.loads(line)
-        if "loss" in row:
-            out[row["step"]] = row["loss"]
-    return out
+    return {row["step"]: row["loss"] for row in metric_rows(metrics_path, "loss")}

@@ -7,10 +7,9 @@ import errno
 import json
 
 import pytest
-import torch
 import yaml
 
-from preftune import cli
+from preftune import cli, statefile
 from preftune.trainer import TrainingError, train
 
 from .conftest import arithmetic_rows, losses_by_step, write_jsonl
@@ -181,14 +180,14 @@ def test_disk_full_at_the_second_checkpoint_keeps_the_first_and_resume_finishes(
 ):
     out = tmp_path / "run"
     cfg = base_config(max_steps=6, save_steps=2, output_dir=str(out))
-    real_save = torch.save
+    real_save = statefile.save_state
 
-    def save(obj, f, *args, **kwargs):
-        if "checkpoint-4" in str(f):
-            raise OSError(errno.ENOSPC, "No space left on device", str(f))
-        return real_save(obj, f, *args, **kwargs)
+    def save(obj, directory, name):
+        if "checkpoint-4" in str(directory):
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return real_save(obj, directory, name)
 
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(statefile, "save_state", save)
     code, _, err = run_cli(capsys, tmp_path, cfg)
     assert code == 1
     assert f"could not write {out / 'checkpoint-4'}: No space left on device" in err
@@ -198,12 +197,12 @@ def test_disk_full_at_the_second_checkpoint_keeps_the_first_and_resume_finishes(
     before_crash = losses_by_step(out / "metrics.jsonl")
     assert sorted(before_crash) == [1, 2, 3, 4]
     first = snapshot(out / "checkpoint-2")
-    assert {"trainer_state.json", "optimizer.pt", "scheduler.pt", "rng.pt"} <= set(first)
+    assert {"trainer_state.json", "optimizer.json", "scheduler.safetensors", "rng.json"} <= set(first)
 
     # a fresh start is refused (it would mix two runs), resume finishes from step 2
     with pytest.raises(TrainingError, match="resume=true"):
         train(cfg)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(statefile, "save_state", real_save)
     result = train({**cfg, "resume": True})
     assert result.steps == 6 and (out / "final" / "config.json").is_file()
     logged = [json.loads(line)["step"] for line in open(result.metrics_path) if '"loss"' in line]

@@ -6,6 +6,10 @@ import pytest
 import yaml
 
 from preftune.cli import main
+from preftune.config import load_config
+from preftune.trainer import Trainer
+
+from .conftest import metric_rows
 
 
 @pytest.fixture
@@ -29,11 +33,14 @@ def test_precompute_train_eval_report(config_file, tmp_path, capsys):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["beta"] == 0.2 and saved["method"] == "mallows_theta"
     state = json.loads((run / "run_state.json").read_text())
-    assert state["phi_star"] > 0
+    # phi* is calibrated so that the mean dispersion c(x) over the training set is 1
+    check = Trainer(load_config(run / "config.yaml", [f"output_dir={tmp_path / 'check'}"]))
+    assert check.phi_star == state["phi_star"]
+    assert float(check.inputs.dispersion_c["train"].mean()) == pytest.approx(1.0, abs=1e-4)
 
     assert main(["eval", str(cfg)]) == 0  # a config names its run directory
     metrics = json.loads((run / "eval.json").read_text())
-    last_eval = [json.loads(x) for x in open(run / "metrics.jsonl") if "eval_loss" in x][-1]
+    last_eval = metric_rows(run, "eval_loss")[-1]
     # eval re-scores the final model against the cached initial policy: same numbers as training's eval
     assert metrics["eval_primary/rewards/accuracies"] == pytest.approx(
         last_eval["eval_primary/rewards/accuracies"]
@@ -41,9 +48,11 @@ def test_precompute_train_eval_report(config_file, tmp_path, capsys):
     assert metrics["eval_loss"] == pytest.approx(last_eval["eval_loss"], abs=1e-4)
 
     assert main(["report", str(run)]) == 0
-    assert (run / "report.md").is_file() and (run / "loss.png").is_file()
-    out = capsys.readouterr().out
-    assert "eval_primary/rewards/accuracies" in out
+    assert (run / "loss.png").is_file()
+    report = (run / "report.md").read_text()
+    # report shows what eval wrote (eval.json), not only what training logged
+    held_out = report.split("## Held-out evaluation", 1)[1]
+    assert "`eval_primary/rewards/accuracies`" in held_out and "`eval_loss`" in held_out
 
 
 def test_unknown_command_and_help(capsys):

@@ -7,7 +7,7 @@ distributed environment up by itself (DDP over gloo). Each process runs three tr
 one process group (DPO, RPO with the global contrast scope, RPO with the local scope) into shared
 output directories, where only the main process writes metrics.jsonl.
 
-What must hold at the same global batch (SPEC §4.3): DPO and global-scope RPO give the same loss,
+What must hold at the same global batch (docs/methods.md#rpo, contrast scope): DPO and global-scope RPO give the same loss,
 gradient norm and logged rewards as one process; local-scope RPO (the authors' behaviour) does not.
 Gradient clipping is effectively off (max_grad_norm huge) so the logged norm is the raw gradient's:
 Adam is nearly invariant to a constant factor on the gradient, so equal losses alone would not catch
@@ -27,10 +27,12 @@ import torch
 
 from preftune.trainer import train
 
-from .conftest import arithmetic_rows, write_jsonl
+from .conftest import arithmetic_rows, metric_rows, write_jsonl
 
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
+
+pytestmark = pytest.mark.distributed
 
 STEPS = 3
 WORLD = 2
@@ -95,10 +97,6 @@ def launch(configs: list[dict], workdir) -> None:
         raise AssertionError(f"distributed training failed:\n{tails}")
 
 
-def read_rows(output_dir) -> list[dict]:
-    return [json.loads(line) for line in open(output_dir / "metrics.jsonl") if '"loss"' in line]
-
-
 @pytest.fixture(scope="module")
 def runs(tiny_model_dir, tmp_path_factory):
     """metrics.jsonl rows of every run: ``one/<name>`` (1 process, batch 4), ``two/<name>`` (2 x 2)."""
@@ -125,10 +123,10 @@ def runs(tiny_model_dir, tmp_path_factory):
 
     out = {}
     for name in ("dpo", "rpo_global"):  # on one process the two scopes are the same (test_training)
-        out[f"one/{name}"] = read_rows(train(config(f"one-{name}", 4, **RUNS[name])).output_dir)
+        out[f"one/{name}"] = metric_rows(train(config(f"one-{name}", 4, **RUNS[name])).output_dir, "loss")
     launch([config(f"two-{name}", 2, **kw) for name, kw in RUNS.items()], root)
     for name in RUNS:
-        out[f"two/{name}"] = read_rows(root / f"two-{name}")
+        out[f"two/{name}"] = metric_rows(root / f"two-{name}", "loss")
     return out
 
 

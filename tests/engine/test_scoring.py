@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from preftune.scoring import collate_sequences, score_batch, score_dataset, token_logps
+from preftune.data.collate import collate_sequences
+from preftune.scoring import score_batch, score_dataset, token_logps
 from preftune.testing import tiny_llama
 
 
@@ -222,7 +223,7 @@ def random_pairs(vocab, seed=0, n=4):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_prompt_pairs_equal_separate_rows(attn):
-    from preftune.scoring import collate_pairs, collate_shared_prompt_pairs
+    from preftune.data.collate import collate_pairs, collate_shared_prompt_pairs
 
     pairs = random_pairs(300, seed=6, n=5)
     prompts, chosen, rejected = (list(x) for x in zip(*pairs))
@@ -251,7 +252,7 @@ def test_shared_prompt_pairs_equal_separate_rows(attn):
 
 
 def test_shared_prompt_pairs_entropy_equals_separate_rows():
-    from preftune.scoring import collate_sequences, collate_shared_prompt_pairs
+    from preftune.data.collate import collate_sequences, collate_shared_prompt_pairs
 
     pairs = random_pairs(300, seed=8, n=3)
     prompts, chosen, rejected = (list(x) for x in zip(*pairs))

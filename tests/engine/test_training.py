@@ -8,7 +8,7 @@ import torch
 
 from preftune.trainer import train
 
-from .conftest import losses_by_step
+from .conftest import losses_by_step, metric_rows
 
 METHODS = [
     "dpo",
@@ -23,15 +23,22 @@ METHODS = [
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_every_single_reference_method_trains_and_saves_a_loadable_model(method, base_config):
-    from transformers import AutoModelForCausalLM
+def test_every_single_reference_method_trains_and_saves_a_loadable_model(method, base_config, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     result = train(base_config(method=method))
     losses = losses_by_step(result.metrics_path)
     assert sorted(losses) == [1, 2] and all(math.isfinite(v) for v in losses.values())
+    # final/ is a plain transformers checkpoint: trained weights (not the initial ones) + the tokenizer
     model = AutoModelForCausalLM.from_pretrained(result.final_model_dir)
-    assert model.config.vocab_size > 0
-    metrics = [json.loads(x) for x in open(result.metrics_path)]
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert model.state_dict().keys() == initial.state_dict().keys()
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), initial.parameters()))
+    text = "What is 2 plus 2?"
+    assert AutoTokenizer.from_pretrained(result.final_model_dir)(text).input_ids == (
+        AutoTokenizer.from_pretrained(tiny_model_dir)(text).input_ids
+    )
+    metrics = metric_rows(result.metrics_path)
     assert any("eval_rewards/accuracies" in m for m in metrics)
 
 
@@ -42,8 +49,7 @@ def test_multi_reference_methods_with_a_reference_of_another_tokenizer(
     # The second reference has a smaller vocabulary: feeding it the policy's token ids would fail.
     cfg = base_config(method=method, references=["policy", str(other_tokenizer_model_dir)])
     result = train(cfg)
-    rows = [json.loads(x) for x in open(result.metrics_path)]
-    train_rows = [r for r in rows if "loss" in r]
+    train_rows = metric_rows(result.metrics_path, "loss")
     assert all(math.isfinite(r["loss"]) for r in train_rows)
     assert "mrpo/alpha_1" in train_rows[0] or method == "mdpo"
 
@@ -56,7 +62,7 @@ def test_unpaired_rpo_trains(base_config, unpaired_file):
 
 def test_dpo_margins_grow_while_training(base_config):
     result = train(base_config(batch_size=8, max_steps=24, logging_steps=4, learning_rate=3e-3))
-    rows = [json.loads(x) for x in open(result.metrics_path) if '"loss"' in x]
+    rows = metric_rows(result.metrics_path, "loss")
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
     assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"] + 0.1
     assert rows[-1]["rewards/accuracies"] > 0.6
@@ -201,24 +207,67 @@ def test_reference_cache_is_reused_and_invalidated(base_config, tiny_model_dir, 
     assert len(entries()) == 7
 
 
-def test_reference_free_mode_needs_no_reference(base_config):
+def test_reference_free_mode_needs_no_reference(base_config, tmp_path, monkeypatch):
+    from preftune import trainer as trainer_mod
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("a reference-free run scored a reference")
+
+    monkeypatch.setattr(trainer_mod, "precompute_references", no_reference)
+    monkeypatch.setattr(trainer_mod, "OnlineReferences", no_reference)
     result = train(base_config(reference_free=True, gamma=0.5))
     assert all(math.isfinite(v) for v in losses_by_step(result.metrics_path).values())
+    assert not (tmp_path / "cache" / "references").exists()  # nothing scored, nothing cached
+    rows = metric_rows(result.metrics_path)
+    # without a reference there are no primary-reference rewards to report
+    assert any("eval_loss" in r for r in rows) and not any("eval_primary/rewards/margins" in r for r in rows)
 
 
-def test_global_and_local_contrast_scope_agree_on_one_process(base_config, tmp_path):
-    a = train(base_config(method="rpo", output_dir=str(tmp_path / "g")))
-    b = train(base_config(method="rpo", rpo={"contrast_scope": "local"}, output_dir=str(tmp_path / "l")))
-    assert losses_by_step(a.metrics_path) == pytest.approx(losses_by_step(b.metrics_path), abs=1e-7)
+def test_contrast_scope_decides_whether_a_micro_batch_is_gathered(base_config, monkeypatch):
+    """Global scope gathers RPO's per-example tensors over processes, local scope never does; the
+    numbers this changes are checked on two real processes in test_distributed.py."""
+    from preftune import losses as L
+    from preftune import trainer as trainer_mod
+    from preftune.config import load_config
+
+    trainer = trainer_mod.Trainer(load_config(base_config(method="rpo")))
+    seen = []
+    monkeypatch.setattr(trainer_mod, "micro_batch_loss", lambda *a, gather=None, **k: seen.append(gather))
+
+    class TwoProcesses:  # the trainer's accelerator, claiming a second process
+        num_processes = 2
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    real = trainer.accelerator
+    trainer.accelerator = TwoProcesses()
+    cases = [
+        ("rpo", "global", True),
+        ("rpo", "local", True),
+        ("dpo", "global", True),
+        ("rpo", "global", False),
+    ]
+    for method, scope, grad in cases:
+        trainer.spec = L.parse_method(method)
+        trainer.cfg.rpo.contrast_scope = scope
+        trainer._micro_batch(None, "train", [0, 1], grad=grad)
+    assert [g is not None for g in seen] == [True, False, False, False]
+    assert seen[0] is trainer.accelerator
 
 
-def test_final_model_matches_the_trained_weights(base_config):
+def test_final_model_matches_the_trained_weights(base_config, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from preftune.testing import tiny_llama
+    from preftune.config import load_config
+    from preftune.trainer import Trainer
 
-    result = train(base_config(max_steps=2))
-    loaded = AutoModelForCausalLM.from_pretrained(result.final_model_dir)
-    initial = tiny_llama(loaded.config.vocab_size, seed=0)
-    moved = [not torch.equal(p, q) for p, q in zip(loaded.parameters(), initial.parameters())]
-    assert any(moved)
+    trainer = Trainer(load_config(base_config(max_steps=2)))
+    result = trainer.fit()
+    trained = trainer.model.state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(result.final_model_dir).state_dict()
+    assert loaded.keys() == trained.keys()
+    for name, value in trained.items():
+        assert torch.equal(loaded[name], value), name
+    initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in trained.items())  # training moved them

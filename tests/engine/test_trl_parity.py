@@ -10,15 +10,13 @@ checks that its token ids equal ours. Tolerances and measured differences: docs/
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from preftune.data import load_examples, tokenize_dataset
 from preftune.trainer import train
 
-from .conftest import arithmetic_rows, write_jsonl
+from .conftest import arithmetic_rows, metric_rows, write_jsonl
 
 pytest.importorskip("trl", reason="TRL is a dev dependency, needed only for parity tests")
 
@@ -135,7 +133,7 @@ def compare(model_dir, rows, tmp_path, *, ours: dict, theirs: dict, metrics=("re
     trainer = trl_trainer(model_dir, rows, tmp_path / "trl", **theirs)
     trainer.train()
 
-    mine = [json.loads(line) for line in open(result.metrics_path)]
+    mine = metric_rows(result.metrics_path)
     trl_rows = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
     assert [r["step"] for r in mine] == [h["step"] for h in trl_rows] == list(range(1, STEPS + 1))
     for a, b in zip(mine, trl_rows):

@@ -1,4 +1,5 @@
-"""Load a causal LM and its tokenizer from a preset name or a local checkpoint directory."""
+"""Load a causal LM and its tokenizer from a preset name or a local checkpoint directory, and the
+policy as a training config asks for it (dtype, activation checkpointing, LoRA)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from preftune.config import ConfigError, TrainConfig
 from preftune.models.presets import resolve_model
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -79,3 +82,79 @@ def load_causal_lm(
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# The policy and references as a training config names them
+
+
+def config_dtype(name: str | None) -> torch.dtype | None:
+    """A config's dtype string as a torch dtype (None stays None); errors are ConfigErrors."""
+    if name is None:
+        return None
+    value = getattr(torch, str(name).replace("torch.", ""), None)
+    if not isinstance(value, torch.dtype):
+        raise ConfigError(f"unknown dtype {name!r} (use float32, bfloat16 or float16)")
+    return value
+
+
+def mixed_precision(cfg: TrainConfig) -> str:
+    """accelerate's mixed_precision for ``cfg.precision`` ("auto": bf16 where the GPU supports it)."""
+    if cfg.precision == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "no"
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+
+
+def resolve_causal_lm(name: str, key: str) -> Path:
+    """A model directory for a config value, checked to be a causal LM; errors name the config key."""
+    try:
+        path = Path(resolve_model(name))
+        check_causal_lm_config(path)
+    except (ValueError, ImportError) as e:  # not a causal LM / a file / a preset's package missing
+        raise ConfigError(f"{key}: {e}") from e
+    return path
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (non-reentrant checkpointing).
+
+    transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias until v6) to
+    activation_checkpointing_enable; older releases have only the first.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def load_policy(cfg: TrainConfig, device) -> tuple[nn.Module, object, Path]:
+    """(model, tokenizer, directory) of ``cfg.model``: dtype, activation checkpointing and LoRA applied."""
+    if not cfg.model:
+        raise ConfigError(
+            "`model` is required: a local HF directory or a preset name (e.g. smollm2-135m-instruct)"
+        )
+    path = resolve_causal_lm(cfg.model, "model")
+    model, tokenizer = load_causal_lm(
+        str(path), dtype=config_dtype(cfg.model_dtype) or torch.float32, device=device
+    )
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+        model.config.use_cache = False
+    if cfg.lora.enabled:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora.target_modules
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=cfg.lora.dropout,
+            target_modules=targets if targets == "all-linear" else list(targets),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model, tokenizer, Path(path)

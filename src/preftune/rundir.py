@@ -1,0 +1,114 @@
+"""Every file and folder of a run directory, named in one place.
+
+``preftune train`` writes a run directory; ``preftune eval``, ``preftune report`` and
+``preftune demo`` read and add to it. They all go through :class:`RunDir`, so a name changes here
+or nowhere::
+
+    config.yaml          the resolved config (written once the run's inputs proved usable)
+    run_state.json       what evaluation needs from training (MallowsPO's calibrated phi*, data counts)
+    metrics.jsonl        one JSON object per logged step, TRL's metric names
+    tensorboard/         TensorBoard events (report_to: [tensorboard])
+    checkpoint-N/        model/, trainer_state.json, optimizer.*, scheduler.*, rng.* (see checkpointing)
+    final/               the trained model (LoRA merged), loadable with plain transformers
+    final-adapter/       the LoRA adapter alone (LoRA runs)
+    eval.json            held-out metrics written by ``preftune eval``
+    evaluation.json      before/after training comparison written by ``preftune demo``
+    generations.json     the demo's greedy generations before and after training
+    data/                the demo's copy of the data it trained and evaluated on
+    report.md, *.png     ``preftune report``'s markdown report and plots
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIG = "config.yaml"
+RUN_STATE = "run_state.json"
+METRICS = "metrics.jsonl"
+TENSORBOARD = "tensorboard"
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_MODEL = "model"
+CHECKPOINT_STATE = "trainer_state.json"
+FINAL = "final"
+FINAL_ADAPTER = "final-adapter"
+EVAL_METRICS = "eval.json"
+BEFORE_AFTER = "evaluation.json"
+GENERATIONS = "generations.json"
+DATA = "data"
+EVAL_SCRATCH = "eval-tmp"
+REPORT = "report.md"
+PLOTS = ("loss.png", "margins.png", "accuracy.png", "before_after.png")
+
+
+class RunDir:
+    """Paths inside one run directory (nothing is created or checked here)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def run_state(self) -> Path:
+        return self.root / RUN_STATE
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD
+
+    @property
+    def final(self) -> Path:
+        return self.root / FINAL
+
+    @property
+    def final_adapter(self) -> Path:
+        return self.root / FINAL_ADAPTER
+
+    @property
+    def eval_metrics(self) -> Path:
+        return self.root / EVAL_METRICS
+
+    @property
+    def before_after(self) -> Path:
+        return self.root / BEFORE_AFTER
+
+    @property
+    def generations(self) -> Path:
+        return self.root / GENERATIONS
+
+    @property
+    def data(self) -> Path:
+        return self.root / DATA
+
+    @property
+    def eval_scratch(self) -> Path:
+        """A throwaway output_dir for ``preftune eval``'s trainer, removed when it is done."""
+        return self.root / EVAL_SCRATCH
+
+    @property
+    def report(self) -> Path:
+        return self.root / REPORT
+
+    def plot(self, name: str) -> Path:
+        return self.root / name
+
+    def checkpoint(self, step: int) -> Path:
+        return self.root / f"{CHECKPOINT_PREFIX}{step}"
+
+    def checkpoints(self) -> list[Path]:
+        """Complete step checkpoints (those with their trainer state), oldest first."""
+        found = []
+        for p in self.root.glob(f"{CHECKPOINT_PREFIX}*"):
+            suffix = p.name[len(CHECKPOINT_PREFIX) :]
+            if p.is_dir() and suffix.isdigit() and (p / CHECKPOINT_STATE).is_file():
+                found.append(p)
+        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))

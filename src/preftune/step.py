@@ -1,0 +1,261 @@
+"""One training step's pieces, shared by the trainer and the benchmark (bench/workers.py).
+
+A micro-batch goes: token ids -> a batch (one row per sequence, or one row per pair with a shared
+prompt) -> the policy's per-sequence log-probs and completion lengths, per side -> (with a global
+contrast scope, gathered over processes) -> the configured method's loss. Then the optimiser
+update. The math of each method is docs/methods.md's; :class:`LossComputer` maps a config onto
+:func:`preftune.losses.preference_loss`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import losses as L
+from .config import ConfigError, TrainConfig
+from .data.collate import collate_sequences, collate_shared_prompt_pairs
+from .metrics import log as _log
+from .scoring import score_batch, sharing_pays
+
+
+class PolicyScorer(nn.Module):
+    """Wraps the policy so that DDP sees one forward: chunked per-sequence log-probs.
+
+    ``autocast_dtype`` runs the forward under autocast, for callers without accelerate (which
+    otherwise wraps the forward itself).
+    """
+
+    def __init__(self, model: nn.Module, chunk_tokens: int = 0, autocast_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+        self.autocast_dtype = autocast_dtype
+
+    def forward(self, **batch):
+        """A batch from ``collate_sequences`` or ``collate_shared_prompt_pairs``."""
+        device_type = batch["input_ids"].device.type
+        dtype = self.autocast_dtype
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None) if dtype else nullcontext():
+            scores = score_batch(self.model, **batch, chunk_tokens=self.chunk_tokens)
+        return scores.logps, scores.n_tokens
+
+
+@dataclass
+class StepInputs:
+    """Per-example tensors for the whole dataset that the loss may need, indexed by example."""
+
+    dispersion_c: dict[str, torch.Tensor] = field(default_factory=dict)  # split -> [N]
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # split -> [N, d]
+
+
+class LossComputer:
+    """Turns per-sequence tensors of a micro-batch into the configured method's LossOutput."""
+
+    def __init__(self, cfg: TrainConfig, spec: dict, num_references: int, unpaired: bool):
+        self.cfg = cfg
+        self.spec = spec
+        self.unpaired = unpaired
+        self.length_normalize = (
+            cfg.length_normalize
+            if cfg.length_normalize is not None
+            else (spec.get("link") == "ipo" or cfg.reference_free)
+        )
+        if num_references > 1 and spec.get("reference", "single") == "single":
+            raise ConfigError(
+                f"method {cfg.method!r} uses one reference but {num_references} are configured; "
+                "use mrpo or mdpo (optionally composed, e.g. mrpo+mallows_theta)"
+            )
+        if spec.get("reference") in ("mrpo", "mdpo") and num_references < 2:
+            _log(f"{cfg.method} with a single reference is exactly DPO; add references to use it")
+        self.kwargs = dict(
+            beta=cfg.beta,
+            label_smoothing=cfg.label_smoothing,
+            reference_free=cfg.reference_free,
+            gamma=cfg.gamma,
+            sft_weight=cfg.sft_weight,
+        )
+
+    def __call__(
+        self,
+        policy: dict[str, torch.Tensor],
+        lengths: dict[str, torch.Tensor],
+        refs: dict,
+        c=None,
+        embeddings=None,
+    ) -> L.LossOutput:
+        def norm(x, side):
+            return x / lengths[side].clamp(min=1).to(x.dtype) if self.length_normalize else x
+
+        pol = {s: norm(v, s) for s, v in policy.items()}
+        ref = {s: norm(v, s) for s, v in refs.items()}
+        if self.unpaired:
+            labels = lengths["label"]
+            ci, ri = labels.nonzero().flatten(), (~labels).nonzero().flatten()
+            comp, rcomp = pol["completion"], ref["completion"][0]
+            emb = embeddings
+            return L.unpaired_preference_loss(
+                comp[ci],
+                rcomp[ci],
+                None if emb is None else emb[ci],
+                comp[ri],
+                rcomp[ri],
+                None if emb is None else emb[ri],
+                tau=self.cfg.rpo.tau,
+                pairing=self.spec.get("pairing", "rpo"),
+                link=self.spec.get("link", "sigmoid"),
+                chosen_lengths=lengths["completion"][ci],
+                **self.kwargs,
+            )
+        spec = self.spec
+        extra: dict[str, Any] = {}
+        if spec.get("scale") == "mallows_theta":
+            extra["scale"] = c
+        if spec.get("link") == "mallows_phi":
+            extra["dispersion"] = torch.exp(-c)
+        if spec.get("pairing") == "rpo":
+            extra["prompt_embeddings"] = embeddings
+        return L.preference_loss(
+            pol["chosen"],
+            pol["rejected"],
+            ref["chosen"],
+            ref["rejected"],
+            reference=spec.get("reference", "single"),
+            pairing=spec.get("pairing", "diagonal"),
+            link=spec.get("link", "sigmoid"),
+            tau=self.cfg.rpo.tau,
+            diagonal_weight=self.cfg.rpo.diagonal_weight,
+            weights=self.cfg.mrpo.weights,
+            clip_eps=self.cfg.mrpo.clip_eps,
+            clip=self.cfg.mrpo.clip,
+            chosen_lengths=lengths["chosen"],
+            **extra,
+            **self.kwargs,
+        )
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0 keeping the autograd graph (gradient flows back to the local part)."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(all_gather(x), dim=0)
+
+
+def shares_prompt(share_prompt: bool | None, prompts: list, completions: list) -> bool:
+    """Whether a paired micro-batch (chosen rows, then rejected rows) goes as shared-prompt rows.
+
+    ``share_prompt`` True/False forces it; None decides by :func:`preftune.scoring.sharing_pays`.
+    """
+    b = len(prompts) // 2
+    if not all(prompts[:b]):  # an empty prompt has nothing to share (and no position to predict from)
+        return False
+    if share_prompt is not None:
+        return share_prompt
+    return sharing_pays(prompts[:b], completions[:b], completions[b:])
+
+
+def score_sides(
+    scorer: nn.Module,
+    prompts: list,
+    completions: list,
+    sides: tuple[str, ...],
+    pad_token_id: int,
+    device,
+    *,
+    share: bool,
+    grad: bool,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The policy's log-probs and completion token counts per side, each [B].
+
+    ``prompts``/``completions`` hold the first side's B rows, then the next side's; ``share`` puts
+    each pair into one ``prompt | chosen | rejected`` row (paired data only).
+    """
+    b = len(prompts) // len(sides)
+    if share:
+        batch = collate_shared_prompt_pairs(
+            prompts[:b], completions[:b], completions[b:], pad_token_id, device
+        )
+    else:
+        batch = collate_sequences(prompts, completions, pad_token_id, device)
+    with nullcontext() if grad else torch.no_grad():
+        logps, n_tok = scorer(**batch)
+    policy = {s: logps[j * b : (j + 1) * b] for j, s in enumerate(sides)}
+    lengths = {s: n_tok[j * b : (j + 1) * b] for j, s in enumerate(sides)}
+    return policy, lengths
+
+
+def micro_batch_loss(
+    scorer: nn.Module,
+    loss_fn: LossComputer,
+    prompts: list,
+    completions: list,
+    refs: dict[str, torch.Tensor],
+    *,
+    sides: tuple[str, ...],
+    pad_token_id: int,
+    device,
+    share: bool,
+    grad: bool,
+    c: torch.Tensor | None = None,
+    embeddings: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    gather=None,
+):
+    """Score one micro-batch and compute its loss; returns (LossOutput, tokens, policy, refs).
+
+    ``refs`` maps each side to reference log-probs [K, B]; ``labels`` marks desirable items of an
+    unpaired batch. ``gather`` (an accelerate Accelerator) gathers every per-example tensor over
+    processes first, for a global contrast scope: every process then computes the same loss,
+    all_gather's backward sums their gradients into each local part (P x) and DDP's average divides
+    by P, so the gathered loss needs no rescaling.
+    """
+    policy, lengths = score_sides(
+        scorer, prompts, completions, sides, pad_token_id, device, share=share, grad=grad
+    )
+    if labels is not None:
+        lengths["label"] = labels
+    if gather is not None:
+        policy = {s: gather_with_grad(v) for s, v in policy.items()}
+        lengths = {s: gather.gather(v) for s, v in lengths.items()}
+        refs = {s: gather.gather(v.T.contiguous()).T for s, v in refs.items()}
+        c = gather.gather(c) if c is not None else None
+        embeddings = gather.gather(embeddings) if embeddings is not None else None
+    out = loss_fn(policy, lengths, refs, c=c, embeddings=embeddings)
+    tokens = sum(len(p) + len(c) for p, c in zip(prompts, completions))  # a shared prompt counts twice
+    return out, tokens, policy, refs
+
+
+def make_optimizer(
+    params, *, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0, device
+):
+    """AdamW as the trainer uses it: one fused kernel per step on CPU and CUDA (TRL's adamw_torch_fused)."""
+    return torch.optim.AdamW(
+        params,
+        lr=lr,
+        betas=tuple(betas),
+        eps=eps,
+        weight_decay=weight_decay,
+        fused=torch.device(device).type in ("cpu", "cuda") or None,
+    )
+
+
+def apply_update(optimizer, scheduler, params, max_grad_norm: float, clip=torch.nn.utils.clip_grad_norm_):
+    """Clip (when max_grad_norm > 0), step optimizer and scheduler, clear gradients.
+
+    Returns (grad norm before clipping or None, the learning rate this step used or None).
+    ``clip`` is accelerate's ``clip_grad_norm_`` in the trainer (it unscales fp16 gradients first).
+    """
+    grad_norm = clip(params, max_grad_norm) if max_grad_norm > 0 else None
+    lr = scheduler.get_last_lr()[0] if scheduler is not None else None
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
