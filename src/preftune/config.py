@@ -506,7 +506,7 @@ def describe(cls: type = TrainConfig, prefix: str = "") -> str:
             lines.append(f"{prefix}{f.name}: {f.metadata.get('help', '')}")
             lines.append(describe(tp, prefix + f.name + "."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
         allowed = [
             *f.metadata.get("choices", ()),
             *([str(f.metadata["range"])] if "range" in f.metadata else []),

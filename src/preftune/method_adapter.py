@@ -40,7 +40,7 @@ class LossAdapter:
                 f"method {cfg.method!r} uses one reference but {num_references} are configured; "
                 "use mrpo or mdpo (optionally composed, e.g. mrpo+mallows_theta)"
             )
-        kwargs = dict(
+        kwargs: dict[str, Any] = dict(
             beta=cfg.beta,
             label_smoothing=cfg.label_smoothing,
             reference_free=cfg.reference_free,

@@ -66,6 +66,8 @@ def _contrast_losses(
     )
     if losses.shape[0] == 1:
         return losses[0]
+    if ref_weights is None:
+        raise ValueError("several reference stacks need their mixing weights (ref_weights)")
     alpha = ref_weights[..., None]
     return torch.where(alpha > 0, alpha * losses, torch.zeros_like(losses)).sum(dim=0)
 
