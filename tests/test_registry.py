@@ -173,7 +173,7 @@ def test_every_component_and_every_link_to_the_docs_has_an_anchor():
     anchors = _anchors(METHODS_DOC.read_text())
     assert set(L.COMPONENTS) <= anchors
     links = set()
-    for path in (ROOT / "src" / "preftune").rglob("*.py"):
+    for path in [*(ROOT / "src" / "preftune").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]:
         links |= set(re.findall(r"docs/methods\.md#([\w\-]+)", path.read_text()))
     assert links and links <= anchors, links - anchors
 
