@@ -47,3 +47,20 @@ def test_override_without_equals_sign_is_an_error():
 def test_config_reference_doc_is_current():
     doc = (Path(__file__).parents[1] / "docs" / "config.md").read_text()
     assert describe() in doc, "docs/config.md is stale: regenerate it from preftune.config.describe()"
+
+
+def test_allowed_values_come_from_field_metadata_and_show_in_the_reference():
+    import dataclasses
+
+    from preftune.config import TrainConfig
+
+    text = describe()
+    ranged = [f for f in dataclasses.fields(TrainConfig) if "range" in f.metadata]
+    assert len(ranged) > 10
+    for f in ranged:
+        assert (
+            f"{f.name} (default {f.default!r}; {f.metadata['range']})" in text
+            or f.default is dataclasses.MISSING
+        )
+    assert "max_steps (default -1; -1 or at least 1)" in text
+    assert "label_smoothing (default 0.0; at least 0 and below 0.5)" in text

@@ -16,6 +16,11 @@ USAGE = """preftune <command> ...
 """
 
 
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (a message from a library may span several)."""
+    return " ".join(str(error).split())
+
+
 def _config_args(argv: list[str], prog: str):
     parser = argparse.ArgumentParser(prog=f"preftune {prog}")
     parser.add_argument("config", help="YAML config file")
@@ -64,13 +69,14 @@ def main(argv: list[str] | None = None) -> int:
             print(describe())
             return 0
     except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"preftune {command}: error: {e}", file=sys.stderr)
+        # Validation runs before anything is loaded or written: an earlier run's files are intact.
+        print(f"preftune {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # the trainer's own errors carry their explanation
         from .checkpointing import TrainingError
 
         if isinstance(e, TrainingError):
-            print(f"preftune {command}: error: {e}", file=sys.stderr)
+            print(f"preftune {command}: error: {_one_line(e)}", file=sys.stderr)
             return 1
         raise
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)

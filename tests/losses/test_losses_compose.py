@@ -1,4 +1,4 @@
-"""The composed pipeline (SPEC §5) against independent float64 computations, and the method registry."""
+"""The composed pipeline (docs/methods.md#one-pipeline-many-methods) against independent float64 computations, and the method registry."""
 
 import math
 
@@ -34,7 +34,7 @@ def inputs(k: int, b: int, seed: int, d: int = 12):
 
 
 def ref_alpha_and_clipped(lc, lr, eps):
-    """SPEC §2.2–2.3 for one pair (adaptive weights, adaptive radius), plain Python."""
+    """ARWC weights and the adaptive CTRO radius (docs/methods.md#mrpo) for one pair (adaptive weights, adaptive radius), plain Python."""
     k = len(lc)
     m = [abs(a - b) for a, b in zip(lc, lr)]
     alpha = [x / sum(m) for x in m]

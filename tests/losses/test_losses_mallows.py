@@ -17,7 +17,7 @@ def log_sigmoid(z: float) -> float:
 
 
 def naive_link(s: float, phi: float) -> float:
-    """SPEC §3.3 verbatim (fine in float64 for moderate s and φ)."""
+    """The Mallows link g_φ of docs/methods.md#mallows_phi, verbatim (fine in float64 for moderate s and φ)."""
 
     def h(k: float) -> float:
         return -1 / math.log(phi) if k == 0 else k / (1 - phi**k)

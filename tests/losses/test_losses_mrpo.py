@@ -1,4 +1,4 @@
-"""MRPO / MDPO against a plain-Python float64 re-derivation of SPEC §2, and its reductions to DPO."""
+"""MRPO / MDPO against a plain-Python float64 re-derivation of docs/methods.md#mrpo, and its reductions to DPO."""
 
 import math
 
@@ -25,7 +25,7 @@ def refs_batch(k: int, b: int, seed: int, spread: float = 8.0):
 
 
 def expected_pair(lc, lr, weights=None, eps=0.1, clip="adaptive"):
-    """SPEC §2.1–2.3 for one pair: lc, lr are lists of K reference log-probs (all negative)."""
+    """The virtual reference with ARWC weights and CTRO clipping (docs/methods.md#mrpo) for one pair: lc, lr are lists of K reference log-probs (all negative)."""
     k = len(lc)
     if weights is None:  # ARWC from the unclipped log-probs
         m = [abs(lc[j] - lr[j]) for j in range(k)]

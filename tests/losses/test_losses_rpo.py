@@ -95,7 +95,7 @@ def test_weights_are_row_stochastic_and_scale_invariant():
             L.rpo_weights(emb, tau=tau, dtype=torch.float64),
             torch.tensor(expected_weights(emb, emb, tau), dtype=torch.float64),
         )
-    # bf16 embeddings are still weighted in float32 (SPEC §4.1 DECISION)
+    # bf16 embeddings are still weighted in float32 (docs/methods.md#rpo: W is never computed in bf16)
     assert L.rpo_weights(emb.bfloat16(), tau=0.5, dtype=torch.bfloat16).dtype == torch.float32
 
 

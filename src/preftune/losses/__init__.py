@@ -2,61 +2,58 @@
 
 Inputs are per-sequence summed completion log-probs ``[B]``; reference stacks are ``[K, B]`` with
 index 0 the primary reference. Every loss returns a :class:`LossOutput`. All methods are
-configurations of one pipeline, :func:`preference_loss` (SPEC §5); the named functions (``dpo``,
+configurations of one pipeline, :func:`preference_loss` (docs/methods.md#one-pipeline-many-methods); the named functions (``dpo``,
 ``mrpo``, ``mallows_theta``, ``rpo``, ...) are thin wrappers over it, and :func:`parse_method` turns a
-method name such as ``"mrpo+mallows_theta+rpo"`` into its settings. See docs/methods.md.
+method name such as ``"mrpo+mallows_theta+rpo"`` into its settings (:func:`resolve_method` into a typed
+:class:`MethodSpec`). Each method component is declared once, next to its implementation, in the
+registry of :mod:`.components`. See docs/methods.md.
 
 Name clash: ``rpo`` here is *Relative* Preference Optimization (Yin et al. 2024), not TRL's former
 ``rpo_alpha`` (DPO + NLL) nor NeMo-Aligner's reward-aware RPO.
 """
 
+from . import functional as _functional
+from .aggregation import arwc_weights, ctro_clip, virtual_reference
+from .components import Component, Option
 from .compose import preference_loss, unpaired_preference_loss
-from .functional import (
-    dpo,
-    hinge,
-    ipo,
-    mallows_phi,
-    mallows_theta,
-    mdpo,
-    mrpo,
-    rpo,
-    rpo_diagonal,
-    rpo_uniform,
-    rpo_unpaired,
-)
+from .functional import *  # noqa: F403  (the named losses, one per component; see functional.__all__)
 from .links import LINKS, apply_link
 from .mallows import calibrate_phi_star, mallows_link, mallows_log_link, neg_log_dispersion
 from .output import LossOutput
 from .pairing import PAIRINGS, rpo_weights
-from .references import arwc_weights, ctro_clip, virtual_reference
-from .registry import METHODS, NEEDS, method_needs, parse_method
+from .registry import (
+    COMPONENTS,
+    METHODS,
+    NEEDS,
+    MethodError,
+    MethodSpec,
+    method_needs,
+    parse_method,
+    resolve_method,
+)
 
 __all__ = [
     "LossOutput",
     "preference_loss",
     "unpaired_preference_loss",
+    "COMPONENTS",
+    "Component",
+    "Option",
+    "MethodSpec",
+    "MethodError",
+    "resolve_method",
     "METHODS",
     "NEEDS",
     "parse_method",
     "method_needs",
-    "dpo",
-    "ipo",
-    "hinge",
-    "mrpo",
-    "mdpo",
+    *_functional.__all__,  # the named losses (dpo, mrpo, ...): one per component name
     "virtual_reference",
     "arwc_weights",
     "ctro_clip",
-    "mallows_theta",
-    "mallows_phi",
     "mallows_link",
     "mallows_log_link",
     "neg_log_dispersion",
     "calibrate_phi_star",
-    "rpo",
-    "rpo_unpaired",
-    "rpo_uniform",
-    "rpo_diagonal",
     "rpo_weights",
     "apply_link",
     "LINKS",

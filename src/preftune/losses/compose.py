@@ -1,4 +1,4 @@
-"""The one loss pipeline every method is a configuration of (SPEC §5).
+"""The one loss pipeline every method is a configuration of (docs/methods.md#one-pipeline-many-methods).
 
     references → aggregate (single | MRPO virtual reference | MDPO per-reference)
                → implicit rewards r(y) = logp_θ(y) − logp_ref(y)
@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .links import LINKS, Link, apply_link
+from .aggregation import ClipMode, ReferenceMode, WeightSpec, aggregate_references
+from .components import lookup
+from .links import Link, apply_link
 from .output import (
     LossOutput,
     as_float,
@@ -26,8 +28,7 @@ from .output import (
     safe_mean,
     sft_term,
 )
-from .pairing import PAIRINGS, Pairing, contrasts, pair_weights, reduce_rows, rpo_weights
-from .references import ClipMode, ReferenceMode, WeightSpec, aggregate_references
+from .pairing import Pairing, contrasts, pair_weights, reduce_rows, rpo_weights
 
 __all__ = ["preference_loss", "unpaired_preference_loss"]
 
@@ -65,6 +66,8 @@ def _contrast_losses(
     )
     if losses.shape[0] == 1:
         return losses[0]
+    if ref_weights is None:
+        raise ValueError("several reference stacks need their mixing weights (ref_weights)")
     alpha = ref_weights[..., None]
     return torch.where(alpha > 0, alpha * losses, torch.zeros_like(losses)).sum(dim=0)
 
@@ -93,7 +96,7 @@ def preference_loss(
     sft_weight: float = 0.0,
     chosen_lengths: Tensor | None = None,
 ) -> LossOutput:
-    """Every paired preference loss of preftune, as one configurable pipeline (SPEC §5).
+    """Every paired preference loss of preftune, as one configurable pipeline (docs/methods.md#one-pipeline-many-methods).
 
     Args:
         policy_chosen: ``[B]`` summed completion log-probs ``logp_θ(y_w|x)`` of the policy (with grad).
@@ -103,13 +106,13 @@ def preference_loss(
             reference. ``reference="single"`` uses only index 0. May be None with ``reference_free``.
         refs_rejected: ``[K, B]`` (or ``[B]``) ``logp_k(y_l|x)``.
         beta: β, the inverse temperature of the implicit reward (IPO: its τ).
-        reference: ``"single"`` (primary reference), ``"mrpo"`` (virtual reference, SPEC §2.1–2.3) or
-            ``"mdpo"`` (``Σ_k α_k ·`` single-reference loss with reference k, SPEC §2.5).
+        reference: ``"single"`` (primary reference), ``"mrpo"`` (virtual reference, docs/methods.md#mrpo) or
+            ``"mdpo"`` (``Σ_k α_k ·`` single-reference loss with reference k, docs/methods.md#mdpo).
         pairing: ``"diagonal"`` (the B pairs), ``"rpo"`` (all B×B contrasts weighted by prompt
-            similarity), ``"rpo_uniform"`` (``W ≡ 1/B``) or ``"rpo_diagonal"`` (SPEC §4).
+            similarity), ``"rpo_uniform"`` (``W ≡ 1/B``) or ``"rpo_diagonal"`` (docs/methods.md#rpo).
         scale: ``[B]`` MallowsPO-θ neg-log dispersion ``c(x)`` multiplying the margin (row ``i``
             for RPO pairings); None means 1.
-        link: ``"sigmoid"`` (DPO), ``"ipo"``, ``"hinge"`` or ``"mallows_phi"`` (SPEC §1, §3.3).
+        link: ``"sigmoid"`` (DPO), ``"ipo"``, ``"hinge"`` or ``"mallows_phi"`` (docs/methods.md#links).
         dispersion: ``[B]`` Mallows dispersion ``φ(x) ∈ (0, 1)`` (link ``mallows_phi`` only).
         prompt_embeddings: ``[B, d]`` prompt sentence embeddings (pairing ``rpo`` only).
         tau: RPO temperature τ of the similarity softmax.
@@ -128,10 +131,8 @@ def preference_loss(
         :class:`LossOutput` with per-row ``losses`` ``[B]``; metrics use TRL's names, rewards are
         relative to the (virtual) reference and use the diagonal pairs.
     """
-    if link not in LINKS:
-        raise ValueError(f"link must be one of {LINKS}, got {link!r}")
-    if pairing not in PAIRINGS:
-        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    lookup("link", link)  # unknown names fail here, listing the valid ones
+    lookup("pairing", pairing)
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     dtype = compute_dtype(policy_chosen, policy_rejected, refs_chosen, refs_rejected)
@@ -159,7 +160,7 @@ def preference_loss(
 
     if prompt_embeddings is not None and pairing != "rpo":
         raise ValueError(f"prompt_embeddings are only used by pairing='rpo', not {pairing!r}")
-    if dispersion is not None and link != "mallows_phi":
+    if dispersion is not None and link != "mallows_phi":  # the only link that takes φ
         raise ValueError(f"dispersion (φ) is only used by link='mallows_phi', not {link!r}")
     c = None if scale is None else _row_vector(scale, "scale", batch, dtype, device)
     phi = None
@@ -226,7 +227,7 @@ def unpaired_preference_loss(
     sft_weight: float = 0.0,
     chosen_lengths: Tensor | None = None,
 ) -> LossOutput:
-    """Unpaired RPO (SPEC §4.2): every chosen item against every rejected item of the batch.
+    """Unpaired RPO (docs/methods.md#rpo_unpaired): every chosen item against every rejected item of the batch.
 
     ``S_ij = r(y+_i) − r(y−_j)`` over ``C × R``, ``W`` = row softmax over j of ``−D(x_i, x'_j)/τ``
     (``pairing="rpo"``) or ``1/|R|`` (``"rpo_uniform"``), ``ℓ_i = mean_j link(W_ij S_ij)``. A batch with
@@ -242,10 +243,8 @@ def unpaired_preference_loss(
     """
     if pairing not in ("rpo", "rpo_uniform"):
         raise ValueError(f"unpaired RPO supports pairing 'rpo' or 'rpo_uniform', got {pairing!r}")
-    if link == "mallows_phi":
-        raise ValueError(
-            "the mallows_phi link needs per-pair dispersion and is not defined for unpaired data"
-        )
+    if not lookup("link", link).supports_unpaired:
+        raise ValueError(f"the {link} link needs per-pair inputs and is not defined for unpaired data")
     dtype = compute_dtype(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     pc = as_float(policy_chosen, dtype, detach=False)
     pr = as_float(policy_rejected, dtype, detach=False)

@@ -11,9 +11,9 @@ from typing import Any
 
 from torch import Tensor
 
+from .aggregation import ClipMode, WeightSpec
 from .compose import preference_loss, unpaired_preference_loss
 from .output import LossOutput
-from .references import ClipMode, WeightSpec
 
 __all__ = [
     "dpo",
@@ -103,7 +103,7 @@ def mrpo(
     clip: ClipMode = "adaptive",
     **options: Any,
 ) -> LossOutput:
-    """MRPO: DPO against the virtual reference ``log π̃ = −logsumexp_k(log α_k − logp_k)`` (SPEC §2).
+    """MRPO: DPO against the virtual reference ``log π̃ = −logsumexp_k(log α_k − logp_k)`` (docs/methods.md#mrpo).
 
     Args:
         policy_chosen, policy_rejected: ``[B]`` policy log-probs.
@@ -139,7 +139,7 @@ def mdpo(
     clip: ClipMode = "adaptive",
     **options: Any,
 ) -> LossOutput:
-    """Multi-DPO baseline: ``ℓ_i = Σ_k α_k,i · DPO_i(π_k)`` with MRPO's α and clipping (SPEC §2.5)."""
+    """Multi-DPO baseline: ``ℓ_i = Σ_k α_k,i · DPO_i(π_k)`` with MRPO's α and clipping (docs/methods.md#mdpo)."""
     return preference_loss(
         policy_chosen,
         policy_rejected,
@@ -164,7 +164,7 @@ def mallows_theta(
     label_smoothing: float = 0.0,
     **options: Any,
 ) -> LossOutput:
-    """MallowsPO-θ: ``ℓ_i = −log σ(c(x_i) · β · Δ_i)`` (SPEC §3.2).
+    """MallowsPO-θ: ``ℓ_i = −log σ(c(x_i) · β · Δ_i)`` (docs/methods.md#mallows_theta).
 
     Args:
         neg_log_dispersion: ``[B]`` ``c(x) = −log φ(x)`` (see :func:`preftune.losses.neg_log_dispersion`);
@@ -194,7 +194,7 @@ def mallows_phi(
     label_smoothing: float = 0.0,
     **options: Any,
 ) -> LossOutput:
-    """MallowsPO-ϕ: ``ℓ_i = −log g_{φ(x_i)}(β Δ_i)`` with the Mallows link (SPEC §3.3).
+    """MallowsPO-ϕ: ``ℓ_i = −log g_{φ(x_i)}(β Δ_i)`` with the Mallows link (docs/methods.md#mallows_phi).
 
     Args:
         dispersion: ``[B]`` ``φ(x) ∈ (0, 1)`` (``exp(−c)`` of :func:`neg_log_dispersion`).
@@ -223,7 +223,7 @@ def rpo(
     tau: float = 0.5,
     **options: Any,
 ) -> LossOutput:
-    """Relative Preference Optimization (Yin et al. 2024), paired (SPEC §4.1).
+    """Relative Preference Optimization (Yin et al. 2024), paired (docs/methods.md#rpo).
 
     ``L = mean_i mean_j −log σ(β·W_ij·S_ij)``, ``S_ij = r(y_w,i) − r(y_l,j)``, ``W`` = row softmax of
     ``−(1 − ê_i·ê_j)/τ``. Not TRL's former ``rpo_alpha`` and not NeMo's reward-aware RPO.
@@ -253,7 +253,7 @@ def rpo_uniform(
     beta: float = 0.1,
     **options: Any,
 ) -> LossOutput:
-    """RPO ablation with uniform weights ``W ≡ 1/B`` (SPEC §4.4); needs no embeddings."""
+    """RPO ablation with uniform weights ``W ≡ 1/B`` (docs/methods.md#rpo_uniform); needs no embeddings."""
     return preference_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta, pairing="rpo_uniform", **options
     )
@@ -268,7 +268,7 @@ def rpo_diagonal(
     diagonal_weight: float = 0.8,
     **options: Any,
 ) -> LossOutput:
-    """RPO ablation: ``ℓ_i = w·ℓ_ii + (1−w)·mean_{j≠i} ℓ_ij``, ``ℓ_ij = −log σ(β S_ij)`` (SPEC §4.4).
+    """RPO ablation: ``ℓ_i = w·ℓ_ii + (1−w)·mean_{j≠i} ℓ_ij``, ``ℓ_ij = −log σ(β S_ij)`` (docs/methods.md#rpo_diagonal).
 
     With a single pair (B = 1) there is no off-diagonal term and ``ℓ_1 = ℓ_11`` (DPO).
     """
@@ -295,7 +295,7 @@ def rpo_unpaired(
     tau: float = 0.5,
     **options: Any,
 ) -> LossOutput:
-    """Unpaired RPO (SPEC §4.2) over a batch of independent chosen and rejected items.
+    """Unpaired RPO (docs/methods.md#rpo_unpaired) over a batch of independent chosen and rejected items.
 
     See :func:`preftune.losses.unpaired_preference_loss`; an empty side gives loss 0 (no NaN).
     """

@@ -1,4 +1,4 @@
-"""MallowsPO pieces: the dispersion estimate (SPEC §3.1) and the Mallows pairwise link (SPEC §3.3).
+"""MallowsPO pieces: the dispersion estimate and the Mallows pairwise link (docs/methods.md#mallowspo).
 
 The link. Under a Mallows model with Kendall's tau distance and dispersion φ ∈ (0, 1), the item of
 central rank i beats the item of rank i + s with probability
@@ -20,9 +20,13 @@ Q(0) = 0), and ``log g`` is ``log1p(−c)`` for s ≥ 0 (c ≤ 1/2 there) or ``l
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from .components import Component, Option, register
 
 __all__ = [
     "mallows_link",
@@ -135,7 +139,7 @@ def mallows_log_link(s: Tensor, phi: Tensor | float) -> Tensor:
 
 
 def mallows_link(s: Tensor, phi: Tensor | float) -> Tensor:
-    """The Mallows pairwise link ``g_φ(s)`` ∈ [0, 1] (SPEC §3.3).
+    """The Mallows pairwise link ``g_φ(s)`` ∈ [0, 1] (docs/methods.md#mallows_phi).
 
     ``g_φ(s) = h(s+1) − h(s)`` with ``h(k) = k/(1 − φ^k)`` for ``s ≥ 0`` and ``1 − g_φ(−s)`` for
     ``s < 0``. At integer ``s ≥ 1`` it is the probability that, under a Mallows–Kendall ranking model
@@ -147,7 +151,7 @@ def mallows_link(s: Tensor, phi: Tensor | float) -> Tensor:
 
 
 def neg_log_dispersion(entropy_chosen: Tensor, entropy_rejected: Tensor, phi_star: float | Tensor) -> Tensor:
-    """MallowsPO neg-log dispersion ``c(x) = −φ* · log((H(y_w) + H(y_l)) / 2)`` (SPEC §3.1).
+    """MallowsPO neg-log dispersion ``c(x) = −φ* · log((H(y_w) + H(y_l)) / 2)`` (docs/methods.md#dispersion).
 
     Args:
         entropy_chosen: ``[B]`` mean next-token entropy of the primary reference along ``y_w``,
@@ -186,3 +190,23 @@ def calibrate_phi_star(entropy_chosen_all: Tensor, entropy_rejected_all: Tensor)
             f"cannot calibrate phi_star: mean of -log(mean entropy) is {mean} (entropies must lie in (0, 1))"
         )
     return 1.0 / mean
+
+
+def _scale_from_c(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    return {"scale": inputs["c"]}
+
+
+register(
+    Component(
+        "mallows_theta",
+        "scale",
+        "mallows_theta",
+        neg_log_dispersion,
+        summary="MallowsPO-θ: margin scaled by the per-prompt neg-log dispersion c(x)",
+        formula="m = c(x) · Δ,  c(x) = −φ* · log((H(y_w) + H(y_l)) / 2)",
+        paper="Chen et al. 2024, MallowsPO: Fine-Tune Your LLM with Preference Dispersions (arXiv:2405.14953)",
+        needs=frozenset({"entropy"}),
+        options=(Option("mallows.phi_star"),),
+        step_inputs=_scale_from_c,
+    )
+)

@@ -1,4 +1,7 @@
-"""Pairing: which (chosen, rejected) contrasts enter the loss, and with what weight (SPEC §4, §5).
+"""Pairing: which (chosen, rejected) contrasts enter the loss, and with what weight.
+
+See docs/methods.md#rpo. A new pairing is its weight function here, one :func:`register` call, and its
+row reduction in :func:`reduce_rows`.
 
 * ``diagonal``: the B preference pairs themselves (DPO and friends).
 * ``rpo``: every chosen i against every rejected j of the batch, ``S_ij = r(y_w,i) − r(y_l,j)``,
@@ -10,16 +13,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .components import Component, Option, lookup, register, registered
+
 __all__ = ["Pairing", "PAIRINGS", "rpo_weights", "contrasts", "pair_weights", "reduce_rows"]
 
 Pairing = Literal["diagonal", "rpo", "rpo_uniform", "rpo_diagonal"]
-PAIRINGS: tuple[str, ...] = ("diagonal", "rpo", "rpo_uniform", "rpo_diagonal")
 
 
 def rpo_weights(
@@ -35,7 +40,7 @@ def rpo_weights(
         key_embeddings: ``[N, d]`` prompt embeddings of the rejected side (columns); defaults to
             ``query_embeddings`` (paired RPO, where the diagonal ``D_ii = 0`` is included).
         tau: Temperature τ > 0; τ → 0 with distinct prompts gives ``W → I``.
-        dtype: Compute dtype, at least float32 (SPEC §4.1 DECISION: never bf16).
+        dtype: Compute dtype, at least float32 (never bf16: the softmax over distances is sensitive).
 
     Returns:
         Detached ``[M, N]`` row-stochastic weights, invariant to the scale of the embeddings.
@@ -60,7 +65,7 @@ def contrasts(rewards_chosen: Tensor, rewards_rejected: Tensor, pairing: Pairing
 
 
 def pair_weights(
-    pairing: Pairing,
+    pairing: Pairing | str,
     batch_size: int,
     prompt_embeddings: Tensor | None,
     tau: float,
@@ -68,19 +73,107 @@ def pair_weights(
     device: torch.device,
 ) -> Tensor | None:
     """The weight ``W`` multiplying each contrast inside the link (None means 1)."""
-    if pairing == "rpo":
-        if prompt_embeddings is None:
-            raise ValueError("pairing='rpo' needs prompt_embeddings [B, d]")
-        if prompt_embeddings.shape[0] != batch_size:
-            raise ValueError(
-                f"prompt_embeddings has {prompt_embeddings.shape[0]} rows for a batch of {batch_size} pairs"
-            )
-        return rpo_weights(prompt_embeddings.to(device), tau=tau, dtype=dtype)
-    if pairing == "rpo_uniform":
-        return torch.full((batch_size, batch_size), 1.0 / max(batch_size, 1), dtype=dtype, device=device)
-    if pairing in ("diagonal", "rpo_diagonal"):
-        return None
-    raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    return lookup("pairing", pairing).impl(batch_size, prompt_embeddings, tau, dtype, device)
+
+
+def _no_weight(
+    batch_size: int, prompt_embeddings: Tensor | None, tau: float, dtype: torch.dtype, device: torch.device
+) -> Tensor | None:
+    return None
+
+
+def _similarity_weight(
+    batch_size: int, prompt_embeddings: Tensor | None, tau: float, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    if prompt_embeddings is None:
+        raise ValueError("pairing='rpo' needs prompt_embeddings [B, d]")
+    if prompt_embeddings.shape[0] != batch_size:
+        raise ValueError(
+            f"prompt_embeddings has {prompt_embeddings.shape[0]} rows for a batch of {batch_size} pairs"
+        )
+    return rpo_weights(prompt_embeddings.to(device), tau=tau, dtype=dtype)
+
+
+def _uniform_weight(
+    batch_size: int, prompt_embeddings: Tensor | None, tau: float, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    return torch.full((batch_size, batch_size), 1.0 / max(batch_size, 1), dtype=dtype, device=device)
+
+
+def _embeddings(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    return {"prompt_embeddings": inputs["embeddings"]}
+
+
+_RPO_PAPER = "Yin et al. 2024, Relative Preference Optimization (arXiv:2402.10958)"
+register(
+    Component(
+        "diagonal",
+        "pairing",
+        "diagonal",
+        _no_weight,
+        summary="the B preference pairs themselves (default)",
+        formula="S_i = r(y_w,i) − r(y_l,i)",
+        supports_unpaired=False,
+        selectable=False,
+    )
+)
+register(
+    Component(
+        "rpo",
+        "pairing",
+        "rpo",
+        _similarity_weight,
+        summary="Relative PO: every chosen × every rejected of the batch, weighted by prompt similarity",
+        formula="S_ij = r(y_w,i) − r(y_l,j),  W_ij = softmax_j(−D_ij/τ),  ℓ_i = mean_j ℓ(W_ij S_ij)",
+        paper=_RPO_PAPER,
+        needs=frozenset({"embeddings"}),
+        options=(Option("rpo.tau", "tau"), Option("rpo.embedder"), Option("rpo.contrast_scope")),
+        step_inputs=_embeddings,
+    )
+)
+register(
+    Component(
+        "rpo_uniform",
+        "pairing",
+        "rpo_uniform",
+        _uniform_weight,
+        summary="RPO ablation: all B×B contrasts with uniform weights 1/B (no embeddings)",
+        formula="W_ij = 1/B,  ℓ_i = mean_j ℓ(S_ij / B)",
+        paper=_RPO_PAPER,
+        options=(Option("rpo.contrast_scope"),),
+    )
+)
+register(
+    Component(
+        "rpo_diagonal",
+        "pairing",
+        "rpo_diagonal",
+        _no_weight,
+        summary="RPO ablation: w · own pair + (1 − w) · mean of the other contrasts",
+        formula="ℓ_i = w·ℓ(S_ii) + (1−w)·mean_{j≠i} ℓ(S_ij)",
+        paper=_RPO_PAPER,
+        options=(Option("rpo.diagonal_weight", "diagonal_weight"), Option("rpo.contrast_scope")),
+    )
+)
+register(
+    Component(
+        "rpo_unpaired",
+        "pairing",
+        "rpo",
+        _similarity_weight,
+        summary="Relative PO on unpaired (KTO-style) rows: every desirable × every undesirable item",
+        formula="S_ij = r(y+_i) − r(y−_j),  W_ij = softmax_j(−D(x_i, x'_j)/τ),  ℓ_i = mean_j ℓ(W_ij S_ij)",
+        paper=_RPO_PAPER,
+        needs=frozenset({"embeddings", "unpaired"}),
+        options=(Option("rpo.tau", "tau"), Option("rpo.embedder"), Option("rpo.contrast_scope")),
+        unpaired=True,
+    )
+)
+
+#: The pipeline values of the pairings registered here.
+PAIRINGS: tuple[str, ...] = tuple(
+    dict.fromkeys(c.value for c in registered().values() if c.slot == "pairing")
+)
 
 
 def reduce_rows(losses: Tensor, pairing: Pairing, diagonal_weight: float = 0.8) -> Tensor:
@@ -97,4 +190,5 @@ def reduce_rows(losses: Tensor, pairing: Pairing, diagonal_weight: float = 0.8) 
         eye = torch.eye(m, dtype=torch.bool, device=losses.device)
         off = losses.masked_fill(eye, 0.0).sum(dim=1) / (m - 1)
         return diagonal_weight * diag + (1.0 - diagonal_weight) * off
-    raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    lookup("pairing", pairing)  # a registered pairing without a reduction here is a programming error
+    raise ValueError(f"pairing {pairing!r} has no row reduction")

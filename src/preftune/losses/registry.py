@@ -1,149 +1,276 @@
-"""Method names and how they compose (SPEC §5).
+"""Method names, how they compose, and everything derived from the component declarations.
 
-A method is a ``+``-joined list of components, each filling one slot of the pipeline:
-
-==============  ==========================================  =========================
-slot            components                                  default when not given
-==============  ==========================================  =========================
-reference       ``mrpo``, ``mdpo``                          ``single``
-pairing         ``rpo``, ``rpo_uniform``, ``rpo_diagonal``,  ``diagonal``
-                ``rpo_unpaired``
-scale           ``mallows_theta``                           none (c ≡ 1)
-link            ``dpo``, ``ipo``, ``hinge``, ``mallows_phi``  ``dpo`` (sigmoid)
-==============  ==========================================  =========================
-
-So ``"mrpo+mallows_theta+rpo"`` is RPO's contrast matrix over an MRPO virtual reference with
-dispersion-scaled rows and the sigmoid link. Two components for one slot are an error.
+A method is a ``+``-joined list of components (:class:`~preftune.losses.components.Component`), each
+filling one slot of the loss pipeline; a slot left empty takes its default (single reference,
+diagonal pairing, no scale, the DPO sigmoid link). So ``"mrpo+mallows_theta+rpo"`` is RPO's contrast
+matrix over an MRPO virtual reference with dispersion-scaled margins and the sigmoid link. Two
+components for one slot are an error, and so is an unpaired component with one that needs pairs.
+:func:`resolve_method` turns a name into a frozen :class:`MethodSpec`; the config validation, the
+CLI's errors, ``preftune config`` and the methods table of docs/methods.md all come from here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import difflib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
-__all__ = ["METHODS", "NEEDS", "parse_method", "method_needs"]
+# Importing the implementations registers their components (each module declares its own).
+from . import aggregation as _aggregation  # noqa: F401
+from . import links as _links  # noqa: F401
+from . import mallows as _mallows  # noqa: F401
+from . import pairing as _pairing  # noqa: F401
+from .components import NEEDS, SLOTS, Component, Option, Slot, lookup, registered
 
-#: What a method needs the trainer to precompute besides policy / primary-reference log-probs.
-#: ``multi_reference``: K > 1 references are used (K = 1 still works and reduces to DPO);
-#: ``entropy``: reference entropies → MallowsPO dispersion (``scale`` c and/or ``dispersion`` φ);
-#: ``embeddings``: prompt sentence embeddings (RPO); ``unpaired``: KTO-style unpaired data.
-NEEDS = ("multi_reference", "entropy", "embeddings", "unpaired")
+__all__ = [
+    "COMPONENTS",
+    "METHODS",
+    "NEEDS",
+    "MethodError",
+    "MethodSpec",
+    "resolve_method",
+    "parse_method",
+    "method_needs",
+    "method_names",
+    "methods_help",
+    "methods_table",
+]
 
-
-def _entry(slot: str, value: str, needs: Iterable[str] = (), summary: str = "", **extra: Any) -> dict:
-    return {
-        "slot": slot,
-        slot: value,
-        "needs": frozenset(needs),
-        "summary": summary,
-        "unpaired": False,
-        **extra,
-    }
-
-
-METHODS: dict[str, dict] = {
-    "dpo": _entry("link", "sigmoid", summary="DPO: -log sigmoid(beta * margin)"),
-    "ipo": _entry("link", "ipo", summary="IPO: (margin - 1/(2 beta))^2 on length-normalised log-probs"),
-    "hinge": _entry("link", "hinge", summary="SLiC hinge: max(0, 1 - beta * margin)"),
-    "mallows_phi": _entry(
-        "link", "mallows_phi", ["entropy"], "MallowsPO-phi: -log g_phi(beta * margin), Mallows pairwise link"
-    ),
-    "mrpo": _entry(
-        "reference", "mrpo", ["multi_reference"], "MRPO: virtual reference -logsumexp_k(log a_k - logp_k)"
-    ),
-    "mdpo": _entry("reference", "mdpo", ["multi_reference"], "multi-DPO: sum_k a_k * DPO(reference k)"),
-    "mallows_theta": _entry(
-        "scale", "mallows_theta", ["entropy"], "MallowsPO-theta: margin scaled by c(x) = -log phi(x)"
-    ),
-    "rpo": _entry(
-        "pairing", "rpo", ["embeddings"], "Relative PO: all chosen x rejected contrasts, similarity-weighted"
-    ),
-    "rpo_uniform": _entry("pairing", "rpo_uniform", summary="RPO ablation: uniform weights 1/M"),
-    "rpo_diagonal": _entry(
-        "pairing", "rpo_diagonal", summary="RPO ablation: w * own pair + (1 - w) * mean of the others"
-    ),
-    "rpo_unpaired": _entry(
-        "pairing",
-        "rpo",
-        ["embeddings", "unpaired"],
-        "Relative PO on unpaired (KTO-style) chosen/rejected items",
-        unpaired=True,
-    ),
+#: The order components are listed in (help text, docs): links first, the way users meet them.
+_LISTING_ORDER: tuple[Slot, ...] = ("link", "reference", "scale", "pairing")
+_DEFAULTS: dict[Slot, str | None] = {
+    "reference": "single",
+    "pairing": "diagonal",
+    "scale": None,
+    "link": "sigmoid",
 }
 
-_DEFAULTS = {"reference": "single", "pairing": "diagonal", "scale": None, "link": "sigmoid"}
+
+def _listing() -> list[Component]:
+    found = [c for c in registered().values() if c.selectable]
+    return sorted(found, key=lambda c: _LISTING_ORDER.index(c.slot))
+
+
+#: Every selectable component by name (read-only), in listing order.
+COMPONENTS: Mapping[str, Component] = MappingProxyType({c.name: c for c in _listing()})
+
+
+def method_names() -> tuple[str, ...]:
+    """The names a method may be composed of."""
+    return tuple(COMPONENTS)
+
+
+class MethodError(ValueError):
+    """An unknown, misspelled or impossible method; the message is one line."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A resolved method: the component filling each slot (defaults included)."""
+
+    method: str
+    components: tuple[str, ...]
+    reference: Component
+    pairing: Component
+    scale: Component | None
+    link: Component
+
+    @property
+    def parts(self) -> tuple[Component, ...]:
+        """The components of every filled slot (defaults included), in pipeline order."""
+        return tuple(c for c in (self.reference, self.pairing, self.scale, self.link) if c is not None)
+
+    @property
+    def unpaired(self) -> bool:
+        return any(c.unpaired for c in self.parts)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset().union(*(c.needs for c in self.parts))
+
+    @property
+    def multi_reference(self) -> bool:
+        return "multi_reference" in self.needs
+
+    @property
+    def needs_entropy(self) -> bool:
+        return "entropy" in self.needs
+
+    @property
+    def needs_embeddings(self) -> bool:
+        return "embeddings" in self.needs
+
+    @property
+    def length_normalize(self) -> bool:
+        """Whether log-probs are length-normalised by default (IPO)."""
+        return any(c.length_normalize for c in self.parts)
+
+    @property
+    def options(self) -> tuple[Option, ...]:
+        """The config options the method reads (each once)."""
+        return tuple(dict.fromkeys(o for c in self.parts for o in c.options))
+
+    @property
+    def loss_kwargs(self) -> dict[str, str]:
+        """Slot settings for :func:`preference_loss` (or, unpaired, :func:`unpaired_preference_loss`)."""
+        if self.unpaired:
+            return {"pairing": self.pairing.value, "link": self.link.value}
+        return {"reference": self.reference.value, "pairing": self.pairing.value, "link": self.link.value}
+
+    def option_kwargs(self, get: Callable[[str], Any]) -> dict[str, Any]:
+        """Loss keywords from the config options the method reads; ``get("rpo.tau")`` reads one."""
+        return {o.kwarg: get(o.key) for o in self.options if o.kwarg is not None}
+
+    def step_kwargs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Loss keywords from the trainer's per-pair tensors (``c``, ``embeddings``)."""
+        out: dict[str, Any] = {}
+        for c in self.parts:
+            if c.step_inputs is not None:
+                out.update(c.step_inputs(inputs))
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plain-dict form :func:`parse_method` returns."""
+        return {
+            "method": self.method,
+            "components": self.components,
+            "reference": self.reference.value,
+            "pairing": self.pairing.value,
+            "scale": None if self.scale is None else self.scale.value,
+            "link": self.link.value,
+            "unpaired": self.unpaired,
+            "needs": self.needs,
+            "multi_reference": self.multi_reference,
+            "needs_entropy": self.needs_entropy,
+            "needs_embeddings": self.needs_embeddings,
+            "loss_kwargs": self.loss_kwargs,
+        }
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def _canonical(name: str, lenient: bool) -> str | None:
+    if name in COMPONENTS:
+        return name
+    if lenient:
+        matches = [n for n in COMPONENTS if _norm(n) == _norm(name)]
+        if len(matches) == 1:
+            return matches[0]
+    return None
+
+
+def _suggestion(name: str) -> str | None:
+    normalised = {_norm(n): n for n in COMPONENTS}
+    if _norm(name) in normalised:
+        return normalised[_norm(name)]
+    close = difflib.get_close_matches(_norm(name), list(normalised), n=1, cutoff=0.6)
+    return normalised[close[0]] if close else None
+
+
+def _valid() -> str:
+    return f"valid names: {', '.join(COMPONENTS)} (combine one per slot with '+')"
+
+
+def resolve_method(method: str | Iterable[str], *, lenient: bool = False) -> MethodSpec:
+    """Resolve ``"comp1+comp2+..."`` (any order, whitespace ignored) into a :class:`MethodSpec`.
+
+    Args:
+        method: Component names joined by ``+``, or a list of them.
+        lenient: Also accept a spelling that differs only in case or ``-``/``_`` (``MRPO``,
+            ``mallows-theta``) when it names exactly one component; the result is canonical.
+
+    Raises:
+        MethodError: an empty or unknown component (with a "did you mean" suggestion and the valid
+            names), two components for one slot (naming both), or an unpaired component combined
+            with one that needs pairs.
+    """
+    text = method if isinstance(method, str) else "+".join(method)
+    names = [n.strip() for n in text.split("+")]
+    if not text.strip() or any(not n for n in names):
+        raise MethodError(f"empty method component in {text!r}; {_valid()}")
+    resolved: list[str] = []
+    for name in names:
+        canonical = _canonical(name, lenient)
+        if canonical is None:
+            hint = _suggestion(name)
+            did_you_mean = f"did you mean {hint!r}? " if hint else ""
+            raise MethodError(f"unknown method component {name!r} in {text!r}; {did_you_mean}{_valid()}")
+        resolved.append(canonical)
+
+    chosen: dict[str, Component] = {}
+    for name in resolved:
+        component = COMPONENTS[name]
+        if component.slot in chosen:
+            raise MethodError(
+                f"conflicting method components {chosen[component.slot].name!r} and {name!r}: both set "
+                f"the {component.slot}; choose one"
+            )
+        chosen[component.slot] = component
+    unpaired = [c for c in chosen.values() if c.unpaired]
+    if unpaired:
+        bad = [c.name for c in chosen.values() if not c.unpaired and not c.supports_unpaired]
+        if bad:
+            raise MethodError(
+                f"{unpaired[0].name!r} cannot be combined with {', '.join(map(repr, bad))}: unpaired rows "
+                "have no pair-level reference margins or dispersion"
+            )
+
+    def slot(s: Slot) -> Component | None:
+        if s in chosen:
+            return chosen[s]
+        default = _DEFAULTS[s]
+        return None if default is None else lookup(s, default)
+
+    reference, pairing, link = slot("reference"), slot("pairing"), slot("link")
+    assert reference is not None and pairing is not None and link is not None  # defaults exist
+    return MethodSpec("+".join(resolved), tuple(resolved), reference, pairing, slot("scale"), link)
 
 
 def parse_method(method: str | Iterable[str]) -> dict[str, Any]:
-    """Resolve ``"comp1+comp2+..."`` into the settings of :func:`preference_loss`.
-
-    Args:
-        method: Component names joined by ``+`` (any order, whitespace ignored), or a list of them.
-
-    Returns:
-        A dict with ``method`` (the normalised name), ``components``, the four slots ``reference``,
-        ``pairing``, ``scale`` (``"mallows_theta"`` or None) and ``link``; ``unpaired`` (use
-        :func:`unpaired_preference_loss`); ``needs`` (a frozenset of :data:`NEEDS`) and the flags
-        ``multi_reference``, ``needs_entropy``, ``needs_embeddings``; and ``loss_kwargs``, the
-        keyword arguments to splat into :func:`preference_loss` (``reference``, ``pairing``,
-        ``link``) or, for unpaired methods, into :func:`unpaired_preference_loss` (``pairing``,
-        ``link``). With ``scale == "mallows_theta"`` pass ``scale=c``; with ``link ==
-        "mallows_phi"`` pass ``dispersion=exp(-c)``; with ``needs_embeddings`` pass the embeddings.
-
-    Raises:
-        ValueError: unknown component (the message lists the valid names), two components for one
-            slot (the message names both), or an unpaired method combined with a component it
-            cannot take.
-    """
-    names = method.split("+") if isinstance(method, str) else list(method)
-    components = tuple(n.strip() for n in names)
-    if not components or any(not n for n in components):
-        raise ValueError(f"empty method component in {method!r}; valid names: {', '.join(METHODS)}")
-    unknown = [n for n in components if n not in METHODS]
-    if unknown:
-        raise ValueError(
-            f"unknown method component(s) {', '.join(map(repr, unknown))} in {method!r}; "
-            f"valid names: {', '.join(METHODS)} (combine with '+')"
-        )
-    settings: dict[str, Any] = dict(_DEFAULTS)
-    owner: dict[str, str] = {}
-    needs: set[str] = set()
-    unpaired = False
-    for name in components:
-        entry = METHODS[name]
-        slot = entry["slot"]
-        if slot in owner:
-            raise ValueError(
-                f"conflicting method components {owner[slot]!r} and {name!r}: both set the {slot}; choose one"
-            )
-        owner[slot] = name
-        settings[slot] = entry[slot]
-        needs |= entry["needs"]
-        unpaired |= entry["unpaired"]
-    if unpaired:
-        bad = [n for n in components if METHODS[n]["slot"] in ("reference", "scale") or n == "mallows_phi"]
-        if bad:
-            raise ValueError(
-                f"'rpo_unpaired' cannot be combined with {', '.join(map(repr, bad))}: unpaired items have no "
-                "pair-level reference margins or dispersion"
-            )
-    if unpaired:
-        loss_kwargs = {"pairing": settings["pairing"], "link": settings["link"]}
-    else:
-        loss_kwargs = {k: settings[k] for k in ("reference", "pairing", "link")}
-    return {
-        "method": "+".join(components),
-        "components": components,
-        **settings,
-        "unpaired": unpaired,
-        "needs": frozenset(needs),
-        "multi_reference": "multi_reference" in needs,
-        "needs_entropy": "entropy" in needs,
-        "needs_embeddings": "embeddings" in needs,
-        "loss_kwargs": loss_kwargs,
-    }
+    """:func:`resolve_method` as a plain dict (see :meth:`MethodSpec.as_dict`)."""
+    return resolve_method(method).as_dict()
 
 
 def method_needs(method: str | Iterable[str]) -> set[str]:
     """What the trainer must precompute for ``method``: a subset of :data:`NEEDS`."""
-    return set(parse_method(method)["needs"])
+    return set(resolve_method(method).needs)
+
+
+def _legacy_entry(c: Component) -> dict[str, Any]:
+    return {"slot": c.slot, c.slot: c.value, "needs": c.needs, "summary": c.summary, "unpaired": c.unpaired}
+
+
+#: Name → ``{"slot", <slot>: value, "needs", "summary", "unpaired"}`` (read-only; see :data:`COMPONENTS`).
+METHODS: Mapping[str, dict[str, Any]] = MappingProxyType({n: _legacy_entry(c) for n, c in COMPONENTS.items()})
+
+
+def methods_help() -> str:
+    """One paragraph for ``preftune config``: the components by slot and how to compose them."""
+    by_slot = {s: [c.name for c in COMPONENTS.values() if c.slot == s] for s in _LISTING_ORDER}
+    listed = "; ".join(f"{s}: {', '.join(names)}" for s, names in by_slot.items() if names)
+    return (
+        f"A method component, or several joined with `+`, at most one per slot ({listed}); "
+        "e.g. `mrpo+mallows_theta+rpo`. Case and `-`/`_` are forgiven. See docs/methods.md."
+    )
+
+
+def methods_table() -> str:
+    """The markdown table of every component, as docs/methods.md shows it."""
+    rows = [
+        "| method | slot | what it does | formula | needs | config options | paper |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in COMPONENTS.values():
+        needs = ", ".join(n for n in NEEDS if n in c.needs) or "—"
+        options = ", ".join(f"`{o.key}`" for o in c.options) or "—"
+        formula = f"`{c.formula}`" if c.formula else "—"
+        cells = [f"[`{c.name}`](#{c.name})", c.slot, c.summary, formula, needs, options, c.paper or "—"]
+        rows.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(rows)
+
+
+assert set(_DEFAULTS) == set(SLOTS)

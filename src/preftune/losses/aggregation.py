@@ -1,7 +1,7 @@
 """Reference aggregation: one reference, the MRPO virtual reference, or MDPO's weighted references.
 
-SPEC §2. All functions here work on detached ``[K, B]`` stacks of reference log-probs (index 0 is
-the primary reference) and never carry gradient.
+All functions here work on detached ``[K, B]`` stacks of reference log-probs (index 0 is the primary
+reference) and never carry gradient. See docs/methods.md#mrpo.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .components import Component, Option, lookup, register
 from .output import as_ref_stack, compute_dtype
 
 __all__ = [
@@ -40,7 +41,7 @@ def arwc_weights(refs_chosen: Tensor, refs_rejected: Tensor) -> Tensor:
 
     Returns:
         ``[K, B]`` detached weights, each column summing to 1. ``m_k = logp_k(y_w) − logp_k(y_l)``.
-        Where every ``m_k`` of a pair is 0 the weights fall back to uniform ``1/K`` (the SPEC's "tiny ε
+        Where every ``m_k`` of a pair is 0 the weights fall back to uniform ``1/K`` (the paper's "tiny ε
         in the sum" would give all-zero weights and an infinite virtual reference there; dividing
         exactly also makes ``K = 1`` give ``α = 1`` bit for bit).
     """
@@ -76,7 +77,7 @@ def ctro_clip(
 
     ``logp_k(y) ← clamp(logp_k(y), logp_0(y) − ε_y·|logp_0(y)|, logp_0(y) + ε_y·|logp_0(y)|)`` for
     ``k ≥ 1``, separately for chosen (``ε_w``) and rejected (``ε_l``). For the usual negative
-    log-probs this is SPEC's ``clamp(logp_k, logp_0·(1+ε), logp_0·(1−ε))``.
+    log-probs this is the paper's ``clamp(logp_k, logp_0·(1+ε), logp_0·(1−ε))``.
 
     Args:
         refs_chosen, refs_rejected: ``[K, B]`` unclipped reference log-probs.
@@ -127,7 +128,7 @@ def virtual_reference(
     """MRPO virtual reference log-probs ``log π̃(y|x) = −logsumexp_k(log α_k − logp_k(y|x))``.
 
     α comes from the *unclipped* log-probs (ARWC, or the fixed ``weights``); the CTRO-clipped
-    log-probs enter the mix (SPEC §2.3 DECISION). The result is a weighted harmonic mean of the
+    log-probs enter the mix (docs/methods.md#mrpo, "decisions"). The result is a weighted harmonic mean of the
     reference probabilities, so it lies between ``min_k`` and ``max_k`` of the clipped references.
 
     Args:
@@ -165,34 +166,109 @@ class ReferenceAggregate:
 def aggregate_references(
     refs_chosen: Tensor,
     refs_rejected: Tensor,
-    mode: ReferenceMode = "single",
+    mode: ReferenceMode | str = "single",
     weights: WeightSpec = "adaptive",
     clip_eps: float = 0.1,
     clip: ClipMode = "adaptive",
 ) -> ReferenceAggregate:
-    """Combine detached ``[K, B]`` reference stacks according to ``mode`` (SPEC §2, §5)."""
+    """Combine detached ``[K, B]`` reference stacks with the registered reference aggregator ``mode``."""
     if refs_chosen.shape != refs_rejected.shape:
         raise ValueError(
             f"refs_chosen {tuple(refs_chosen.shape)} and refs_rejected {tuple(refs_rejected.shape)} differ"
         )
-    if mode == "single":
-        c, r = refs_chosen[:1], refs_rejected[:1]
-        return ReferenceAggregate(c, r, torch.ones_like(c), c[0], r[0])
-    if mode not in ("mrpo", "mdpo"):
-        raise ValueError(f"reference must be 'single', 'mrpo' or 'mdpo', got {mode!r}")
+    return lookup("reference", mode).impl(refs_chosen, refs_rejected, weights, clip_eps, clip)
 
-    alpha = reference_weights(weights, refs_chosen, refs_rejected)  # from unclipped log-probs
+
+def _single(
+    refs_chosen: Tensor, refs_rejected: Tensor, weights: WeightSpec, clip_eps: float, clip: ClipMode
+) -> ReferenceAggregate:
+    c, r = refs_chosen[:1], refs_rejected[:1]
+    return ReferenceAggregate(c, r, torch.ones_like(c), c[0], r[0])
+
+
+def _weighted_clipped(
+    mode: str,
+    refs_chosen: Tensor,
+    refs_rejected: Tensor,
+    weights: WeightSpec,
+    clip_eps: float,
+    clip: ClipMode,
+) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+    """α (from the unclipped log-probs), the CTRO-clipped stacks and the logged α / clip metrics."""
+    alpha = reference_weights(weights, refs_chosen, refs_rejected)
     clipped_c, clipped_r = ctro_clip(refs_chosen, refs_rejected, clip_eps, clip)
     with torch.no_grad():
         metrics = {f"{mode}/alpha_{k}": alpha[k].mean() for k in range(alpha.shape[0])}
         if refs_chosen.shape[0] > 1:
             moved = torch.cat([clipped_c[1:] != refs_chosen[1:], clipped_r[1:] != refs_rejected[1:]])
             metrics[f"{mode}/clip_fraction"] = moved.to(alpha.dtype).mean()
-    if mode == "mrpo":
-        vc = _log_harmonic_mix(clipped_c, alpha)
-        vr = _log_harmonic_mix(clipped_r, alpha)
-        return ReferenceAggregate(vc[None], vr[None], torch.ones_like(vc[None]), vc, vr, metrics)
-    # MDPO: keep every (clipped) reference; rewards are logged against the α-weighted arithmetic mean.
+    return alpha, clipped_c, clipped_r, metrics
+
+
+def _mrpo(
+    refs_chosen: Tensor, refs_rejected: Tensor, weights: WeightSpec, clip_eps: float, clip: ClipMode
+) -> ReferenceAggregate:
+    alpha, clipped_c, clipped_r, metrics = _weighted_clipped(
+        "mrpo", refs_chosen, refs_rejected, weights, clip_eps, clip
+    )
+    vc = _log_harmonic_mix(clipped_c, alpha)
+    vr = _log_harmonic_mix(clipped_r, alpha)
+    return ReferenceAggregate(vc[None], vr[None], torch.ones_like(vc[None]), vc, vr, metrics)
+
+
+def _mdpo(
+    refs_chosen: Tensor, refs_rejected: Tensor, weights: WeightSpec, clip_eps: float, clip: ClipMode
+) -> ReferenceAggregate:
+    alpha, clipped_c, clipped_r, metrics = _weighted_clipped(
+        "mdpo", refs_chosen, refs_rejected, weights, clip_eps, clip
+    )
+    # Keep every (clipped) reference; rewards are logged against the α-weighted arithmetic mean.
     mix_c = torch.where(alpha > 0, alpha * clipped_c, 0.0).sum(0)
     mix_r = torch.where(alpha > 0, alpha * clipped_r, 0.0).sum(0)
     return ReferenceAggregate(clipped_c, clipped_r, alpha, mix_c, mix_r, metrics)
+
+
+_MRPO_OPTIONS = (
+    Option("mrpo.weights", "weights"),
+    Option("mrpo.clip_eps", "clip_eps"),
+    Option("mrpo.clip", "clip"),
+    Option("mrpo.allow_single_reference"),
+)
+register(
+    Component(
+        "single",
+        "reference",
+        "single",
+        _single,
+        summary="the primary reference alone (default)",
+        formula="log π_ref = logp_0",
+        supports_unpaired=True,
+        selectable=False,
+    )
+)
+register(
+    Component(
+        "mrpo",
+        "reference",
+        "mrpo",
+        _mrpo,
+        summary="MRPO: one virtual reference, a weighted harmonic mix of K clipped references",
+        formula="log π̃(y|x) = −logsumexp_k(log α_k − logp_k(y|x))",
+        paper="Le et al. 2024, Multi-Reference Preference Optimization for Large Language Models (arXiv:2405.16388)",
+        needs=frozenset({"multi_reference"}),
+        options=_MRPO_OPTIONS,
+    )
+)
+register(
+    Component(
+        "mdpo",
+        "reference",
+        "mdpo",
+        _mdpo,
+        summary="multi-DPO baseline: α-weighted sum of the per-reference losses",
+        formula="ℓ = Σ_k α_k · ℓ(reference k)",
+        paper="the multi-reference baseline of Le et al. 2024 (arXiv:2405.16388)",
+        needs=frozenset({"multi_reference"}),
+        options=_MRPO_OPTIONS,
+    )
+)
