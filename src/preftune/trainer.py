@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import losses as L
 from .cache import default_cache_dir
 from .config import ConfigError, TrainConfig, load_config, save_config, to_dict
+from .data.check import check_data
 from .references import (
     PAIRED_SIDES,
     UNPAIRED_SIDES,
@@ -599,6 +600,8 @@ class Trainer:
             mixed_precision=_mixed_precision(cfg), cpu=not torch.cuda.is_available()
         )
         acc = self.accelerator
+        # data errors surface here, all at once, before any model loads (preftune.data.check)
+        self.data_check = check_data(cfg, unpaired=self.unpaired, log=lambda m: _log(m, acc))
         self.output_dir = prepare_output_dir(cfg) if acc.is_main_process else Path(cfg.output_dir)
         acc.wait_for_everyone()
         set_seed(cfg.seed)
@@ -616,7 +619,8 @@ class Trainer:
         self.inputs = self._step_inputs()
         if acc.is_main_process:  # written once the inputs proved usable: a failed start keeps the old one
             save_config(cfg, self.output_dir / "config.yaml")
-            state = {"phi_star": self.phi_star, "data": self.data.report, "method": self.spec["method"]}
+            data = {**self.data.report, **self.data_check.report}  # rows skipped while loading, too
+            state = {"phi_star": self.phi_star, "data": data, "method": self.spec["method"]}
             (self.output_dir / "run_state.json").write_text(json.dumps(state, indent=1))
 
     # -- stages ------------------------------------------------------------------------------------
