@@ -138,3 +138,18 @@ def test_an_entry_with_too_few_rows_is_recomputed(setup, tiny_model_dir, tmp_pat
     assert calls == 2
     assert len(warned) == 1 and entry.name in warned[0] and "expected 6 rows" in warned[0]
     _same(clean, again)
+
+
+def test_a_write_killed_midway_leaves_no_entry(tmp_path, monkeypatch):
+    from preftune import cache as cache_module
+
+    def dying_save(tensors, path):
+        Path(path).write_bytes(b"half an entry")
+        raise KeyboardInterrupt  # the process is stopped mid-write
+
+    monkeypatch.setattr(cache_module, "save_file", dying_save)
+    cache = TensorCache(tmp_path, "references")
+    with pytest.raises(KeyboardInterrupt):
+        cache.save("k", {"x": torch.zeros(3)})
+    assert list((tmp_path / "references").iterdir()) == []
+    assert cache.load("k") is None

@@ -517,9 +517,9 @@ def probe_scoring(model: nn.Module, *, log=None) -> ScoringProbe:
         tol = _tolerance(want.float(), dtype)
         try:
             got = score_batch(model, **plain, exact=False).logps
-            error = (got.float() - want.float()).abs()
-            fused_error = float(error.max())
-            fused_exact = bool((error <= tol).all())
+            diff = (got.float() - want.float()).abs()
+            fused_error = float(diff.max())
+            fused_exact = bool((diff <= tol).all())
         except Exception as failure:  # the fused path cannot run this head: use the model's own logits
             fused_error, fused_exact = float("inf"), False
             log(
