@@ -3,13 +3,15 @@
 A key hashes everything the cached numbers depend on: the exact token ids each model sees (which
 covers the data, the tokenizer, the chat template and max_length), a digest of the model's weight
 files, and the scoring dtype. Change any of them and the key changes; nothing is ever invalidated by
-hand. Files are written to a temporary name and renamed, so a crash never leaves a half-written entry.
+hand. Files are written to a temporary name and renamed, so a crash never leaves a half-written entry;
+each entry's checksum and shapes are verified on load, so a damaged one is recomputed, never used.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from .models.presets import MANIFEST_NAME, default_cache_dir  # one definition of the cache root
 
 CACHE_FORMAT = 1  # bump when the meaning of cached numbers changes
+
+logger = logging.getLogger(__name__)
 
 
 def hash_token_lists(*lists: Sequence[Sequence[int]]) -> str:
@@ -84,30 +88,107 @@ def make_key(**parts: object) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-class TensorCache:
-    """A directory of ``<key>.safetensors`` entries with a JSON sidecar describing each."""
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
-    def __init__(self, root: str | os.PathLike, kind: str):
+
+def _write_atomically(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class TensorCache:
+    """A directory of ``<key>.safetensors`` entries, each with a JSON sidecar ``<key>.json``.
+
+    The sidecar records the payload's sha256 and every tensor's shape. :meth:`load` checks both (and
+    the row counts the caller expects) and treats any mismatch, or an unreadable, truncated or
+    missing file, as a miss: the entry is recomputed, never trusted, and a one-line warning says which
+    entry and why.
+    """
+
+    def __init__(self, root: str | os.PathLike, kind: str, *, warn=None):
         self.root = Path(root) / kind
+        self.warn = warn or logger.warning
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
-    def load(self, key: str) -> dict[str, torch.Tensor] | None:
+    def meta_path(self, key: str) -> Path:
+        return self.root / f"{key}.json"
+
+    def _reject(self, key: str, why: str) -> None:
+        self.warn(f"cache entry {self.path(key)} not used ({why}); recomputing it")
+
+    def load(self, key: str, rows: dict[str, int] | None = None) -> dict[str, torch.Tensor] | None:
+        """The entry's tensors, or None when absent or not trustworthy.
+
+        ``rows`` maps tensor names to the number of rows (first dimension) the caller needs; a missing
+        tensor or another count rejects the entry.
+        """
         path = self.path(key)
         if not path.is_file():
             return None
         try:
-            return load_file(path)
-        except Exception:  # a damaged entry is recomputed, never trusted
+            meta = json.loads(self.meta_path(key).read_text())
+            checksum, shapes = meta["sha256"], meta["shapes"]
+        except FileNotFoundError:
+            self._reject(key, "its metadata file is missing")
             return None
+        except KeyError as error:
+            self._reject(key, f"its metadata records no {error} (written by an older preftune?)")
+            return None
+        except (OSError, ValueError, TypeError) as error:
+            self._reject(key, f"unreadable metadata: {type(error).__name__}: {error}")
+            return None
+        try:
+            actual = file_sha256(path)
+        except OSError as error:
+            self._reject(key, f"unreadable: {error}")
+            return None
+        if actual != checksum:
+            self._reject(key, f"sha256 {actual[:12]}… differs from the recorded {str(checksum)[:12]}…")
+            return None
+        try:
+            tensors = load_file(path)
+        except Exception as error:  # safetensors raises several types on damaged files
+            self._reject(key, f"unreadable: {type(error).__name__}: {error}")
+            return None
+        found = {name: list(t.shape) for name, t in tensors.items()}
+        if found != shapes:
+            self._reject(key, f"tensor shapes {found} differ from the recorded {shapes}")
+            return None
+        for name, n in (rows or {}).items():
+            if name not in tensors:
+                self._reject(key, f"no tensor {name!r}")
+                return None
+            if tensors[name].dim() == 0 or tensors[name].shape[0] != n:
+                self._reject(key, f"{name} has shape {found[name]}, expected {n} rows")
+                return None
+        return tensors
 
     def save(self, key: str, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
+        """Write the payload, then its sidecar, each atomically; a crash in between leaves a payload
+        without matching metadata, which :meth:`load` rejects."""
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-        if meta is not None:
-            path.with_suffix(".json").write_text(json.dumps(meta, indent=1, default=str))
+        tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
+        _write_atomically(path, lambda tmp: save_file(tensors, tmp))
+        record = {
+            **(meta or {}),
+            "format": CACHE_FORMAT,
+            "sha256": file_sha256(path),
+            "shapes": {k: list(v.shape) for k, v in tensors.items()},
+        }
+        _write_atomically(
+            self.meta_path(key), lambda tmp: tmp.write_text(json.dumps(record, indent=1, default=str))
+        )
         return path

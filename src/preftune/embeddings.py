@@ -45,7 +45,7 @@ def embed_prompts(
     path = resolve_embedder(embedder)
     cache = TensorCache(cache_root, "embeddings")
     key = make_key(role="embeddings", texts=hash_texts(texts), embedder=model_fingerprint(path))
-    entry = cache.load(key)
+    entry = cache.load(key, rows={"embeddings": len(texts)})
     if entry is not None:
         return entry["embeddings"]
     from sentence_transformers import SentenceTransformer

@@ -119,7 +119,7 @@ def precompute_references(
     ``views[k].name == "policy"`` scores with the in-memory initial ``policy`` (adapters disabled);
     other references are loaded only on a cache miss and freed afterwards.
     """
-    cache = TensorCache(cache_root, "references")
+    cache = TensorCache(cache_root, "references", warn=log)
     out: dict[str, dict[str, list]] = {s: {} for s in splits}
     for k, view in enumerate(views):
         fingerprint = model_fingerprint(view.path)
@@ -132,15 +132,20 @@ def precompute_references(
                 dtype=str(autocast_dtype or view.dtype),
                 sides=sides,
             )
-            entry = cache.load(key)
+            n_rows = len(view.tokenized[split])
+            entry = cache.load(
+                key, rows={f"{s}_{q}": n_rows for s in sides for q in ("logps", "entropy", "tokens")}
+            )
             if entry is None:
                 if model is None:
                     model = (
                         policy if view.name == "policy" else _load_reference_model(view, device, view.dtype)
                     )
-                n = len(view.tokenized[split]) * len(sides)
                 bar = tqdm(
-                    total=n, desc=f"reference {k} ({view.name}) {split}", disable=not progress, unit="seq"
+                    total=n_rows * len(sides),
+                    desc=f"reference {k} ({view.name}) {split}",
+                    disable=not progress,
+                    unit="seq",
                 )
                 entry = {}
                 ctx = _as_initial_policy(model) if view.name == "policy" else contextlib.nullcontext()

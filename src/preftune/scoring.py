@@ -8,6 +8,8 @@ float32 logits exists at any moment: memory no longer grows with batch × length
 
 from __future__ import annotations
 
+import inspect
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .data.collate import collate_sequences
+from .data.collate import collate_sequences, collate_shared_prompt_pairs
 
 # Logits budget per chunk, in float32 values. The tile is allocated once per pass and reused by
 # every chunk. Larger chunks keep the head's matmuls efficient (on a 2-core CPU, 682 rows of
@@ -24,6 +26,8 @@ from .data.collate import collate_sequences
 # matters on a busy machine; see bench/NOTES.md. CPU: 2**25 values = 128 MiB; GPU: 512 MiB.
 DEFAULT_LOGITS_BUDGET = 2**27
 CPU_LOGITS_BUDGET = 2**25
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,12 +39,48 @@ class SequenceScores:
     entropy: torch.Tensor | None = None  # [N] mean over completion positions of H(p)/log V
 
 
-def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
-    """Split a causal LM (plain, PEFT-wrapped or DDP-wrapped) into (backbone, lm_head, softcap)."""
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside PEFT / DDP / accelerate wrappers."""
     inner = model
     while hasattr(inner, "module") and not hasattr(inner, "get_output_embeddings"):
         inner = inner.module  # DDP / accelerate wrappers
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def _text_config(base: nn.Module):
+    config = getattr(base, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def output_scale(config) -> float | None:
+    """The factor transformers applies to ``lm_head(hidden)`` before any softcapping, or None.
+
+    Each family spells it differently, and the same name does not mean the same operation
+    (Granite divides by ``logits_scaling``, HyperCLOVA X multiplies), so this goes by ``model_type``.
+    Architectures not listed here are still checked by :func:`probe_scoring` against the model's own
+    logits.
+    """
+    model_type = getattr(config, "model_type", "") or ""
+    if model_type.startswith("cohere"):  # logits * logit_scale
+        scale = getattr(config, "logit_scale", None)
+    elif model_type.startswith("granite"):  # logits / logits_scaling
+        divisor = getattr(config, "logits_scaling", None)
+        scale = None if not divisor else 1.0 / divisor
+    elif model_type == "minicpm3":  # hidden / logits_scaling before a bias-free head: the same thing
+        divisor = getattr(config, "logits_scaling", None)
+        scale = None if not divisor else 1.0 / divisor
+    elif model_type.startswith("hyperclovax"):  # logits * logits_scaling
+        scale = getattr(config, "logits_scaling", None)
+    elif model_type.startswith("falcon_h1"):  # logits * lm_head_multiplier
+        scale = getattr(config, "lm_head_multiplier", None)
+    else:  # e.g. muse models: logits * output_multiplier, then softcapping
+        scale = getattr(config, "output_multiplier", None)
+    return None if scale is None or float(scale) == 1.0 else float(scale)
+
+
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | None]:
+    """Split a causal LM (plain, PEFT-wrapped or DDP-wrapped) into (backbone, lm_head, softcap)."""
+    base = _base_model(model)
     head = base.get_output_embeddings()
     backbone = getattr(base, getattr(base, "base_model_prefix", "model"), None)
     if head is None or backbone is None or backbone is base:
@@ -48,9 +88,7 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module, float | N
             f"{type(base).__name__} is not a causal language model with an output projection "
             "(expected e.g. LlamaForCausalLM); preftune needs AutoModelForCausalLM models"
         )
-    config = getattr(base, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    softcap = getattr(text_config, "final_logit_softcapping", None)
+    softcap = getattr(_text_config(base), "final_logit_softcapping", None)
     return backbone, head, softcap
 
 
@@ -64,39 +102,41 @@ def default_chunk_tokens(vocab: int, device: torch.device | str) -> int:
 # backward by activation checkpointing. Used for heads that are not a plain nn.Linear.
 
 
-def _logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+def _logits(head: nn.Module, hidden: torch.Tensor, softcap: float | None, scale=None) -> torch.Tensor:
     logits = head(hidden)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if scale is not None:
+        logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits
 
 
-def _chunk_token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None):
-    logits = _logits(head, hidden, softcap)
+def _chunk_token_logps(hidden, targets, head: nn.Module, softcap: float | None, scale=None):
+    logits = _logits(head, hidden, softcap, scale)
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 @torch.no_grad()
-def _chunk_token_logps_entropy(hidden, targets, head, softcap):
-    logits = _logits(head, hidden, softcap)
+def _chunk_token_logps_entropy(hidden, targets, head, softcap, scale=None):
+    logits = _logits(head, hidden, softcap, scale)
     log_probs = torch.log_softmax(logits, dim=-1)
     token = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1) / math.log(logits.shape[-1])
     return token, entropy
 
 
-def _checkpointed_token_logps(hidden, targets, head, softcap, chunk, with_entropy):
+def _checkpointed_token_logps(hidden, targets, head, softcap, chunk, with_entropy, scale=None):
     pieces, entropies = [], []
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start : start + chunk], targets[start : start + chunk]
         if with_entropy:
-            token, ent = _chunk_token_logps_entropy(h, t, head, softcap)
+            token, ent = _chunk_token_logps_entropy(h, t, head, softcap, scale)
             entropies.append(ent)
         elif torch.is_grad_enabled():
-            token = checkpoint(_chunk_token_logps, h, t, head, softcap, use_reentrant=False)
+            token = checkpoint(_chunk_token_logps, h, t, head, softcap, scale, use_reentrant=False)
         else:
-            token = _chunk_token_logps(h, t, head, softcap)
+            token = _chunk_token_logps(h, t, head, softcap, scale)
         pieces.append(token)
     empty = hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
     logps = torch.cat(pieces) if pieces else empty
@@ -116,15 +156,17 @@ def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
     return hidden.dtype
 
 
-def _project(tile, hidden, weight_t, bias) -> None:
-    """tile[:] = hidden @ weight_t (+ bias) in float32; a low-precision product is rounded first,
-    exactly as the autocast path (head(hidden).float()) rounds it."""
+def _project(tile, hidden, weight_t, bias, scale=None) -> None:
+    """tile[:] = (hidden @ weight_t (+ bias)) · scale in float32; a low-precision product is rounded
+    first, exactly as the autocast path (head(hidden).float()) rounds it."""
     if hidden.dtype == tile.dtype:
         torch.mm(hidden, weight_t, out=tile)
     else:
         tile.copy_(hidden @ weight_t)
     if bias is not None:
         tile.add_(bias)
+    if scale is not None:
+        tile.mul_(scale)
 
 
 def _softcap_(tile, softcap, tanh_out=None) -> None:
@@ -139,7 +181,7 @@ def _softcap_(tile, softcap, tanh_out=None) -> None:
 
 class _LinearTokenLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, chunk, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, softcap, chunk, with_entropy, scale=None):
         cdtype = _compute_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             weight_t = weight.to(cdtype).t()
@@ -154,7 +196,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             for start in range(0, n, chunk):
                 end = min(start + chunk, n)
                 t = tile[: end - start]
-                _project(t, hidden[start:end].to(cdtype), weight_t, bias_c)
+                _project(t, hidden[start:end].to(cdtype), weight_t, bias_c, scale)
                 if softcap:
                     _softcap_(t, softcap)
                 target = t.gather(1, targets[start:end, None]).squeeze(1)
@@ -172,7 +214,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
                 if with_entropy:
                     entropy[start:end] = (chunk_lse - pz) / math.log(vocab)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.softcap, ctx.chunk, ctx.cdtype = softcap, chunk, cdtype
+        ctx.softcap, ctx.chunk, ctx.cdtype, ctx.scale = softcap, chunk, cdtype, scale
         if entropy is not None:
             ctx.mark_non_differentiable(entropy)
         return logps, entropy
@@ -180,7 +222,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logps, _grad_entropy):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        softcap, chunk, cdtype = ctx.softcap, ctx.chunk, ctx.cdtype
+        softcap, chunk, cdtype, scale = ctx.softcap, ctx.chunk, ctx.cdtype, ctx.scale
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n, vocab = hidden.shape[0], weight.shape[0]
         f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -204,7 +246,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
                 m = end - start
                 t = tile[:m]
                 h = hidden[start:end].to(cdtype)
-                _project(t, h, weight_c.t(), bias_c)
+                _project(t, h, weight_c.t(), bias_c, scale)
                 if softcap:
                     _softcap_(t, softcap, tanh[:m])
                 gc = g[start:end, None]
@@ -214,6 +256,8 @@ class _LinearTokenLogProbs(torch.autograd.Function):
                 if softcap:  # d z / d logits = 1 - tanh^2
                     th = tanh[:m]
                     t.mul_(th.mul_(th).neg_().add_(1))
+                if scale is not None:  # d (scale · logits) / d logits
+                    t.mul_(scale)
                 d = t if low is None else low[:m].copy_(t)
                 if need_h:
                     if grad_h.dtype == d.dtype:
@@ -231,6 +275,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             grad_h,
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
+            None,
             None,
             None,
             None,
@@ -258,8 +303,12 @@ def token_logps(
     chunk_tokens: int = 0,
     with_entropy: bool = False,
     fused: bool | None = None,
+    scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(target) for P hidden states [P, H] -> [P] (and normalised entropies [P]), chunk by chunk.
+
+    The logits are ``softcap · tanh(scale · head(hidden) / softcap)`` (each part only when given), as
+    the model's own forward computes them (see :func:`output_scale`).
 
     ``fused`` (default: whenever the head is a plain ``nn.Linear``) uses one reusable logits tile and
     a hand-written backward; otherwise each chunk goes through autograd with checkpointing.
@@ -269,11 +318,12 @@ def token_logps(
     if fused is None:
         fused = _fusable(head)
     if not fused:
-        return _checkpointed_token_logps(hidden, targets, head, softcap, chunk, with_entropy)
+        return _checkpointed_token_logps(hidden, targets, head, softcap, chunk, with_entropy, scale)
+    args = (hidden, head.weight, head.bias, targets, softcap, chunk)
     if with_entropy:  # entropy is for references and metrics: never differentiated
         with torch.no_grad():
-            return _LinearTokenLogProbs.apply(hidden, head.weight, head.bias, targets, softcap, chunk, True)
-    logps, _ = _LinearTokenLogProbs.apply(hidden, head.weight, head.bias, targets, softcap, chunk, False)
+            return _LinearTokenLogProbs.apply(*args, True, scale)
+    logps, _ = _LinearTokenLogProbs.apply(*args, False, scale)
     return logps, None
 
 
@@ -290,6 +340,7 @@ def score_batch(
     predict_targets: torch.Tensor | None = None,
     predict_sequence: torch.Tensor | None = None,
     num_sequences: int | None = None,
+    exact: bool | None = None,
 ) -> SequenceScores:
     """Score N right-padded sequences [N, T]; ``completion_mask`` marks the completion tokens.
 
@@ -300,6 +351,9 @@ def score_batch(
     (``predict_index`` into the flattened [rows × T] hidden states, ``predict_targets`` the token
     each one predicts, ``predict_sequence`` the sequence it belongs to) and carries a 4D attention
     mask and position ids.
+
+    ``exact`` scores from the model's own ``logits`` instead of the chunked head; by default it follows
+    the model's :func:`probe_scoring` result (chunked head when none was recorded).
     """
     backbone, head, softcap = backbone_and_head(model)
     if predict_index is None:
@@ -315,23 +369,198 @@ def score_batch(
     else:
         flat, targets, rows, n = predict_index, predict_targets, predict_sequence, num_sequences
         attention_mask = _mask_for(backbone, attention_mask)
-    hidden = backbone(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
-    tok_logps, tok_entropy = token_logps(
-        hidden.reshape(-1, hidden.shape[-1])[flat],
-        targets,
-        head,
-        softcap=softcap,
-        chunk_tokens=chunk_tokens,
-        with_entropy=with_entropy,
-    )
+    if exact is None:
+        probe = getattr(_base_model(model), PROBE_ATTRIBUTE, None)
+        exact = probe is not None and not probe.fused_exact
+    if exact:
+        tok_logps, tok_entropy = _exact_token_logps(
+            model, input_ids, attention_mask, position_ids, flat, targets, with_entropy
+        )
+    else:
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        tok_logps, tok_entropy = token_logps(
+            hidden.reshape(-1, hidden.shape[-1])[flat],
+            targets,
+            head,
+            softcap=softcap,
+            chunk_tokens=chunk_tokens,
+            with_entropy=with_entropy,
+            scale=output_scale(_text_config(_base_model(model))),
+        )
     logps = tok_logps.new_zeros(n).index_add(0, rows, tok_logps)
     n_tokens = torch.bincount(rows, minlength=n)
     entropy = None
     if tok_entropy is not None:
         entropy = tok_entropy.new_zeros(n).index_add(0, rows, tok_entropy) / n_tokens.clamp(min=1)
     return SequenceScores(logps=logps, n_tokens=n_tokens, entropy=entropy)
+
+
+def _exact_token_logps(model, input_ids, attention_mask, position_ids, flat, targets, with_entropy):
+    """Token log-probs from the model's own ``logits`` (whatever its head does), for the positions
+    ``flat`` indexes into [rows × T]. Only the columns some row needs are projected (``logits_to_keep``)."""
+    width = input_ids.shape[1]
+    columns = flat % width
+    kwargs = dict(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    if "logits_to_keep" in inspect.signature(_base_model(model).forward).parameters:
+        keep = torch.unique(columns)  # sorted
+        kwargs["logits_to_keep"] = keep
+        index = (flat // width) * keep.numel() + torch.searchsorted(keep, columns)
+    else:
+        index = flat
+    logits = model(**kwargs).logits
+    picked = logits.reshape(-1, logits.shape[-1])[index]
+    log_probs = torch.log_softmax(picked.to(torch.promote_types(picked.dtype, torch.float32)), dim=-1)
+    token = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(log_probs.exp() * log_probs).sum(-1) / math.log(log_probs.shape[-1])
+    return token, entropy
+
+
+# --------------------------------------------------------------------------------------------------
+# The probe: does the fused head reproduce this model's own logits, and do shared-prompt rows
+# reproduce plain rows? Checked on a few random sequences when a model is loaded; never assumed.
+
+PROBE_ATTRIBUTE = "_preftune_scoring_probe"
+
+
+@dataclass
+class ScoringProbe:
+    """What :func:`probe_scoring` found for one model."""
+
+    architecture: str
+    fused_exact: bool  # the fused head's log-probs equal the model's own logits' (else: exact path)
+    fused_error: float  # largest |difference| in a sequence log-prob, fused vs the model's logits
+    shared_prompt: str | None  # None if shared-prompt rows equal plain rows, else why not
+
+
+_RECURRENT_KEYS = ("mamba", "ssm", "rwkv", "recurrent", "linear_attn", "linear_conv")
+
+
+def _mask_blind_layers(config) -> str | None:
+    """Why some layer of this architecture ignores a custom attention mask, judged from its config.
+
+    ALiBi adds a bias that depends on the key's position in the row, which a shared-prompt row moves;
+    state-space, recurrent, convolution and linear-attention layers carry state along the row, across
+    the mask. On a tiny random model the resulting difference can be as small as float32 noise, so the
+    config decides where it can; the probe catches the rest.
+    """
+    attn_config = getattr(config, "attn_config", None)
+    alibi = getattr(config, "alibi", False) or getattr(attn_config, "alibi", False)
+    if isinstance(attn_config, dict):
+        alibi = alibi or attn_config.get("alibi", False)
+    if alibi or getattr(config, "model_type", None) == "bloom":
+        return "ALiBi position biases"
+    keys = [key for key in config.to_dict() if any(word in key for word in _RECURRENT_KEYS)]
+    layers = [
+        kind
+        for name in ("layer_types", "layers_block_type", "block_types")
+        for kind in (getattr(config, name, None) or [])
+        if isinstance(kind, str) and (kind == "hybrid" or "linear" in kind or "attention" not in kind)
+    ]
+    if keys or layers:
+        return f"state carried along the row by non-attention layers ({', '.join(sorted(set(layers)) or keys[:2])})"
+    return None
+
+
+def _tolerance(reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # float32: both sides agree to ~1e-5 on a sequence; half precision rounds every logit
+    if dtype in (torch.float16, torch.bfloat16):
+        return 0.05 + 0.02 * reference.abs()
+    return 1e-3 + 1e-4 * reference.abs()
+
+
+def _probe_pairs(vocab: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    high = max(2, min(vocab, 32000))
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(1, high, (n,), generator=gen).tolist()
+
+    shapes = [(5, 4, 3), (3, 6, 5), (7, 2, 4)]  # (prompt, chosen, rejected) lengths: padding included
+    return [ids(p) for p, _, _ in shapes], [ids(c) for _, c, _ in shapes], [ids(r) for _, _, r in shapes]
+
+
+@torch.no_grad()
+def probe_scoring(model: nn.Module, *, log=None) -> ScoringProbe:
+    """Compare preftune's scoring with the model's own forward on a small random batch, and record the
+    decision on the model (``score_batch`` and :func:`shared_prompt_support` follow it).
+
+    If the fused head differs from the model's logits (an output scaling preftune does not know, say),
+    scoring falls back to the model's own logits, with a one-line warning. Shared-prompt rows are
+    offered only if they give the plain rows' numbers (not so for ALiBi or state-space layers, whose
+    state crosses the custom mask). Raises ValueError naming the architecture if the model's own
+    forward cannot score the probe.
+    """
+    base = _base_model(model)
+    architecture = type(base).__name__
+    log = log or logger.warning
+    _, head, _ = backbone_and_head(model)
+    vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
+    device = next(base.parameters()).device
+    prompts, chosen, rejected = _probe_pairs(vocab)
+    plain = collate_sequences(prompts * 2, chosen + rejected, 0, device)
+    was_training = base.training
+    base.eval()
+    try:
+        try:
+            want = score_batch(model, **plain, exact=True).logps
+        except Exception as error:
+            raise ValueError(
+                f"{architecture}: preftune cannot score this model: its own forward failed on a probe batch "
+                f"({type(error).__name__}: {error})"
+            ) from error
+        dtype = want.dtype if head.weight.dtype == torch.float32 else head.weight.dtype
+        tol = _tolerance(want.float(), dtype)
+        try:
+            got = score_batch(model, **plain, exact=False).logps
+            diff = (got.float() - want.float()).abs()
+            fused_error = float(diff.max())
+            fused_exact = bool((diff <= tol).all())
+        except Exception as failure:  # the fused path cannot run this head: use the model's own logits
+            fused_error, fused_exact = float("inf"), False
+            log(
+                f"{architecture}: the chunked head failed ({type(failure).__name__}: {failure}); "
+                "scoring with the model's own logits"
+            )
+        else:
+            if not fused_exact:
+                log(
+                    f"{architecture}: the chunked head's log-probs differ from the model's own logits by "
+                    f"{fused_error:.3g} (an output scaling preftune does not know?); scoring with the model's "
+                    "own logits instead, which costs memory for full-vocabulary logits"
+                )
+        plain_logps = want if not fused_exact else got
+        blind = _mask_blind_layers(_text_config(base))
+        try:
+            shared = score_batch(
+                model,
+                **collate_shared_prompt_pairs(prompts, chosen, rejected, 0, device),
+                exact=not fused_exact,
+            ).logps
+            shared_error = float((shared.float() - plain_logps.float()).abs().max())
+            if not bool(((shared.float() - plain_logps.float()).abs() <= tol).all()):
+                reason = (
+                    f"{architecture} gives other log-probs for shared-prompt rows than for plain rows "
+                    f"(by {shared_error:.3g}: {blind or 'its layers do not follow the custom mask'})"
+                )
+            elif blind:
+                reason = f"{architecture} has {blind}, which a shared-prompt row's custom mask does not cover"
+            else:
+                reason = None
+        except Exception as failure:
+            message = str(failure).splitlines()[0] if str(failure) else ""
+            reason = f"{architecture} cannot run shared-prompt rows ({type(failure).__name__}: {message})"
+    finally:
+        base.train(was_training)
+    probe = ScoringProbe(architecture, fused_exact, fused_error, reason)
+    setattr(base, PROBE_ATTRIBUTE, probe)
+    return probe
 
 
 def _mask_for(backbone: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
@@ -357,8 +586,10 @@ def shared_prompt_support(model: nn.Module, max_length: int) -> str | None:
     """None if :func:`collate_shared_prompt_pairs` batches give this model's exact numbers, else why not.
 
     They need a custom 4D mask that the model passes to attention unchanged (transformers does for
-    sdpa and eager attention), and no sliding window shorter than a sequence: the custom mask
-    replaces the model's own, window included.
+    sdpa and eager attention), no sliding window shorter than a sequence (the custom mask replaces the
+    model's own, window included), and a model whose every layer respects that mask: the probe
+    (:func:`probe_scoring`, run now if the model has no result yet) compares shared-prompt rows with
+    plain rows, which rules out ALiBi biases and state-space layers.
     """
     backbone, _, _ = backbone_and_head(model)
     config = getattr(backbone, "config", None)
@@ -368,7 +599,10 @@ def shared_prompt_support(model: nn.Module, max_length: int) -> str | None:
     window = getattr(config, "sliding_window", None)
     if window and getattr(config, "use_sliding_window", True) and window < max_length:
         return f"sliding_window={window} is shorter than max_length={max_length}"
-    return None
+    probe = getattr(_base_model(model), PROBE_ATTRIBUTE, None)
+    if probe is None:
+        probe = probe_scoring(model)
+    return probe.shared_prompt
 
 
 SHARE_PROMPT_MIN_SAVING = 0.25

@@ -36,6 +36,7 @@ from .checkpointing import (
     write_atomically,
 )
 from .config import ConfigError, TrainConfig, load_config, save_config
+from .data.check import check_data
 from .data.prepare import prepare_data
 from .metrics import HeldOutMetrics, MetricsLog, log, mean_over_processes, peak_memory_mb
 from .models.loading import load_policy, mixed_precision
@@ -84,6 +85,8 @@ class Trainer:
             mixed_precision=mixed_precision(cfg), cpu=not torch.cuda.is_available()
         )
         acc = self.accelerator
+        # data errors surface here, all at once, before any model loads (preftune.data.check)
+        self.data_check = check_data(cfg, unpaired=self.unpaired, log=lambda m: log(m, acc))
         self.output_dir = prepare_output_dir(cfg) if acc.is_main_process else Path(cfg.output_dir)
         self.run_dir = RunDir(self.output_dir)
         acc.wait_for_everyone()
@@ -102,7 +105,8 @@ class Trainer:
         self.inputs = self._step_inputs()
         if acc.is_main_process:  # written once the inputs proved usable: a failed start keeps the old one
             save_config(cfg, self.run_dir.config)
-            state = {"phi_star": self.phi_star, "data": self.data.report, "method": self.spec["method"]}
+            data = {**self.data.report, **self.data_check.report}  # rows skipped while loading, too
+            state = {"phi_star": self.phi_star, "data": data, "method": self.spec["method"]}
             self.run_dir.run_state.write_text(json.dumps(state, indent=1))
 
     # -- stages ------------------------------------------------------------------------------------

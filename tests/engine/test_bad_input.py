@@ -77,6 +77,32 @@ def test_missing_column_names_it_and_suggests_the_mapping(base_config, tmp_path,
     assert "Did you mean 'chosen_response'?" in err and "data.columns" in err
 
 
+@pytest.mark.parametrize("problem", ["missing-file", "missing-columns", "bad-rows"])
+def test_data_errors_come_before_any_model_loads(problem, base_config, tmp_path, capsys, monkeypatch):
+    import preftune.trainer as trainer_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(trainer_module, "load_policy", no_model)
+    rows = arithmetic_rows(6)
+    if problem == "missing-file":
+        cfg = base_config(data__eval=str(tmp_path / "no-such-eval.jsonl"))
+        expected = [str(tmp_path / "no-such-eval.jsonl"), "data.eval", "file not found"]
+    elif problem == "missing-columns":
+        rows = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in rows]
+        cfg = base_config(data__train=write_jsonl(tmp_path / "cols.jsonl", rows))
+        expected = ["data.columns.prompt=question", "data.columns.chosen=good", "data.columns.rejected=bad"]
+    else:
+        rows[1]["chosen"] = rows[4]["rejected"] = [{"role": "assistant", "content": ""}]
+        cfg = base_config(data__train=write_jsonl(tmp_path / "rows.jsonl", rows))
+        expected = ["line 2, field 'chosen'", "line 5, field 'rejected'", "2 bad rows"]
+    code, _, err = run_cli(capsys, tmp_path, cfg)
+    assert code == 2, err
+    assert all(part in err for part in expected), err
+    assert "Traceback" not in err and "model was loaded" not in err
+
+
 def test_empty_completion_names_line_and_field(base_config, tmp_path, capsys):
     rows = arithmetic_rows(6)
     rows[3]["rejected"] = [{"role": "assistant", "content": ""}]
@@ -109,8 +135,10 @@ def test_on_error_skip_skips_bad_rows_logs_the_counts_and_trains(
     code, out, err = run_cli(capsys, tmp_path, cfg)
     assert code == 0, err
     assert "train: skipped 2 bad rows" in out
+    assert "line 3 (invalid JSON" in out and "line 6 ('rejected': empty completion)" in out
     assert "skipped 1 row" in out and "max_length=64" in out
     state = json.loads((tmp_path / "run" / "run_state.json").read_text())
+    assert state["data"]["train/rows"] == {"read": 10, "skipped": 2, "skipped_rows": [3, 6]}
     assert state["data"]["train/policy"] == {"total": 8, "truncated": 0, "skipped": 1}
     assert sorted(losses_by_step(tmp_path / "run" / "metrics.jsonl")) == [1, 2]
 

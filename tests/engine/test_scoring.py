@@ -95,8 +95,10 @@ def test_non_causal_lm_is_rejected():
 # full-logit computation: values and gradients of hidden states, weight and bias.
 
 
-def naive_token_logps(hidden, targets, head, softcap=None):
+def naive_token_logps(hidden, targets, head, softcap=None, scale=None):
     logits = head(hidden).float()
+    if scale is not None:
+        logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
@@ -127,15 +129,17 @@ def _grads(fn, head, h, targets, weights):
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 23, 0])
-@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize(("softcap", "scale"), [(None, None), (3.0, None), (None, 0.125), (3.0, 2.5)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_head_matches_full_logits(chunk, softcap, bias):
+def test_fused_head_matches_full_logits(chunk, softcap, scale, bias):
     head, h, targets, weights = _head_case(bias=bias)
-    want, want_grads = _grads(lambda x, t, m: naive_token_logps(x, t, m, softcap), head, h, targets, weights)
+    want, want_grads = _grads(
+        lambda x, t, m: naive_token_logps(x, t, m, softcap, scale), head, h, targets, weights
+    )
     for fused in (True, False):
         got, got_grads = _grads(
             lambda x, t, m, fused=fused: token_logps(
-                x, t, m, softcap=softcap, chunk_tokens=chunk, fused=fused
+                x, t, m, softcap=softcap, chunk_tokens=chunk, fused=fused, scale=scale
             )[0],
             head,
             h,

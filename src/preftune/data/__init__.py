@@ -7,6 +7,7 @@ Every bad row raises :class:`DataError` naming the file, row and field (or is sk
 with ``on_error="skip"``). See docs/data-formats.md.
 """
 
+from .check import DataCheck, check_data
 from .formatting import (
     DEFAULT_TEMPLATE,
     add_special_tokens_for,
@@ -29,6 +30,7 @@ from .tokenize import (
 __all__ = [
     "DEFAULT_TEMPLATE",
     "Columns",
+    "DataCheck",
     "DataError",
     "Example",
     "LoadedData",
@@ -37,6 +39,7 @@ __all__ = [
     "TokenizedUnpaired",
     "UnpairedExample",
     "add_special_tokens_for",
+    "check_data",
     "examples_fingerprint",
     "has_chat_template",
     "load_examples",

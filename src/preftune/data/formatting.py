@@ -1,7 +1,8 @@
 """Rendering examples to text with one model's tokenizer and chat template.
 
 Rendering is per tokenizer: the policy and every reference model render the same example with their
-own template (SPEC §2.6), so nothing here caches text across tokenizers.
+own template (each reference scores the text as it would see it, so references with different
+vocabularies combine at the sequence level), so nothing here caches text across tokenizers.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -113,12 +114,24 @@ def _read_json_array(
     return rows
 
 
-def _read_json_file(path: str, source: str, max_rows: int | None) -> _RawRows:
+def _read_text(path: str, source: str) -> str:
+    """The file as text; a byte that is not UTF-8 is reported by line and column, as an editor shows it."""
+    with open(path, "rb") as handle:
+        data = handle.read()
     try:
-        with open(path, encoding="utf-8-sig") as handle:  # -sig: tolerate a byte-order mark
-            text = handle.read()
+        return data.decode("utf-8-sig")  # -sig: tolerate a byte-order mark
     except UnicodeDecodeError as error:
-        raise DataError(f"not UTF-8 text ({error})", source=source) from None
+        line_start = data.rfind(b"\n", 0, error.start) + 1
+        raise DataError(
+            f"not UTF-8 text: byte 0x{data[error.start]:02x} at column {error.start - line_start + 1} "
+            "(save the file as UTF-8)",
+            source=source,
+            row=data.count(b"\n", 0, error.start) + 1,
+        ) from None
+
+
+def _read_json_file(path: str, source: str, max_rows: int | None) -> _RawRows:
+    text = _read_text(path, source)
     start = re.compile(r"\s*").match(text).end()
     rows: list[tuple[int, dict | _Unreadable]] | None = None
     if start < len(text) and text[start] == "[":
@@ -139,16 +152,35 @@ def _read_json_file(path: str, source: str, max_rows: int | None) -> _RawRows:
     return _RawRows(rows, list(columns), "line")
 
 
-def _csv_record_lines(path: str) -> list[int]:
-    """1-based line on which each CSV data record starts (records may span lines when quoted)."""
+def _csv_record_lines(path: str, source: str | None = None) -> list[int]:
+    """1-based line on which each CSV data record starts (records may span lines when quoted).
+
+    Also the CSV checks pandas would blur: text that is not UTF-8 (named by line), and broken quoting,
+    which would otherwise swallow the following lines into one field and surface later as a
+    "missing value" somewhere else.
+    """
+    source = source if source is not None else path
+    text = _read_text(path, source)
     starts = []
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle)
-        previous_end = 0  # line_num after the previous record; the next record starts on the line after
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    previous_end = 0  # line_num after the previous record; the next record starts on the line after
+    try:
         for record in reader:
             if record and any(cell.strip() for cell in record):
                 starts.append(previous_end + 1)
             previous_end = reader.line_num
+    except csv.Error as error:
+        unclosed = "unexpected end of data" in str(error)
+        raise DataError(
+            "broken CSV quoting: "
+            + (
+                "a quoted field opened on this line is never closed"
+                if unclosed
+                else f'{error} (a quote inside a quoted field must be doubled: "")'
+            ),
+            source=source,
+            row=previous_end + 1,
+        ) from None
     return starts[1:]  # drop the header
 
 
@@ -179,13 +211,14 @@ def _pick_split(dataset, split: str, source: str):
 def _read_with_datasets(path: str, builder: str, source: str, max_rows: int | None) -> _RawRows:
     import datasets
 
+    lines = _csv_record_lines(path, source) if builder == "csv" else None  # before pandas blurs the errors
     try:
         dataset = datasets.load_dataset(builder, data_files=path, split="train")
     except Exception as error:  # pyarrow / pandas parse errors come in many types
         raise DataError(
             f"could not read {builder} file: {type(error).__name__}: {error}", source=source
         ) from error
-    return _rows_from_dataset(dataset, max_rows, _csv_record_lines(path) if builder == "csv" else None)
+    return _rows_from_dataset(dataset, max_rows, lines)
 
 
 def _read_folder(path: str, source: str, split: str, max_rows: int | None) -> _RawRows:
@@ -256,21 +289,52 @@ def _read_source(source: str, split: str, max_rows: int | None) -> _RawRows:
 # ------------------------------------------------------------------------------------------ validation
 
 
-def _missing_column(column: str, present: list[str], source: str, extra: str = "") -> DataError:
-    close = difflib.get_close_matches(column, present, n=3, cutoff=0.5)
-    suggestion = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+_COLUMN_FIELDS = ("prompt", "chosen", "rejected", "completion", "label")
+# words that other datasets use in their column names for each field, to suggest a mapping
+_COLUMN_WORDS = {
+    "prompt": ("prompt", "question", "instruction", "query", "input", "context"),
+    "chosen": ("chosen", "good", "prefer", "win", "better", "accept", "pos"),
+    "rejected": ("rejected", "bad", "dispref", "los", "worse", "reject", "neg"),
+    "completion": ("completion", "response", "answer", "output"),
+    "label": ("label", "desirable", "kto", "good"),
+}
+
+
+def _guess_column(field: str, column: str, present: list[str], taken: set[str]) -> list[str]:
+    close = [c for c in difflib.get_close_matches(column, present, n=3, cutoff=0.5) if c not in taken]
+    if close:
+        return close
+    words = _COLUMN_WORDS.get(field, ())
+    return [c for c in present if c not in taken and any(w in c.lower() for w in words)][:1]
+
+
+def _missing_columns(
+    missing: list[str], present: list[str], source: str, columns: Columns, extra: str = ""
+) -> DataError:
+    """One error naming every missing column, with the override that maps each one."""
+    fields = {getattr(columns, name): name for name in _COLUMN_FIELDS}
     listed = ", ".join(repr(c) for c in present) if present else "none"
+    suggestions, fixes = [], []
+    taken = set(fields) & set(present)
+    for column in missing:
+        close = _guess_column(fields.get(column, column), column, present, taken)
+        taken.update(close[:1])
+        if close:
+            suggestions.append(f"Did you mean {' or '.join(repr(c) for c in close)}?")
+        fixes.append(f"data.columns.{fields.get(column, column)}={close[0] if close else '<column>'}")
+    what = f"column {missing[0]!r}" if len(missing) == 1 else f"columns {', '.join(repr(c) for c in missing)}"
+    hint = " ".join(suggestions) if len(missing) == 1 else ""  # several: the overrides say it all
     return DataError(
-        f"missing column {column!r} (columns found: {listed}).{suggestion}{extra} "
-        "Map your column names with Columns(...) / data.columns in the config.",
+        f"missing {what} (columns found: {listed}).{' ' + hint if hint else ''}{extra} "
+        f"Map them with data.columns in the config or on the command line: {' '.join(fixes)} "
+        "(in Python: load_examples(..., columns=Columns(...))).",
         source=source,
-        field=column,
+        field=missing[0],
     )
 
 
-def _prompt_is_implicit(raw: _RawRows, columns: Columns, source: str) -> bool:
-    if columns.prompt in raw.columns:
-        return False
+def _prompt_is_implicit(raw: _RawRows, columns: Columns) -> bool:
+    """Whether a source without a prompt column holds full conversations that carry the prompt."""
     first_chosen = next(
         (
             row[columns.chosen]
@@ -279,14 +343,27 @@ def _prompt_is_implicit(raw: _RawRows, columns: Columns, source: str) -> bool:
         ),
         None,
     )
-    if isinstance(first_chosen, list):
-        return True  # conversational chosen/rejected that hold the prompt: extract it (TRL's implicit prompt)
-    raise _missing_column(
-        columns.prompt,
-        raw.columns,
-        source,
-        extra=" (A prompt is extracted from chosen/rejected only when they are full conversations.)",
-    )
+    return isinstance(first_chosen, list)  # TRL's implicit prompt: extract it from chosen/rejected
+
+
+MAX_REPORTED_ROWS = 10
+
+
+def _bad_rows_error(problems: list[tuple[int, str | None, str]], source: str, row_kind: RowKind) -> DataError:
+    """One error for the first bad rows: the first in full (row, field), then up to nine more."""
+    row, field, reason = problems[0]
+    if len(problems) > 1:
+        more = [
+            f"{row_kind} {r}" + (f", field '{f}'" if f else "") + f": {why}"
+            for r, f, why in problems[1:MAX_REPORTED_ROWS]
+        ]
+        rest = len(problems) - MAX_REPORTED_ROWS
+        tail = f"; and {rest} more" if rest > 0 else ""
+        reason = (
+            f"{reason} [{len(problems)} bad rows in all; also {'; '.join(more)}{tail}. "
+            "Fix them, or set data.on_error=skip to leave them out]"
+        )
+    return DataError(reason, source=source, row=row, field=field, row_kind=row_kind)
 
 
 def load_examples(
@@ -324,16 +401,22 @@ def load_examples(
     if unpaired:
         required = [columns.prompt, columns.completion, columns.label]
     else:
-        required = [columns.chosen, columns.rejected]
-    for column in required:
-        if column not in raw.columns:
-            extra = ""
-            if unpaired and columns.chosen in raw.columns and columns.rejected in raw.columns:
-                extra = " This looks like paired data (chosen/rejected): load it without unpaired=True."
-            if not unpaired and columns.completion in raw.columns and columns.label in raw.columns:
-                extra = " This looks like unpaired data (completion/label): load it with unpaired=True."
-            raise _missing_column(column, raw.columns, source, extra)
-    implicit = not unpaired and _prompt_is_implicit(raw, columns, source)
+        required = [columns.prompt, columns.chosen, columns.rejected]
+    missing = [column for column in required if column not in raw.columns]
+    implicit = False
+    if not unpaired and columns.prompt in missing and columns.chosen not in missing:
+        implicit = _prompt_is_implicit(raw, columns)
+        if implicit:
+            missing.remove(columns.prompt)
+    if missing:
+        extra = ""
+        if unpaired and columns.chosen in raw.columns and columns.rejected in raw.columns:
+            extra = " This looks like paired data (chosen/rejected): load it without unpaired=True."
+        if not unpaired and columns.completion in raw.columns and columns.label in raw.columns:
+            extra = " This looks like unpaired data (completion/label): load it with unpaired=True."
+        if missing == [columns.prompt] and not unpaired:
+            extra += " (A prompt is extracted from chosen/rejected only when they are full conversations.)"
+        raise _missing_columns(missing, raw.columns, source, columns, extra)
 
     examples: list[Example | UnpairedExample] = []
     skipped: list[tuple[int, str | None, str]] = []
@@ -361,14 +444,15 @@ def load_examples(
                     "a dataset must be all conversational or all plain text",
                 )
         except RowProblem as problem:
-            if on_error == "raise":
-                raise fail(row, problem.field, problem.reason) from None
+            # raise: keep going to report the first MAX_REPORTED_ROWS bad rows at once, not one per run
             skipped.append((row, problem.field, problem.reason))
             continue
         if not unpaired and example.chosen == example.rejected:
             identical.append(row)
         examples.append(example)
 
+    if skipped and on_error == "raise":
+        raise _bad_rows_error(skipped, source, raw.row_kind)
     if not examples:
         first = skipped[0]
         raise DataError(
