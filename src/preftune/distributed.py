@@ -7,8 +7,9 @@ wrapper (``PolicyScorer``), whose forward runs the backbone and then reads the h
 *its own* forward hooks, so the root of the sharding must be that wrapper: each decoder layer gets
 its own FSDP group, and the wrapper (root) manages what is left (embeddings, final norm, ``lm_head``,
 tied or not), which then stay unsharded from the start of the scoring forward to the end of its
-backward. Sharding the HF model as the root instead would leave ``lm_head.weight`` a sharded DTensor
-when the fused head reads it. Anything that scores with a sharded policy (the LoRA reference with
+backward. Sharding the HF model as the root instead fails: its forward never runs, so the
+embedding is still a sharded DTensor when the backbone reads it ("aten.embedding.default got mixed
+torch.Tensor and DTensor"), and so would be ``lm_head.weight`` in the fused head. Anything that scores with a sharded policy (the LoRA reference with
 adapters disabled included) must therefore call the root, never ``score_batch(model)``.
 
 Nothing here imports transformers or peft at module import; every collective helper is a no-op
@@ -402,13 +403,7 @@ def _rebuild(policy: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         raise RuntimeError(
             f"gathered state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    # non-persistent buffers (rotary inv_freq) are still on meta: recompute them on CPU
-    for module in model.modules():
-        if hasattr(module, "rope_init_fn") and getattr(module, "inv_freq", None) is not None:
-            if module.inv_freq.is_meta:
-                inv_freq, module.attention_scaling = module.rope_init_fn(module.config, torch.device("cpu"))
-                module.register_buffer("inv_freq", inv_freq, persistent=False)
-                module.original_inv_freq = inv_freq
+    # non-persistent buffers (rotary inv_freq) stay on meta: this copy is only saved, never run
     return model
 
 

@@ -207,6 +207,18 @@ def _worker_train(workdir: Path, lora: bool, micro_batches: int) -> None:
         root, params, optimizer, scheduler, pairs, refs, range(SAVE_AT, STEPS), micro_batches
     )
     result = {"history": history, "head_outside_forward": outside, "head_in_forward": seen[0], "tied": tied}
+    if not lora:  # the HF model as the FSDP root: its forward never runs, so nothing unshards the rest
+        from torch.distributed.fsdp import fully_shard
+
+        wrong = make_policy(lora, checkpointing=False)
+        for layer in wrong.model.layers:
+            fully_shard(layer)
+        fully_shard(wrong)
+        try:
+            score_pairs(make_scorer(wrong), pairs, [0])
+            result["wrong_root"] = "no error"
+        except RuntimeError as e:
+            result["wrong_root"] = str(e)
     if lora:
         with model.disable_adapter():
             result["disabled_after_training"] = {
@@ -427,6 +439,8 @@ def test_root_managed_head_is_whole_inside_the_scoring_forward(trained):
     assert kind == "DTensor" and shape == [VOCAB // 2, 32]  # sharded between forwards
     kind, shape, fusable = run.two["head_in_forward"]
     assert kind == "Parameter" and shape == [VOCAB, 32] and fusable  # the fused head reads it whole
+    # whereas sharding the HF model as the root leaves the embedding sharded when scoring reads it
+    assert "mixed torch.Tensor and DTensor" in run.two["wrong_root"], run.two["wrong_root"]
 
 
 def test_reference_scores_split_over_ranks_equal_one_process(trained):
