@@ -215,7 +215,9 @@ def shard_policy(
 
     policy = _policy(root)
     if mesh is None:
-        device_type = "cuda" if next(root.parameters()).is_cuda else "cpu"
+        # CPU offload keeps the shards in host memory but computes on the GPU
+        on_gpu = next(root.parameters()).is_cuda or (cpu_offload and torch.cuda.is_available())
+        device_type = "cuda" if on_gpu else "cpu"
         mesh = init_device_mesh(device_type, (world_size(),))
     kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     if cpu_offload:

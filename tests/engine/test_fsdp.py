@@ -526,5 +526,19 @@ def test_barrier_names_the_stage_and_the_missing_rank(workdir):
     assert ended[0] < ended[1]  # rank 0 gave up at its 2 s timeout, while rank 1 still slept
 
 
+def test_shard_indices_cover_every_row_once():
+    from preftune.distributed import shard_indices
+
+    for contiguous in (False, True):
+        shares = [shard_indices(7, rank_=r, world=3, contiguous=contiguous) for r in range(3)]
+        assert sorted(i for share in shares for i in share) == list(range(7))
+        padded = [shard_indices(7, rank_=r, world=3, contiguous=contiguous, equal=True) for r in range(3)]
+        assert [len(p) for p in padded] == [3, 3, 3]
+        assert all(set(p) == set(s) for p, s in zip(padded, shares))  # padding repeats a row of its own
+    assert shard_indices(7, rank_=1, world=3) == [1, 4]
+    assert shard_indices(7, rank_=1, world=3, contiguous=True) == [3, 4, 5]
+    assert shard_indices(1, rank_=1, world=2, equal=True) == [0]  # an empty share still runs once
+
+
 if __name__ == "__main__":
     worker_main(sys.argv[1], sys.argv[2])
