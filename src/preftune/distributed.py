@@ -9,8 +9,9 @@ its own FSDP group, and the wrapper (root) manages what is left (embeddings, fin
 tied or not), which then stay unsharded from the start of the scoring forward to the end of its
 backward. Sharding the HF model as the root instead fails: its forward never runs, so the
 embedding is still a sharded DTensor when the backbone reads it ("aten.embedding.default got mixed
-torch.Tensor and DTensor"), and so would be ``lm_head.weight`` in the fused head. Anything that scores with a sharded policy (the LoRA reference with
-adapters disabled included) must therefore call the root, never ``score_batch(model)``.
+torch.Tensor and DTensor"), and so would be ``lm_head.weight`` in the fused head. Anything that
+scores with a sharded policy (the LoRA reference with adapters disabled included) must therefore
+call the root, never ``score_batch(model)``.
 
 Nothing here imports transformers or peft at module import; every collective helper is a no-op
 (or the plain single-process computation) when no process group is initialised.
@@ -121,21 +122,25 @@ def barrier(stage: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
 
 @contextlib.contextmanager
 def exit_on_error(stage: str = "training"):
-    """On an exception, print it and end this process at once with exit code 1.
+    """In a multi-process run, on an exception: print it and end this process at once, exit code 1.
 
     A rank that fails must not wait in process-group teardown (NCCL's destructor can block on peers
     stuck in a collective); the launcher (torchrun) sees the exit and stops the other ranks, which
-    otherwise end at the process-group timeout.
+    otherwise end at their next collective (gloo: at once, the peer's connection is gone) or at the
+    process-group timeout. In one process the exception propagates as usual.
     """
     try:
         yield
-    except BaseException as e:  # noqa: BLE001 - every failure must end the process
-        if isinstance(e, SystemExit) and not e.code:
+    except BaseException as e:
+        if not is_distributed() or (isinstance(e, SystemExit) and not e.code):
             raise
+        import sys
         import traceback
 
         traceback.print_exc()
-        print(f"[preftune] rank {rank()}: {stage} failed: {e!r}; exiting", flush=True)
+        print(f"[preftune] rank {rank()}: {stage} failed: {e!r}; exiting", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(1)
 
 
