@@ -540,5 +540,17 @@ def test_shard_indices_cover_every_row_once():
     assert shard_indices(1, rank_=1, world=2, equal=True) == [0]  # an empty share still runs once
 
 
+def test_python_dash_m_preftune_runs_the_cli():
+    # what `torchrun -m preftune train cfg.yaml` runs in every process
+    out = subprocess.run(
+        [sys.executable, "-m", "preftune", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "preftune <command>" in out.stdout, out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "preftune", "nonsense"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2 and "unknown command" in out.stderr
+
+
 if __name__ == "__main__":
     worker_main(sys.argv[1], sys.argv[2])
