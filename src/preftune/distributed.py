@@ -294,14 +294,16 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     json_files: dict[str, Any] | None = None,
+    write: Callable[[Path], None] | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Path:
     """Save the sharded model (its trainable parameters) and optimizer state to ``path``.
 
     Every rank writes its own shards into ``<path>.tmp``; rank 0 adds ``json_files`` (name -> a
-    JSON-serialisable object: scheduler, trainer state, ...) and, once every rank has finished
-    (barrier), renames the directory to ``path``. A crash at any point leaves no ``path`` (or the
-    previous one intact). Collective: every rank must call it.
+    JSON-serialisable object: scheduler, trainer state, ...), calls ``write(tmp_dir)`` for anything
+    else (tokenizer, RNG state files) and, once every rank has finished (barrier), renames the
+    directory to ``path``. A crash at any point leaves no half-written ``path``: an earlier one
+    stays intact. Collective: every rank must call it.
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -324,13 +326,11 @@ def save_checkpoint(
     if rank() == 0:
         for name, value in (json_files or {}).items():
             (tmp / name).write_text(json.dumps(value, indent=1))
+        if write is not None:
+            write(tmp)
     barrier(f"checkpoint {path.name}: written", timeout_s)
     if rank() == 0:
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        _replace_directory(tmp, path)
     barrier(f"checkpoint {path.name}: renamed", timeout_s)
     return path
 
@@ -421,13 +421,15 @@ def save_consolidated(
     tokenizer=None,
     merge_lora: bool = True,
     adapter_directory: str | Path | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> None:
     """Write the sharded policy as an ordinary Hugging Face directory (``from_pretrained`` loads it).
 
     With LoRA: ``directory`` gets the merged model (adapters folded into the base weights, as
     ``merge_and_unload``) when ``merge_lora``, else the adapter; ``adapter_directory``, if given,
-    gets the adapter alone. Collective: every rank gathers, rank 0 builds and writes (it needs CPU
-    memory for one full copy of the model, twice while merging).
+    gets the adapter alone. Each directory is written under ``<name>.tmp`` and then renamed, so an
+    existing one survives a failure. Collective: every rank gathers, rank 0 builds and writes (it
+    needs CPU memory for one full copy of the model, twice while merging).
     """
     policy = _policy(root)
     state = full_state_dict(root)
@@ -436,15 +438,36 @@ def save_consolidated(
         del state
         is_peft = hasattr(model, "peft_config")
         if is_peft and adapter_directory is not None:
-            model.save_pretrained(adapter_directory, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(adapter_directory)
+            with _atomic_directory(adapter_directory) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
         if is_peft and merge_lora:
             model = model.merge_and_unload()
-        model.save_pretrained(directory, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-    barrier(f"save {Path(directory).name}")
+        with _atomic_directory(directory) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    barrier(f"save {Path(directory).name}", timeout_s)
+
+
+@contextlib.contextmanager
+def _atomic_directory(final: str | Path):
+    """Yield ``<final>.tmp`` to write into; on success it replaces ``final``."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    _replace_directory(tmp, final)
+
+
+def _replace_directory(tmp: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------

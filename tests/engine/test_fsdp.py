@@ -202,6 +202,7 @@ def _worker_train(workdir: Path, lora: bool, micro_batches: int) -> None:
         root,
         optimizer,
         json_files={"trainer_state.json": {"step": SAVE_AT}, "scheduler.json": scheduler.state_dict()},
+        write=tiny_tokenizer(VOCAB).save_pretrained,
     )
     history += train_steps(
         root, params, optimizer, scheduler, pairs, refs, range(SAVE_AT, STEPS), micro_batches
@@ -467,9 +468,11 @@ def test_lora_disabled_adapter_under_fsdp_is_the_base_model(trained):
 
 
 @pytest.mark.parametrize("name", ["full", "lora"])
-def test_sharded_checkpoint_resume_equals_uninterrupted(trained, name):
+def test_sharded_checkpoint_resume_equals_uninterrupted(trained, workdir, name):
     run = trained[name]
     assert_same_history(run.two["resumed"], run.two["history"][SAVE_AT:])
+    assert (workdir / f"{name}-ckpt" / "tokenizer.json").is_file()  # rank 0's extra files
+    assert not list(workdir.glob("*.tmp"))
     assert_close_weights(run.resumed, run.final, rel=1e-6)
 
 
