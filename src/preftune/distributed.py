@@ -1,0 +1,555 @@
+"""Sharded (FSDP2) training pieces: sharding, gradient sync, clipping, DCP checkpoints, consolidation,
+process-group timeouts and data-parallel scoring.
+
+preftune never calls the Hugging Face model's ``forward``: the module that is called is the scoring
+wrapper (``PolicyScorer``), whose forward runs the backbone and then reads the head's weight directly
+(the fused chunked head in :mod:`preftune.scoring`). ``fully_shard`` unshards a module's parameters in
+*its own* forward hooks, so the root of the sharding must be that wrapper: each decoder layer gets
+its own FSDP group, and the wrapper (root) manages what is left (embeddings, final norm, ``lm_head``,
+tied or not), which then stay unsharded from the start of the scoring forward to the end of its
+backward. Sharding the HF model as the root instead fails: its forward never runs, so the
+embedding is still a sharded DTensor when the backbone reads it ("aten.embedding.default got mixed
+torch.Tensor and DTensor"), and so would be ``lm_head.weight`` in the fused head. Anything that
+scores with a sharded policy (the LoRA reference with adapters disabled included) must therefore
+call the root, never ``score_batch(model)``.
+
+Nothing here imports transformers or peft at module import; every collective helper is a no-op
+(or the plain single-process computation) when no process group is initialised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+class DistributedError(RuntimeError):
+    """A collective stage failed: names the stage and the rank(s) that did not arrive."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Process group
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def init_process_group(timeout_s: float = DEFAULT_TIMEOUT_S, backend: str | None = None) -> bool:
+    """Join the job torchrun / SLURM started (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment).
+
+    ``timeout_s`` bounds every collective: a rank that died or hangs ends the job after that long
+    instead of blocking it forever. Backend: NCCL with CUDA, else gloo. Returns False (and does
+    nothing) outside a multi-process launch; does nothing if a group already exists.
+    """
+    if dist.is_initialized():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return True
+
+
+def process_group_kwargs(timeout_s: float = DEFAULT_TIMEOUT_S):
+    """The same timeout for a process group that ``accelerate.Accelerator`` creates:
+    ``Accelerator(kwargs_handlers=[process_group_kwargs(cfg.dist_timeout_s)])``."""
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return InitProcessGroupKwargs(timeout=timedelta(seconds=timeout_s))
+
+
+_MONITOR_GROUP: Any = None
+
+
+def _monitor_group():
+    """A gloo group for monitored barriers (NCCL has none); created collectively on first use."""
+    global _MONITOR_GROUP
+    if dist.get_backend() == "gloo":
+        return None  # the default group
+    if _MONITOR_GROUP is None:
+        _MONITOR_GROUP = dist.new_group(backend="gloo")
+    return _MONITOR_GROUP
+
+
+def barrier(stage: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Wait for every rank; raise :class:`DistributedError` naming ``stage`` and the missing rank(s)
+    if some do not arrive within ``timeout_s``.
+
+    Uses gloo's monitored barrier (on a side gloo group under NCCL, so the missing ranks are named
+    there too). Call it once early (e.g. ``barrier("start")``) while every rank is alive: under NCCL
+    that creates the side group.
+    """
+    if not is_distributed():
+        return
+    try:
+        dist.monitored_barrier(
+            group=_monitor_group(), timeout=timedelta(seconds=timeout_s), wait_all_ranks=True
+        )
+    except RuntimeError as e:
+        found = re.search(r"[Rr]anks? ([\d, ]+) failed", str(e))
+        who = f"rank(s) {found.group(1).strip()}" if found else "some rank(s)"
+        if not found and rank() != 0:
+            who = "rank 0 (or a rank it waited for)"
+        raise DistributedError(
+            f"{stage}: {who} did not reach the barrier within {timeout_s:g} s (seen from rank {rank()}): {e}"
+        ) from e
+
+
+@contextlib.contextmanager
+def exit_on_error(stage: str = "training"):
+    """In a multi-process run, on an exception: print it and end this process at once, exit code 1.
+
+    A rank that fails must not wait in process-group teardown (NCCL's destructor can block on peers
+    stuck in a collective); the launcher (torchrun) sees the exit and stops the other ranks, which
+    otherwise end at their next collective (gloo: at once, the peer's connection is gone) or at the
+    process-group timeout. In one process the exception propagates as usual.
+    """
+    try:
+        yield
+    except BaseException as e:
+        if not is_distributed() or (isinstance(e, SystemExit) and not e.code):
+            raise
+        import sys
+        import traceback
+
+        traceback.print_exc()
+        print(f"[preftune] rank {rank()}: {stage} failed: {e!r}; exiting", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharding
+
+
+def _policy(root: nn.Module) -> nn.Module:
+    """The outermost HF / PEFT model inside ``root`` (the module that has ``save_pretrained``)."""
+    for _, module in root.named_modules():
+        if hasattr(module, "save_pretrained") and hasattr(module, "config"):
+            return module
+    raise ValueError(f"{type(root).__name__} holds no Hugging Face model (nothing with save_pretrained)")
+
+
+def _policy_prefix(root: nn.Module) -> str:
+    policy = _policy(root)
+    for name, module in root.named_modules():
+        if module is policy:
+            return f"{name}." if name else ""
+    raise AssertionError("unreachable")
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a causal LM (plain or PEFT): its ``_no_split_modules`` classes,
+    else the backbone's ``layers`` list."""
+    from .scoring import backbone_and_head
+
+    backbone, _, _ = backbone_and_head(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    found = [m for m in backbone.modules() if type(m).__name__ in names]
+    if not found and isinstance(getattr(backbone, "layers", None), nn.ModuleList):
+        found = list(backbone.layers)
+    if not found:
+        raise ValueError(f"cannot find the decoder layers of {type(base).__name__} to shard")
+    return found
+
+
+def mixed_precision_policy(precision: str, device: torch.device | str):
+    """FSDP2's mixed precision for a preftune ``precision`` value.
+
+    bf16 (or ``auto`` on a bf16-capable GPU): bf16 compute weights, fp32 gradient reduction; the
+    sharded master weights and the optimizer state stay in the load dtype (fp32 by default).
+    fp32 or CPU: none. fp16 needs a sharded gradient scaler, which this engine does not have.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    device = torch.device(device)
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16":
+        raise ValueError("precision: fp16 is not supported with parallelism=fsdp; use bf16 or fp32")
+    if precision == "bf16" and device.type != "cpu":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return None
+
+
+def shard_policy(
+    root: nn.Module,
+    *,
+    mesh=None,
+    mp_policy=None,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+) -> nn.Module:
+    """Shard ``root`` (the scoring wrapper around the policy) with FSDP2, in place; returns ``root``.
+
+    Each decoder layer is one FSDP group (all-gathered for its forward, resharded after it, gathered
+    again for its backward); ``root`` manages the remaining parameters (embeddings, final norm,
+    ``lm_head``; a tied head and embedding are one parameter, so they stay tied). Apply LoRA
+    (``get_peft_model``) and activation checkpointing *before*, and build the optimizer *after*: its
+    parameters must be the sharded DTensors.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    policy = _policy(root)
+    if mesh is None:
+        # CPU offload keeps the shards in host memory but computes on the GPU
+        on_gpu = next(root.parameters()).is_cuda or (cpu_offload and torch.cuda.is_available())
+        device_type = "cuda" if on_gpu else "cpu"
+        mesh = init_device_mesh(device_type, (world_size(),))
+    kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(policy):
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
+    fully_shard(root, **kwargs)
+    return root
+
+
+@contextlib.contextmanager
+def no_sync(root: nn.Module, enabled: bool = True):
+    """Backward passes inside accumulate gradients locally without reducing them (gradient
+    accumulation); the next backward outside reduces everything. Replaces ``accelerator.no_sync``.
+    Costs unsharded gradient memory until then; skipping it (reduce-scatter every micro-batch) gives
+    the same result with less memory and more communication."""
+    if not enabled or not hasattr(root, "set_requires_gradient_sync"):
+        yield
+        return
+    root.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        root.set_requires_gradient_sync(True)
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0) -> float:
+    """Clip the global gradient norm over (DTensor or plain) parameters; returns the norm before
+    clipping as a float, the same on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=norm_type)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints (torch.distributed.checkpoint): every rank writes its shards
+
+
+def _state_options(root: nn.Module, **extra):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # LoRA: the frozen base is the model file already on disk; a checkpoint holds what trains
+    frozen = any(not p.requires_grad for p in root.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen, **extra)
+
+
+def _check_loaded(path: Path, root: nn.Module, result) -> None:
+    """Non-strict loading (LoRA) may skip the frozen parameters, nothing else."""
+    if result is None:
+        return
+    frozen = {name for name, p in root.named_parameters() if not p.requires_grad}
+    missing = [k for k in result.missing_keys if k not in frozen]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]})"
+        )
+
+
+def save_checkpoint(
+    path: str | Path,
+    root: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    json_files: dict[str, Any] | None = None,
+    write: Callable[[Path], None] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> Path:
+    """Save the sharded model (its trainable parameters) and optimizer state to ``path``.
+
+    Every rank writes its own shards into ``<path>.tmp``; rank 0 adds ``json_files`` (name -> a
+    JSON-serialisable object: scheduler, trainer state, ...), calls ``write(tmp_dir)`` for anything
+    else (tokenizer, RNG state files) and, once every rank has finished (barrier), renames the
+    directory to ``path``. A crash at any point leaves no half-written ``path``: an earlier one
+    stays intact. Collective: every rank must call it.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(f"checkpoint {path.name}: start", timeout_s)
+    options = _state_options(root)
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = {"model": get_model_state_dict(root, options=options)}
+    else:
+        model_sd, optim_sd = get_state_dict(root, optimizer, options=options)
+        state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.save(state, checkpoint_id=str(tmp))
+    if rank() == 0:
+        for name, value in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(value, indent=1))
+        if write is not None:
+            write(tmp)
+    barrier(f"checkpoint {path.name}: written", timeout_s)
+    if rank() == 0:
+        _replace_directory(tmp, path)
+    barrier(f"checkpoint {path.name}: renamed", timeout_s)
+    return path
+
+
+def load_checkpoint(
+    path: str | Path, root: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Load a :func:`save_checkpoint` directory into ``root`` (and ``optimizer``), resharding to
+    this run's number of processes (any world size, one process without a process group included).
+    Returns the JSON files saved with it (name -> object). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path} is not a sharded checkpoint (no .metadata)")
+    options = _state_options(root)
+    if optimizer is None:
+        state = {"model": get_model_state_dict(root, options=options)}
+        dcp.load(state, checkpoint_id=str(path))
+        _check_loaded(path, root, set_model_state_dict(root, state["model"], options=options))
+    else:
+        model_sd, optim_sd = get_state_dict(root, optimizer, options=options)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        result = set_state_dict(
+            root,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=options,
+        )
+        _check_loaded(path, root, result)
+    return {f.name: json.loads(f.read_text()) for f in sorted(path.glob("*.json"))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Consolidation: one ordinary Hugging Face directory from the shards
+
+
+def full_state_dict(root: nn.Module) -> dict[str, torch.Tensor]:
+    """The policy's complete state dict (keys as the HF / PEFT model names them), gathered to CPU on
+    rank 0; the other ranks get ``{}``. Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(root, options=options)
+    prefix = _policy_prefix(root)
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _rebuild(policy: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A CPU copy of ``policy`` (HF or PEFT) holding ``state``: built on the meta device, no init."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    is_peft = hasattr(policy, "peft_config")
+    base = policy.get_base_model() if is_peft else policy
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(base.config))
+    if is_peft:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, copy.deepcopy(policy.peft_config["default"]))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    inner = model.get_base_model() if is_peft else model
+    if getattr(inner.config.get_text_config(), "tie_word_embeddings", False):
+        inner.tie_weights()  # assign=True replaced the shared parameter by two tensors
+        missing = [k for k in missing if "lm_head" not in k]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"gathered state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
+    # non-persistent buffers (rotary inv_freq) stay on meta: this copy is only saved, never run
+    return model
+
+
+def save_consolidated(
+    root: nn.Module,
+    directory: str | Path,
+    *,
+    tokenizer=None,
+    merge_lora: bool = True,
+    adapter_directory: str | Path | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> None:
+    """Write the sharded policy as an ordinary Hugging Face directory (``from_pretrained`` loads it).
+
+    With LoRA: ``directory`` gets the merged model (adapters folded into the base weights, as
+    ``merge_and_unload``) when ``merge_lora``, else the adapter; ``adapter_directory``, if given,
+    gets the adapter alone. Each directory is written under ``<name>.tmp`` and then renamed, so an
+    existing one survives a failure. Collective: every rank gathers, rank 0 builds and writes (it
+    needs CPU memory for one full copy of the model, twice while merging).
+    """
+    policy = _policy(root)
+    state = full_state_dict(root)
+    if rank() == 0:
+        model = _rebuild(policy, state)
+        del state
+        is_peft = hasattr(model, "peft_config")
+        if is_peft and adapter_directory is not None:
+            with _atomic_directory(adapter_directory) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+        if is_peft and merge_lora:
+            model = model.merge_and_unload()
+        with _atomic_directory(directory) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    barrier(f"save {Path(directory).name}", timeout_s)
+
+
+@contextlib.contextmanager
+def _atomic_directory(final: str | Path):
+    """Yield ``<final>.tmp`` to write into; on success it replaces ``final``."""
+    final = Path(final)
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    _replace_directory(tmp, final)
+
+
+def _replace_directory(tmp: Path, final: Path) -> None:
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Data-parallel scoring
+
+
+def shard_indices(
+    n: int,
+    *,
+    rank_: int | None = None,
+    world: int | None = None,
+    equal: bool = False,
+    contiguous: bool = False,
+) -> list[int]:
+    """This rank's rows of ``range(n)``: strided (``rank::world``, balanced when rows are sorted by
+    length) or contiguous. ``equal`` pads every share to ``ceil(n / world)`` rows by repeating its
+    last row (row 0 for an empty share), for score functions that run collectives (an FSDP-sharded
+    model), which every rank must call the same number of times."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    if contiguous:
+        per = -(-n // w)
+        mine = list(range(r * per, min(n, (r + 1) * per)))
+    else:
+        mine = list(range(r, n, w))
+    if equal:
+        size = -(-n // w)
+        mine += [mine[-1] if mine else 0] * (size - len(mine))
+    return mine
+
+
+Scores = torch.Tensor | dict[str, torch.Tensor]
+
+
+def scatter_score(
+    n: int,
+    score: Callable[[Sequence[int]], Scores],
+    *,
+    equal: bool = False,
+    contiguous: bool = False,
+    to_all: bool = True,
+) -> Scores | None:
+    """Score rows 0..n-1 split over the ranks; every rank (or only rank 0 with ``to_all=False``; the
+    others get None) gets the results in the original order, as one process scoring all rows would.
+
+    ``score(indices)`` returns a tensor, or a dict of tensors, whose first dimension follows
+    ``indices`` (rows on dim 0: transpose [K, N] stacks). It is called once per rank, with the
+    rank's rows (possibly none), and batches them as it likes; with ``equal`` (for an FSDP-sharded
+    model) every rank gets the same number of rows, so a fixed batch size gives every rank the same
+    number of forwards. Results travel through ``all_gather_object`` on CPU.
+    """
+    mine = shard_indices(n, equal=equal, contiguous=contiguous)
+    local = score(mine) if mine else None
+    if not is_distributed():
+        return local
+    local = _to_cpu(local)
+    world = world_size()
+    gathered: list[Any] = [None] * world
+    if to_all:
+        dist.all_gather_object(gathered, (mine, local))
+    else:
+        dist.gather_object((mine, local), gathered if rank() == 0 else None, dst=0)
+        if rank() != 0:
+            return None
+    first = next((out for _, out in gathered if out is not None), None)
+    if first is None:
+        return None
+
+    def assemble(get) -> torch.Tensor:
+        sample = get(first)
+        result = sample.new_empty((n, *sample.shape[1:]))
+        for rows, out in gathered:
+            if out is not None and rows:
+                result[torch.tensor(rows)] = get(out)
+        return result
+
+    if isinstance(first, dict):
+        return {key: assemble(lambda out, key=key: out[key]) for key in first}
+    return assemble(lambda out: out)
+
+
+def _to_cpu(x):
+    if isinstance(x, dict):
+        return {k: v.detach().cpu() for k, v in x.items()}
+    return None if x is None else x.detach().cpu()
