@@ -95,7 +95,7 @@ def make_optimizer(root):
 
 def score_pairs(root, pairs, index) -> dict[str, torch.Tensor]:
     """Chosen and rejected log-probs of pairs ``index``, two pairs per forward."""
-    from preftune.scoring import collate_pairs
+    from preftune.data.collate import collate_pairs
 
     chosen, rejected = [], []
     with torch.no_grad():
@@ -118,7 +118,7 @@ def train_steps(root, params, optimizer, scheduler, pairs, refs, steps, micro_ba
     """DPO steps on pairs [4s, 4s + 4): this rank's share, in ``micro_batches`` micro-batches."""
     from preftune.distributed import clip_grad_norm_, no_sync, rank, world_size
     from preftune.losses import dpo
-    from preftune.scoring import collate_pairs
+    from preftune.data.collate import collate_pairs
 
     history = []
     world, r = world_size(), rank()
