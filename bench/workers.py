@@ -185,10 +185,11 @@ def trainable_policy(w: Workload):
 def _loss_computer(method: str, beta: float, k: int):
     """The trainer's LossComputer for ``method`` with ``k`` references, from a config as the trainer's."""
     from preftune import losses as L
-    from preftune.config import TrainConfig
+    from preftune.config import MRPOConfig, TrainConfig
     from preftune.step import LossComputer
 
-    cfg = TrainConfig(method=method, beta=beta)
+    # the references are tensors fed by the workload, not configured models: the config lists none
+    cfg = TrainConfig(method=method, beta=beta, mrpo=MRPOConfig(allow_single_reference=True))
     return LossComputer(cfg, L.parse_method(method), k, unpaired=False)
 
 
