@@ -37,9 +37,10 @@ from .checkpointing import (
 )
 from .config import ConfigError, TrainConfig, load_config, save_config
 from .data.check import check_data
-from .data.prepare import prepare_data
+from .data.prepare import carve_validation, prepare_data
 from .metrics import HeldOutMetrics, MetricsLog, log, mean_over_processes, peak_memory_mb
 from .models.loading import load_policy, mixed_precision
+from .mrpo_validation import fixed_weights, uses_validation_weights, with_weights
 from .references import (
     PAIRED_SIDES,
     UNPAIRED_SIDES,
@@ -97,16 +98,36 @@ class Trainer:
         self.data = prepare_data(
             cfg, self.tokenizer, self.policy_path, self.unpaired, log=lambda m: log(m, acc)
         )
+        # mrpo.weights=validation: hold out validation rows before anything scores the data
+        self.validation: dict | None = None
+        validation_rows = None
+        if uses_validation_weights(cfg, self.spec):
+            validation_rows = carve_validation(self.data, cfg.mrpo.validation_fraction, cfg.seed)
         self.loss_fn = LossComputer(cfg, self.spec, len(self.data.reference_views), self.unpaired)
         self.share_prompt = self._resolve_share_prompt()
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
         self.references = self._references()
+        if validation_rows is not None:
+            self.validation = fixed_weights(cfg, self.references, validation_rows)
+            log(
+                f"mrpo.weights=validation: accuracies {self.validation['accuracies']} -> "
+                f"weights {self.validation['weights']} ({len(validation_rows)} validation rows)",
+                acc,
+            )
+            self.loss_fn = LossComputer(
+                with_weights(cfg, self.validation["weights"]),
+                self.spec,
+                len(self.data.reference_views),
+                self.unpaired,
+            )
         self.phi_star: float | None = None
         self.inputs = self._step_inputs()
         if acc.is_main_process:  # written once the inputs proved usable: a failed start keeps the old one
             save_config(cfg, self.run_dir.config)
             data = {**self.data.report, **self.data_check.report}  # rows skipped while loading, too
             state = {"phi_star": self.phi_star, "data": data, "method": self.spec["method"]}
+            if self.validation is not None:
+                state["mrpo_validation"] = self.validation
             self.run_dir.run_state.write_text(json.dumps(state, indent=1))
 
     # -- stages ------------------------------------------------------------------------------------
