@@ -403,17 +403,24 @@ def _record(out: Path, run_dir: Path, record: dict) -> None:
     (run_dir / "done.json").write_text(json.dumps(record))
 
 
-def plan(study: Study, arms: tuple[Arm, ...]) -> list[dict]:
-    """Every run in order: the ε sweep (validation only) first, then the main runs, scarce first."""
+def plan(study: Study, arms: tuple[Arm, ...], regimes: list[str] | None = None) -> list[dict]:
+    """Every run in order: the ε sweep (validation only, on the first regime's first seed) first, then
+    the main runs of ``regimes`` (default all), regime by regime."""
     runs = []
-    first = {r: study.seeds[r][0] for r in study.regimes}
+    sweep_regime = next(iter(study.regimes))
     for arm in arms:
         if arm.sweep_eps:
             for eps in study.eps_grid:
                 runs.append(
-                    {"kind": "sweep", "arm": arm, "regime": "scarce", "seed": first["scarce"], "eps": eps}
+                    {
+                        "kind": "sweep",
+                        "arm": arm,
+                        "regime": sweep_regime,
+                        "seed": study.seeds[sweep_regime][0],
+                        "eps": eps,
+                    }
                 )
-    for regime in study.regimes:
+    for regime in regimes or study.regimes:
         for seed in study.seeds[regime]:
             for arm in arms:
                 runs.append({"kind": "main", "arm": arm, "regime": regime, "seed": seed, "eps": None})
@@ -426,9 +433,29 @@ def run_study(
     arms: list[str] | None = None,
     max_runs: int | None = None,
     study: Study | None = None,
+    regimes: list[str] | None = None,
 ) -> Path:
     """Run every unfinished run of the study (``study`` overrides FULL/QUICK, for tests)."""
     study = study or (QUICK if quick else FULL)
+    import torch
+
+    threads = torch.get_num_threads()
+    if study.quick:  # tiny models gain nothing from threads, and lose a lot to them on a shared CPU
+        torch.set_num_threads(1)
+    try:
+        return _run_study(study, out, arms, max_runs, regimes)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_study(
+    study: Study,
+    out: str | Path | None,
+    arms: list[str] | None,
+    max_runs: int | None,
+    regimes: list[str] | None,
+) -> Path:
+    quick = study.quick
     out = Path(out or HERE / ("results-quick" if quick else "results"))
     out.mkdir(parents=True, exist_ok=True)
     chosen = tuple(a for a in ARMS if arms is None or a.name in arms)
@@ -446,7 +473,7 @@ def run_study(
     test_records = [json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()]
     val_records = [json.loads(x) for x in (out / "data" / "validation.jsonl").read_text().splitlines()]
     done_now = 0
-    for run in plan(study, chosen):
+    for run in plan(study, chosen, regimes):
         arm, regime, seed = run["arm"], run["regime"], run["seed"]
         eps = run["eps"]
         if run["kind"] == "main" and arm.sweep_eps:
@@ -518,9 +545,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="results directory (default: results/ or results-quick/ here)")
     parser.add_argument("--arms", help=f"comma-separated subset of: {', '.join(ARM_NAMES)}")
     parser.add_argument("--max-runs", type=int, help="stop after this many new runs")
+    parser.add_argument("--regimes", help="comma-separated subset of the data regimes (default: all)")
     args = parser.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a] if args.arms else None
-    out = run_study(args.quick, args.out, arms, args.max_runs)
+    regimes = [r for r in args.regimes.split(",") if r] if args.regimes else None
+    if regimes and set(regimes) - set(FULL.regimes):
+        parser.error(f"--regimes: valid regimes are {', '.join(FULL.regimes)}")
+    out = run_study(args.quick, args.out, arms, args.max_runs, regimes=regimes)
     print(f"results: {out / 'RESULTS.md'}")
     return 0
 
