@@ -53,11 +53,9 @@ def bootstrap_ci(
     """Percentile CI of the mean of ``matrix`` [seeds, problems], resampling seeds and problems."""
     s, p = matrix.shape
     rng = np.random.default_rng(seed)
-    means = np.empty(n)
-    for i in range(n):
-        rows = rng.integers(0, s, s)
-        cols = rng.integers(0, p, p)
-        means[i] = matrix[np.ix_(rows, cols)].mean()
+    rows = rng.integers(0, s, (n, s))
+    cols = rng.integers(0, p, (n, p))
+    means = matrix[rows[:, :, None], cols[:, None, :]].mean(axis=(1, 2))
     lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
 

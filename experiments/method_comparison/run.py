@@ -162,7 +162,7 @@ def write_splits(study: Study, data: Path) -> dict:
 # -- models -------------------------------------------------------------------------------------------
 
 
-def resolve_models(study: Study, out: Path) -> dict[str, str]:
+def resolve_models(study: Study, out: Path, arms: tuple[Arm, ...] = ARMS) -> dict[str, str]:
     """Policy and Gemma as local directories (presets for the full run, tiny random models for --quick)."""
     if study.quick:
         from preftune.testing import save_tiny_model
@@ -175,7 +175,10 @@ def resolve_models(study: Study, out: Path) -> dict[str, str]:
         return {"policy": str(policy), "gemma": str(gemma)}
     from preftune.models import resolve_model
 
-    return {"policy": str(resolve_model(POLICY)), "gemma": str(resolve_model(GEMMA))}
+    models = {"policy": str(resolve_model(POLICY))}
+    if any("gemma" in a.references for a in arms):  # resolved only when a chosen arm needs it
+        models["gemma"] = str(resolve_model(GEMMA))
+    return models
 
 
 def sft_domain_reference(study: Study, policy: str, train_file: Path, target: Path, seed: int) -> str:
@@ -266,6 +269,7 @@ def greedy_answers(model, tokenizer, prompts: list, *, max_new_tokens: int, batc
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
+    from preftune.data import add_special_tokens_for
     from preftune.generation import prompt_text
 
     class AnswerStated(StoppingCriteria):
@@ -277,6 +281,8 @@ def greedy_answers(model, tokenizer, prompts: list, *, max_new_tokens: int, batc
             return torch.tensor([bool(_DONE_RE.search(t)) for t in texts], device=input_ids.device)
 
     texts = [prompt_text(p, tokenizer) for p in prompts]
+    # as in training: a real chat template writes its own special tokens
+    special = add_special_tokens_for(tokenizer, conversational=not isinstance(prompts[0], str))
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.eval()
@@ -285,7 +291,7 @@ def greedy_answers(model, tokenizer, prompts: list, *, max_new_tokens: int, batc
         with torch.no_grad():
             for s in range(0, len(texts), batch_size):
                 enc = tokenizer(
-                    texts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+                    texts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=special
                 )
                 start = enc["input_ids"].shape[1]
                 gen = model.generate(
@@ -469,7 +475,7 @@ def _run_study(
             default=str,
         )
     )
-    models = resolve_models(study, out)
+    models = resolve_models(study, out, chosen)
     test_records = [json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()]
     val_records = [json.loads(x) for x in (out / "data" / "validation.jsonl").read_text().splitlines()]
     done_now = 0
