@@ -518,4 +518,7 @@ class Trainer:
 def train(config: TrainConfig | str | os.PathLike | dict, overrides: list[str] | None = None) -> RunResult:
     """Train as the config says; returns where the run directory, final model and metrics are."""
     cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
-    return Trainer(cfg).fit()
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        runlock.release(cfg.output_dir)  # also when the setup failed (a no-op if this process holds none)
