@@ -16,6 +16,10 @@ USAGE = """preftune <command> ...
   demo [--method M] [--quick]            MRPO on SmolLM2-135M with a Gemma-3 reference, before/after report
   report RUN_DIR [RUN_DIR ...]           plots and report.md for one run, or several runs compared
   config                                 every config key with its default and meaning
+
+exit codes: 0 done, 1 the run failed (one line says why; unexpected errors leave error.log in the run
+directory), 2 bad config or data (nothing was written), 3 a NaN/Inf loss or gradient stopped training,
+130 interrupted (Ctrl-C; the line names the checkpoint and the resume=true command)
 """
 
 
