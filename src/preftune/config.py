@@ -250,6 +250,12 @@ class TrainConfig:
     warmup_steps: int = _f(0, "Linear warm-up steps (overrides warmup_ratio when > 0).", range=NON_NEGATIVE)
     warmup_ratio: float = _f(0.0, "Warm-up as a fraction of the total steps.", range=FRACTION)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", range=NON_NEGATIVE)
+    on_nonfinite: str = _f(
+        "stop",
+        "A NaN/Inf loss or gradient: `stop` the run (exit code 3, nothing saved from that step) or "
+        "`skip_step` (drop that step's update, log it, continue).",
+        choices=("stop", "skip_step"),
+    )
     max_steps: int = _f(-1, "Optimiser steps to run (-1: derive from epochs).", range=Range(ge=1, also=(-1,)))
     epochs: float = _f(1.0, "Passes over the training data when max_steps is -1.", range=POSITIVE)
     seed: int = _f(42, "Seed for data order, initialisation of adapters and dropout.")

@@ -7,6 +7,7 @@ Metric names follow TRL's DPOTrainer (``loss``, ``rewards/margins``, ``eval_rewa
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -38,6 +39,11 @@ class MetricsLog:
             except ImportError:
                 log("tensorboard is not installed; logging to metrics.jsonl only")
 
+    def reset(self) -> None:
+        """A run starting at step 0 (fresh, or resumed without a checkpoint) starts the file afresh."""
+        if self.enabled and self.path.is_file():
+            self.path.unlink()
+
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines a crashed run wrote after its last checkpoint."""
         if not (self.enabled and self.path.is_file()):
@@ -56,18 +62,25 @@ class MetricsLog:
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **values}
+        row = {"step": step, **{k: strict_json(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in values.items():
-                if isinstance(v, (int, float)) and k != "epoch":
+                if isinstance(v, (int, float)) and math.isfinite(v) and k != "epoch":
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def strict_json(value):
+    """NaN and ±Inf are not JSON (strict readers reject them): written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
