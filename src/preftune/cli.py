@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     from .config import ConfigError
     from .data import DataError
+    from .extras import MissingDependency
 
     previous = None
     try:
@@ -113,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(_interrupted(command, rest), file=sys.stderr)
         return 130
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError, FileNotFoundError, MissingDependency) as e:
         # Validation runs before anything is loaded or written: an earlier run's files are intact.
+        # A missing optional package names the extra that installs it.
         print(f"preftune {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # the trainer's own errors carry their explanation

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .extras import MissingDependency, require
 from .rundir import RunDir
 
 
@@ -33,11 +34,14 @@ class MetricsLog:
         self.tb = None
         if enabled and "tensorboard" in report_to:
             try:
+                require("tensorboard", "tensorboard")
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(run.tensorboard))
-            except ImportError:
-                log("tensorboard is not installed; logging to metrics.jsonl only")
+            except MissingDependency as error:
+                log(f"{error}; logging to metrics.jsonl only")
+            except ImportError as error:  # installed but unusable: say why, keep training
+                log(f"TensorBoard is unavailable ({error}); logging to metrics.jsonl only")
 
     def reset(self) -> None:
         """A run starting at step 0 (fresh, or resumed without a checkpoint) starts the file afresh."""
