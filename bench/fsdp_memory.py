@@ -11,8 +11,8 @@ prompt 64 + completions 192 tokens) and activation checkpointing, so that what d
 FSDP shards: parameters, gradients and AdamW's two moments. One process accumulates the two
 micro-batches that the two FSDP processes run side by side.
 
-Memory is the process's peak RSS (``VmHWM``) minus its RSS after ``import torch, transformers``
-(the interpreter and libraries, the same in both), measured by each process itself; the FSDP
+Memory is the process's peak RSS (``VmHWM``) minus its RSS once the libraries are imported and the
+process group is up (the same on both sides), measured by each process itself; the FSDP
 figure is the larger of its two processes. Both sides run with ``MALLOC_MMAP_THRESHOLD_=131072`` so
 that RSS follows live memory (glibc otherwise keeps freed blocks: bench/NOTES.md). The sharded
 side's peak includes loading the whole model before sharding it (every process loads it, then keeps
@@ -44,14 +44,16 @@ def worker(args) -> dict:
     import transformers  # noqa: F401  (part of the baseline, as in a real run)
 
     from preftune import distributed as D
+    from preftune.data.collate import collate_sequences
+    from preftune.losses import dpo
+    from preftune.models.loading import enable_activation_checkpointing, load_causal_lm
+    from preftune.step import PolicyScorer
 
-    base_mb = _status_kb("VmRSS") / 1024
     D.init_process_group(backend="gloo")
+    base_mb = _status_kb("VmRSS") / 1024  # libraries loaded, process group up: the same on both sides
     world, rank = D.world_size(), D.rank()
     torch.manual_seed(0)
     if args.model == "smollm2":
-        from preftune.models.loading import load_causal_lm
-
         model, _ = load_causal_lm("smollm2-135m-instruct")
     else:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -69,9 +71,6 @@ def worker(args) -> dict:
             **shape,
         )
         model = LlamaForCausalLM(config)
-    from preftune.models.loading import enable_activation_checkpointing
-    from preftune.step import PolicyScorer
-
     enable_activation_checkpointing(model)
     model.config.use_cache = False
     n_params = sum(p.numel() for p in model.parameters())
@@ -86,9 +85,6 @@ def worker(args) -> dict:
 
     def ids(n):
         return torch.randint(10, vocab, (n,), generator=g).tolist()
-
-    from preftune.data.collate import collate_sequences
-    from preftune.losses import dpo
 
     times = []
     for _ in range(args.steps):

@@ -157,7 +157,18 @@ def main() -> None:
     if not args.dry_run and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: run with --dry-run to check the code paths on the CPU")
     gpus = 2 if args.dry_run else (args.gpus or torch.cuda.device_count())
-    passed = [a for a in sys.argv[1:] if not a.startswith("--json")]
+    passed = [
+        *(
+            "--pairs-per-gpu",
+            str(args.pairs_per_gpu),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ),
+        *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
+        *(["--dry-run"] if args.dry_run else []),
+    ]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for framework in args.frameworks.split(","):
