@@ -178,6 +178,10 @@ def main(argv=None) -> dict:
         return result
     import tempfile
 
+    if args.model == "smollm2":  # a first use converts the preset: not inside a measured process
+        from preftune.models import resolve_model
+
+        resolve_model("smollm2-135m-instruct")
     with tempfile.TemporaryDirectory() as tmp:
         one = run(args, 1, Path(tmp))
         two = run(args, 2, Path(tmp))
