@@ -34,6 +34,12 @@ TIMEOUT_S = 20  # dist_timeout_s of the failing run: the other rank must end wit
 RUNS = {  # max_grad_norm below every step's gradient norm
     "dpo_full": {"method": "dpo", "max_grad_norm": 0.5},
     "dpo_lora": {"method": "dpo", "lora": {"enabled": True, "r": 4, "alpha": 8}, "max_grad_norm": 0.05},
+    "lora_online": {  # the LoRA base (adapters disabled) scored every step through the sharded root
+        "method": "dpo",
+        "lora": {"enabled": True, "r": 4, "alpha": 8},
+        "reference_mode": "online",
+        "max_grad_norm": 0.05,
+    },
     "mrpo": {"method": "mrpo", "max_grad_norm": 0.5},  # references: the policy, another tokenizer's model
     "rpo_global": {"method": "rpo", "rpo": {"contrast_scope": "global"}, "max_grad_norm": 0.2},
 }
@@ -154,6 +160,7 @@ def trajectories(setup):
     kinds = {
         "dpo_full": ("fsdp",),
         "dpo_lora": ("ddp", "fsdp"),
+        "lora_online": ("fsdp",),
         "mrpo": ("ddp", "fsdp"),
         "rpo_global": ("fsdp",),
     }
