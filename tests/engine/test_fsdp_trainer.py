@@ -2,8 +2,8 @@
 
 The 2-process trainings run in worker processes launched as torchrun would (the environment only),
 except the resumed run, which is two real ``torchrun --nnodes 2`` launchers on localhost (one
-process each, ``python -m preftune train``), and the accelerate run (``accelerate launch --cpu``,
-marked slow). The global batch is 4 pairs everywhere: one process 1 x 4, DDP 2 x 2, FSDP 2 x 1 x 2
+process each, ``python -m preftune train``), and the accelerate run (``accelerate launch``, marked
+slow). The global batch is 4 pairs everywhere: one process 1 x 4, DDP 2 x 2, FSDP 2 x 1 x 2
 micro-batches (accumulation without reduction until the last micro-batch), except global-scope RPO,
 whose contrast spans one micro-batch (FSDP 2 x 2 there). Gradient clipping is active at every step,
 so a wrong global norm over the shards would change the weights. DDP of full DPO and global RPO
@@ -287,14 +287,17 @@ def test_resuming_across_checkpoint_formats_is_refused(failed_run, setup):
 
 @pytest.mark.slow
 def test_accelerate_launch_on_cpu(trajectories, setup):
-    """``accelerate launch --cpu --num_processes 2 -m preftune train``: the same FSDP run."""
+    """``accelerate launch --multi_gpu --num_processes 2 -m preftune train`` on a machine without GPUs:
+    the same FSDP run. (``--cpu`` makes accelerate 1.x start one process, whatever
+    ``--num_processes``; ``--multi_gpu`` only picks its torchrun launcher, the processes then train
+    on the CPU over gloo.)"""
     from .conftest import free_port, launch_processes, metric_rows, process_logs
 
     root, config = setup
     cfg_file = root / "accelerate.json"
     cfg_file.write_text(json.dumps(config("fsdp-accelerate", "dpo_full", WORLD, "fsdp")))
     argv = [
-        sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), "-m", "preftune", "train", str(cfg_file),
     ]  # fmt: skip
