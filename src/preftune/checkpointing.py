@@ -313,3 +313,70 @@ def select_resume_checkpoint(output_dir: Path, log: Callable[[str], None] = prin
             "start over with overwrite_output_dir=true"
         )
     return None
+
+
+# Sharded checkpoints (parallelism=fsdp): torch.distributed.checkpoint, every rank writes its shards
+
+SHARDED = "fsdp"
+PLAIN = "ddp"
+
+
+def checkpoint_format(path: Path) -> str:
+    """``fsdp`` for a checkpoint written by torch.distributed.checkpoint (it has ``.metadata``),
+    else ``ddp`` (safetensors model directory); what trainer_state.json says wins where present."""
+    state = json.loads((path / CHECKPOINT_STATE).read_text())
+    return state.get("parallelism") or (SHARDED if (path / ".metadata").is_file() else PLAIN)
+
+
+def check_checkpoint_format(path: Path, parallelism: str) -> None:
+    """A one-line TrainingError when ``path`` was written under the other parallelism."""
+    found = checkpoint_format(path)
+    if found != parallelism:
+        kind = {SHARDED: "sharded (torch.distributed.checkpoint)", PLAIN: "safetensors"}[found]
+        raise TrainingError(
+            f"{path} is a {kind} checkpoint written with parallelism={found}, this run has "
+            f"parallelism={parallelism}: resume with parallelism={found}"
+        )
+
+
+def save_sharded_checkpoint(
+    output_dir: Path, step: int, root, tokenizer, optimizer, scheduler, state: dict, keep: int, timeout_s
+) -> Path:
+    """Collective: every rank writes its shards of the model (trainable parameters) and optimizer
+    into ``checkpoint-N.tmp``; rank 0 adds scheduler, RNG state, tokenizer and trainer state, and
+    renames it once all ranks are done (an earlier checkpoint survives any failure); then rotates."""
+    from . import distributed as D
+
+    path = RunDir(output_dir).checkpoint(step)
+
+    def write(tmp: Path) -> None:
+        tokenizer.save_pretrained(tmp)
+        statefile.save_state(scheduler.state_dict(), tmp, "scheduler")
+        statefile.save_state(rng_state(), tmp, "rng")
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1))
+        # last, once every rank's shards are on disk (dcp.save returned): resume verifies against it
+        write_manifest(tmp)
+
+    try:
+        D.save_checkpoint(path, root, _plain_optimizer(optimizer), write=write, timeout_s=timeout_s)
+    except OSError as e:
+        raise TrainingError(f"could not write {path}: {e.strerror or e}") from e
+    if D.rank() == 0:
+        rotate_checkpoints(output_dir, keep)
+    return path
+
+
+def load_sharded_checkpoint(path: Path, root, optimizer, scheduler) -> dict:
+    """Restore a :func:`save_sharded_checkpoint` into ``root`` (sharded over any number of
+    processes, or not sharded at all) and the optimizer, scheduler and RNG; returns the trainer state."""
+    from . import distributed as D
+
+    D.load_checkpoint(path, root, _plain_optimizer(optimizer))
+    scheduler.load_state_dict(load_training_state(path, "scheduler"))
+    set_rng_state(load_training_state(path, "rng"))
+    return json.loads((path / CHECKPOINT_STATE).read_text())
+
+
+def _plain_optimizer(optimizer):
+    """The torch optimizer inside accelerate's wrapper (one process prepares it)."""
+    return getattr(optimizer, "optimizer", optimizer)

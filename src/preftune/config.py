@@ -279,6 +279,20 @@ class TrainConfig:
         None, "Load the policy weights in this dtype (e.g. bfloat16); default float32."
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
+    parallelism: str = _f(
+        "ddp",
+        "Several processes: `ddp` (every process holds the whole model) or `fsdp` (FSDP2: weights, "
+        "gradients and optimizer state sharded per decoder layer; checkpoints via "
+        "torch.distributed.checkpoint). One process trains the same either way; the checkpoint "
+        "format follows this key. See docs/distributed.md.",
+        choices=("ddp", "fsdp"),
+    )
+    dist_timeout_s: float = _f(
+        1800.0,
+        "Seconds a collective or barrier waits for the other processes before the job ends with an "
+        "error naming the stage and the missing rank(s).",
+        range=POSITIVE,
+    )
     logits_chunk_tokens: int = _f(
         0,
         "Completion positions projected to the vocabulary at once (0 = automatic, ~128 MB of float32 logits).",
@@ -487,6 +501,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(
             f"mrpo.weights: adaptive_released is defined for exactly 2 references, got {num_references}"
         )
+    if cfg.parallelism == "fsdp" and cfg.precision == "fp16":
+        raise ConfigError("precision: fp16 is not supported with parallelism=fsdp; use bf16 or fp32")
     if cfg.reference_free and spec.reference.value != "single":
         raise ConfigError(f"reference_free: true cannot be combined with method {spec.method!r}")
     return cfg

@@ -121,8 +121,11 @@ def barrier(stage: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
 
 
 @contextlib.contextmanager
-def exit_on_error(stage: str = "training"):
+def exit_on_error(stage: str | Callable[[], str] = "training"):
     """In a multi-process run, on an exception: print it and end this process at once, exit code 1.
+
+    ``stage`` names what was running in the message; a callable is asked at the moment of failure
+    (the trainer's current stage: setup, step N, checkpoint N, final save, ...).
 
     A rank that fails must not wait in process-group teardown (NCCL's destructor can block on peers
     stuck in a collective); the launcher (torchrun) sees the exit and stops the other ranks, which
@@ -138,7 +141,8 @@ def exit_on_error(stage: str = "training"):
         import traceback
 
         traceback.print_exc()
-        print(f"[preftune] rank {rank()}: {stage} failed: {e!r}; exiting", file=sys.stderr)
+        name = stage() if callable(stage) else stage
+        print(f"[preftune] rank {rank()}: {name} failed: {e!r}; exiting", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)

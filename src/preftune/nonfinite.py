@@ -19,11 +19,16 @@ class NonFiniteError(TrainingError):
     exit_code = 3
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP (DTensor) parameter or gradient; the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def nonfinite_part(losses: list[torch.Tensor], params, accelerator=None) -> str | None:
     """``"loss"`` or ``"gradients"`` when this step's loss or gradients hold a NaN/Inf (on any
     process), else None. One reduction over the gradients: cheap next to the backward pass."""
     bad_loss = not all(bool(torch.isfinite(x).all()) for x in losses)
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [_local(p.grad) for p in params if p.grad is not None]
     bad_grad = False
     if grads and not bad_loss:
         norms = torch.stack([g.detach().float().norm() for g in grads])
@@ -39,7 +44,9 @@ def nonfinite_part(losses: list[torch.Tensor], params, accelerator=None) -> str 
 
 
 def weights_finite(model) -> bool:
-    return all(bool(torch.isfinite(p.detach()).all()) for p in model.parameters() if p.is_floating_point())
+    return all(
+        bool(torch.isfinite(_local(p.detach())).all()) for p in model.parameters() if p.is_floating_point()
+    )
 
 
 def hint(cfg, last_checkpoint: str | None) -> str:

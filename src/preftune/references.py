@@ -191,6 +191,7 @@ class OnlineReferences:
         self.policy = policy
         self.device = device
         self.autocast_dtype = autocast_dtype
+        self.policy_root = None  # the sharded PolicyScorer under parallelism=fsdp (set by the trainer)
         self.models = []
         for view in views:
             if view.name == "policy" and hasattr(policy, "disable_adapter"):
@@ -221,7 +222,10 @@ class OnlineReferences:
                 scorer = self.policy if model is None else model
                 was_training = scorer.training
                 scorer.eval()
-                scores = score_batch(scorer, **batch, with_entropy=(k == 0))
+                if model is None and self.policy_root is not None:  # FSDP: only the root may run
+                    scores = self.policy_root(**batch, with_entropy=True)
+                else:
+                    scores = score_batch(scorer, **batch, with_entropy=(k == 0))
                 scorer.train(was_training)
             for j, side in enumerate(sides):
                 part = slice(j * len(index), (j + 1) * len(index))

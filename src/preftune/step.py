@@ -34,12 +34,18 @@ class PolicyScorer(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.autocast_dtype = autocast_dtype
 
-    def forward(self, **batch):
-        """A batch from ``collate_sequences`` or ``collate_shared_prompt_pairs``."""
+    def forward(self, with_entropy: bool = False, **batch):
+        """A batch from ``collate_sequences`` or ``collate_shared_prompt_pairs``: (log-probs, token
+        counts). ``with_entropy``: the whole :class:`preftune.scoring` result instead, entropies
+        included (online references through a sharded policy, which only its root may run)."""
         device_type = batch["input_ids"].device.type
         dtype = self.autocast_dtype
         with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None) if dtype else nullcontext():
-            scores = score_batch(self.model, **batch, chunk_tokens=self.chunk_tokens)
+            scores = score_batch(
+                self.model, **batch, chunk_tokens=self.chunk_tokens, with_entropy=with_entropy
+            )
+        if with_entropy:
+            return scores
         return scores.logps, scores.n_tokens
 
 

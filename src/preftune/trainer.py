@@ -23,16 +23,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as D
 from . import losses as L
 from . import runlock
 from .cache import default_cache_dir
 from .checkpointing import (
+    SHARDED,
     TrainingError,
+    check_checkpoint_format,
     find_checkpoints,
     load_checkpoint,
+    load_sharded_checkpoint,
     prepare_output_dir,
     save_checkpoint,
     save_model,
+    save_sharded_checkpoint,
     select_resume_checkpoint,
     set_seed,
     write_atomically,
@@ -86,10 +91,17 @@ class Trainer:
         self.spec = L.parse_method(cfg.method)
         self.unpaired = bool(self.spec.get("unpaired"))
         self.sides = UNPAIRED_SIDES if self.unpaired else PAIRED_SIDES
+        self.stage = "setup"  # named in the message when this process fails (distributed.exit_on_error)
         self.accelerator = accelerator or Accelerator(
-            mixed_precision=mixed_precision(cfg), cpu=not torch.cuda.is_available()
+            mixed_precision=mixed_precision(cfg),
+            cpu=not torch.cuda.is_available(),
+            kwargs_handlers=[D.process_group_kwargs(cfg.dist_timeout_s)],  # every collective times out
         )
         acc = self.accelerator
+        # FSDP shards only over several processes; the checkpoint format follows the key regardless
+        self.fsdp = cfg.parallelism == "fsdp" and acc.num_processes > 1
+        self.scorer = None  # under FSDP: the sharded PolicyScorer, the only module that may run
+        D.barrier("start", cfg.dist_timeout_s)  # every rank is up (and NCCL's side gloo group exists)
         # data errors surface here, all at once, before any model loads (preftune.data.check)
         self.data_check = check_data(cfg, unpaired=self.unpaired, log=lambda m: log(m, acc))
         self.output_dir = (
@@ -132,6 +144,8 @@ class Trainer:
                 len(self.data.reference_views),
                 self.unpaired,
             )
+        if self.fsdp:  # after LoRA / checkpointing (load_policy) and the precomputed references
+            self.scorer = self._shard()
         self.phi_star: float | None = None
         self.inputs = self._step_inputs()
         self.finished = self._already_finished()
@@ -152,6 +166,16 @@ class Trainer:
         return step >= self.total_steps()
 
     # -- stages ------------------------------------------------------------------------------------
+
+    def _shard(self):
+        """The policy's scorer sharded with FSDP2 (each decoder layer, the scorer as root)."""
+        cfg, acc = self.cfg, self.accelerator
+        mp = D.mixed_precision_policy(cfg.precision, acc.device)
+        root = D.shard_policy(PolicyScorer(self.model, cfg.logits_chunk_tokens), mp_policy=mp)
+        if isinstance(self.references, OnlineReferences):
+            self.references.policy_root = root  # the LoRA reference runs through the root too
+        log(f"parallelism=fsdp: policy sharded over {acc.num_processes} processes", acc)
+        return root
 
     def _references(self):
         cfg, acc = self.cfg, self.accelerator
@@ -338,7 +362,8 @@ class Trainer:
         if self.finished:
             log(f"already finished: {self.resume_from} is step {total} of {total}; nothing to do", acc)
             return RunResult(self.output_dir, self.run_dir.final, self.run_dir.metrics, total)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        scorer = self.scorer if self.fsdp else PolicyScorer(self.model, cfg.logits_chunk_tokens)
+        params = [p for p in scorer.parameters() if p.requires_grad]  # FSDP: the sharded DTensors
         optimizer = make_optimizer(
             params,
             lr=cfg.learning_rate,
@@ -351,13 +376,20 @@ class Trainer:
         scheduler = get_scheduler(
             cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total
         )
-        scorer = PolicyScorer(self.model, cfg.logits_chunk_tokens)
-        scorer, optimizer = acc.prepare(scorer, optimizer)
+        if not self.fsdp:  # FSDP2 is applied by preftune.distributed, not by accelerate
+            scorer, optimizer = acc.prepare(scorer, optimizer)
+        self._fit_scorer = scorer
         metrics_log = MetricsLog(self.output_dir, cfg.report_to, acc.is_main_process)
 
         start = 0
         if self.resume_from is not None:
-            state = load_checkpoint(self.resume_from, self.model, optimizer, scheduler)
+            self.stage = f"resume from {self.resume_from.name}"
+            check_checkpoint_format(self.resume_from, cfg.parallelism)
+            if cfg.parallelism == SHARDED:  # any number of processes: DCP reshards on load
+                root = scorer if self.fsdp else acc.unwrap_model(scorer)
+                state = load_sharded_checkpoint(self.resume_from, root, optimizer, scheduler)
+            else:
+                state = load_checkpoint(self.resume_from, self.model, optimizer, scheduler)
             start = state["step"]
             if state.get("global_batch") != self._global_batch():
                 raise TrainingError(
@@ -386,12 +418,17 @@ class Trainer:
         scorer.train()
         per_epoch = self._steps_per_epoch()
         for step in range(start, total):
+            self.stage = f"step {step + 1}"
             micro_batches = self._step_indices(step)
             step_metrics: dict[str, list[float]] = {}
             losses = []
             for m, index in enumerate(micro_batches):
                 sync = m == len(micro_batches) - 1
-                with nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(scorer):
+                if self.fsdp:
+                    accumulate = D.no_sync(scorer, enabled=not sync)
+                else:
+                    accumulate = nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(scorer)
+                with accumulate:
                     out, tokens, _, _ = self._micro_batch(scorer, "train", index, grad=True)
                     acc.backward(out.loss / cfg.grad_accum)
                 losses.append(out.loss.detach())
@@ -403,9 +440,8 @@ class Trainer:
                 skipped += 1
                 grad_norm, lr = self._nonfinite(bad, step + 1, optimizer, scheduler)
             else:
-                grad_norm, lr = apply_update(
-                    optimizer, scheduler, params, cfg.max_grad_norm, acc.clip_grad_norm_
-                )
+                clip = D.clip_grad_norm_ if self.fsdp else acc.clip_grad_norm_  # FSDP: over all shards
+                grad_norm, lr = apply_update(optimizer, scheduler, params, cfg.max_grad_norm, clip)
 
             loss = acc.reduce(torch.stack(losses).mean().to(acc.device), reduction="mean").item()
             window.setdefault("loss", []).append(loss)
@@ -443,13 +479,25 @@ class Trainer:
                 self._checkpoint(done, optimizer, scheduler)
         bar.close()
 
+        self.stage = "final evaluation"
         if "eval" in self.data.splits and start < total:  # else its row came before checkpoint-{total}
             ev = self.evaluate(scorer)
             metrics_log.write(total, {"epoch": total / per_epoch, **ev})
             last.update(ev)
         self._checkpoint(total, optimizer, scheduler)
         final = self.run_dir.final
-        if acc.is_main_process:
+        self.stage = "final save"
+        if self.fsdp:  # gathered to rank 0 and saved as one transformers directory (LoRA merged)
+            lora = hasattr(self.model, "peft_config")
+            D.save_consolidated(
+                scorer,
+                final,
+                tokenizer=self.tokenizer,
+                merge_lora=True,
+                adapter_directory=self.run_dir.final_adapter if lora else None,
+                timeout_s=cfg.dist_timeout_s,
+            )
+        elif acc.is_main_process:
             write_atomically(
                 final,
                 lambda tmp: save_model(acc.unwrap_model(scorer).model, self.tokenizer, tmp, merge_lora=True),
@@ -486,9 +534,17 @@ class Trainer:
             raise NonFiniteError(
                 f"step {step}: the weights are not finite (NaN/Inf); not saving them; {nonfinite_hint(self.cfg, None)}"
             )
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = {"step": step, "global_batch": self._global_batch(), "method": self.cfg.method}
+        self.stage = f"checkpoint {step}"
+        D.barrier(f"checkpoint {step}: start", self.cfg.dist_timeout_s)
+        state = {
+            "step": step,
+            "global_batch": self._global_batch(),
+            "method": self.cfg.method,
+            "parallelism": self.cfg.parallelism,
+        }
+        if self.cfg.parallelism == SHARDED:
+            self._sharded_checkpoint(step, optimizer, scheduler, state)
+        elif acc.is_main_process:
             try:
                 save_checkpoint(
                     self.output_dir,
@@ -508,14 +564,39 @@ class Trainer:
                     else "no earlier checkpoint exists"
                 )
                 raise TrainingError(f"{e}; {hint}") from e
-        acc.wait_for_everyone()
+        D.barrier(f"checkpoint {step}: done", self.cfg.dist_timeout_s)
+
+    def _sharded_checkpoint(self, step: int, optimizer, scheduler, state: dict) -> None:
+        """Every rank writes its shards (collective); see checkpointing.save_sharded_checkpoint."""
+        cfg = self.cfg
+        root = self.scorer if self.fsdp else self.accelerator.unwrap_model(self._fit_scorer)
+        try:
+            save_sharded_checkpoint(
+                self.output_dir,
+                step,
+                root,
+                self.tokenizer,
+                optimizer,
+                scheduler,
+                state,
+                cfg.save_total_limit,
+                cfg.dist_timeout_s,
+            )
+        except TrainingError as e:
+            kept = find_checkpoints(self.output_dir)
+            hint = f"{kept[-1]} is intact" if kept else "no earlier checkpoint exists"
+            raise TrainingError(f"{e}; {hint}") from e
 
     # -- evaluation ----------------------------------------------------------------------------------
 
     @torch.no_grad()
     def evaluate(self, scorer=None, split: str = "eval") -> dict[str, float]:
         """Held-out metrics with TRL's ``eval_`` names (see :class:`preftune.metrics.HeldOutMetrics`)."""
-        scorer = scorer or PolicyScorer(self.model, self.cfg.logits_chunk_tokens).to(self.accelerator.device)
+        scorer = (
+            scorer
+            or self.scorer
+            or PolicyScorer(self.model, self.cfg.logits_chunk_tokens).to(self.accelerator.device)
+        )
         was_training = scorer.training
         scorer.eval()
         n = len(self.data.views[0].tokenized[split])
@@ -539,7 +620,12 @@ class Trainer:
 def train(config: TrainConfig | str | os.PathLike | dict, overrides: list[str] | None = None) -> RunResult:
     """Train as the config says; returns where the run directory, final model and metrics are."""
     cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+    trainer = None
     try:
-        return Trainer(cfg).fit()
+        # several processes: a failing rank exits at once naming its rank and stage; the others end at
+        # their next collective or barrier (dist_timeout_s) instead of hanging
+        with D.exit_on_error(lambda: trainer.stage if trainer is not None else "setup"):
+            trainer = Trainer(cfg)
+            return trainer.fit()
     finally:
         runlock.release(cfg.output_dir)  # also when the setup failed (a no-op if this process holds none)

@@ -84,3 +84,89 @@ def metric_rows(metrics, having: str | None = None) -> list[dict]:
 
 def losses_by_step(metrics_path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in metric_rows(metrics_path, "loss")}
+
+
+# --------------------------------------------------------------------------------------------------
+# Launching several processes (the distributed tests): torchrun's environment, or a launcher itself
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int | str, **extra) -> dict:
+    """The environment torchrun gives worker ``rank`` of a one-node job on this machine."""
+    import os
+
+    return dict(
+        os.environ,
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        **extra,
+    )
+
+
+def launch_processes(
+    commands: list[tuple[list[str], dict]], workdir, name: str, timeout: float
+) -> tuple[list[int], list[float]]:
+    """Start one process per (argv, env), output in ``<workdir>/<name>-<i>.log``; wait at most
+    ``timeout`` seconds for all. Returns their exit codes (-9: killed at the timeout, with everything
+    it started) and when each ended (seconds after the start)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    procs, logs = [], []
+    codes: list[int | None] = []
+    ended: list[float] = []
+    started = time.monotonic()
+    try:
+        for i, (argv, env) in enumerate(commands):
+            log = open(Path(workdir) / f"{name}-{i}.log", "w")
+            logs.append(log)
+            # a session of its own: a launcher's workers are killed with it
+            procs.append(
+                subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            )
+            codes.append(None)
+            ended.append(float("inf"))
+        while None in codes and time.monotonic() - started < timeout:
+            for i, p in enumerate(procs):
+                if codes[i] is None and p.poll() is not None:
+                    codes[i], ended[i] = p.returncode, time.monotonic() - started
+            time.sleep(0.05)
+    finally:
+        for i, p in enumerate(procs):
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+                codes[i] = -9
+            else:  # the launcher ended: nothing it started may outlive it
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        for log in logs:
+            log.close()
+    return [int(c) for c in codes], ended
+
+
+def process_logs(workdir, name: str, n: int, tail: int = 3000) -> str:
+    return "\n".join(
+        f"--- {name} process {i} ---\n" + (Path(workdir) / f"{name}-{i}.log").read_text()[-tail:]
+        for i in range(n)
+    )

@@ -17,9 +17,6 @@ a gradient that is off by the number of processes.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -27,7 +24,15 @@ import torch
 
 from preftune.trainer import train
 
-from .conftest import arithmetic_rows, metric_rows, write_jsonl
+from .conftest import (
+    arithmetic_rows,
+    free_port,
+    launch_processes,
+    metric_rows,
+    process_logs,
+    rank_env,
+    write_jsonl,
+)
 
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch.distributed with the gloo backend is not available", allow_module_level=True)
@@ -49,52 +54,18 @@ for cfg in json.load(open(sys.argv[1])):
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(configs: list[dict], workdir) -> None:
     """Run the configs in WORLD processes, as torchrun would; raise with their output on failure."""
     spec = workdir / "configs.json"
     spec.write_text(json.dumps(configs))
-    port = str(free_port())
-    procs, logs = [], []
-    for rank in range(WORLD):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(WORLD),
-            LOCAL_WORLD_SIZE=str(WORLD),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            ACCELERATE_USE_CPU="1",
-            OMP_NUM_THREADS="1",
-            HF_HUB_OFFLINE="1",
-        )
-        log = open(workdir / f"rank{rank}.log", "w")
-        logs.append(log)
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", WORKER, str(spec)], env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-        )
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        for log in logs:
-            log.close()
+    port = free_port()
+    commands = [
+        ([sys.executable, "-c", WORKER, str(spec)], rank_env(r, WORLD, port, ACCELERATE_USE_CPU="1"))
+        for r in range(WORLD)
+    ]
+    codes, _ = launch_processes(commands, workdir, "ddp", timeout=300)
     if any(codes):
-        tails = "\n".join(
-            f"--- rank {r} (exit {c}) ---\n" + (workdir / f"rank{r}.log").read_text()[-3000:]
-            for r, c in enumerate(codes)
-        )
-        raise AssertionError(f"distributed training failed:\n{tails}")
+        raise AssertionError(f"distributed training failed ({codes}):\n{process_logs(workdir, 'ddp', WORLD)}")
 
 
 @pytest.fixture(scope="module")

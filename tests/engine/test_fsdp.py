@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -301,60 +300,24 @@ def worker_main(scenario: str, workdir: str) -> None:
 # Test side
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(
     scenario: str, workdir: Path, world: int = 2, timeout: float = 120
 ) -> tuple[list[int], list[float]]:
     """Run the scenario on ``world`` processes; return their exit codes (-9: killed at ``timeout``)
     and when each one ended (seconds after the launch)."""
-    port = str(free_port())
-    procs, logs = [], []
-    started = time.monotonic()
-    for r in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(r),
-            LOCAL_RANK=str(r),
-            WORLD_SIZE=str(world),
-            LOCAL_WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            OMP_NUM_THREADS="1",
-            HF_HUB_OFFLINE="1",
-        )
-        log = open(workdir / f"{scenario}-rank{r}.log", "w")
-        logs.append(log)
-        cmd = [sys.executable, str(HERE), scenario, str(workdir)]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
-    codes: list[int | None] = [None] * world
-    ended = [float("inf")] * world
-    try:
-        while None in codes and time.monotonic() - started < timeout:
-            for r, p in enumerate(procs):
-                if codes[r] is None and p.poll() is not None:
-                    codes[r], ended[r] = p.returncode, time.monotonic() - started
-            time.sleep(0.05)
-    finally:
-        for r, p in enumerate(procs):
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-                codes[r] = -9
-        for log in logs:
-            log.close()
-    return codes, ended
+    from .conftest import free_port, launch_processes, rank_env  # not in the worker (run as a script)
+
+    port = free_port()
+    cmd = [sys.executable, str(HERE), scenario, str(workdir)]
+    return launch_processes(
+        [(cmd, rank_env(r, world, port)) for r in range(world)], workdir, scenario, timeout
+    )
 
 
 def logs(workdir: Path, scenario: str, world: int = 2) -> str:
-    return "\n".join(
-        f"--- rank {r} ---\n" + (workdir / f"{scenario}-rank{r}.log").read_text()[-3000:]
-        for r in range(world)
-    )
+    from .conftest import process_logs
+
+    return process_logs(workdir, scenario, world)
 
 
 def single_process_run(lora: bool, steps=range(STEPS), resume_from: Path | None = None):
