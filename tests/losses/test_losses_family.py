@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import preftune.losses as L
+import preftune.losses.kto as KTO
 from preftune.losses import family as FAM
-from preftune.losses import kto as KTO
 from preftune.losses import reference_free as RF
 
 B = 12

@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import preftune.losses.kto as KTO
 from preftune.losses import family as FAM
-from preftune.losses import kto as KTO
 from preftune.losses import reference_free as RF
 
 pytest.importorskip("trl")
