@@ -561,6 +561,11 @@ def _check_method_options(cfg: TrainConfig, spec: MethodSpec) -> None:
         reason = spec.refusal(key) if on else None
         if reason:
             raise ConfigError(f"{key}: {reason}")
+    if used["ld_alpha"] and cfg.reference_mode == "online" and not cfg.reference_free:
+        raise ConfigError(
+            "ld_alpha: LD-DPO's reference tails are computed with precomputed references; "
+            "use reference_mode: precompute"
+        )
     normalised = cfg.length_normalize if cfg.length_normalize is not None else spec.length_normalize
     if used["f_divergence"] and (normalised or cfg.reference_free):
         raise ConfigError(

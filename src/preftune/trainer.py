@@ -41,6 +41,7 @@ from .data.prepare import prepare_data
 from .metrics import HeldOutMetrics, MetricsLog, log, mean_over_processes, peak_memory_mb
 from .models.loading import load_policy, mixed_precision
 from .references import (
+    MISMATCHED_SIDE,
     PAIRED_SIDES,
     UNPAIRED_SIDES,
     OnlineReferences,
@@ -81,6 +82,8 @@ class Trainer:
         self.spec = L.parse_method(cfg.method)
         self.unpaired = bool(self.spec.get("unpaired"))
         self.sides = UNPAIRED_SIDES if self.unpaired else PAIRED_SIDES
+        if "mismatched" in self.spec["needs"]:  # KTO's reference point: mismatched items, scored last
+            self.sides += (MISMATCHED_SIDE,)
         self.accelerator = accelerator or Accelerator(
             mixed_precision=mixed_precision(cfg), cpu=not torch.cuda.is_available()
         )
@@ -133,6 +136,7 @@ class Trainer:
                 autocast_dtype=self.autocast_dtype,
                 progress=cfg.progress and acc.is_local_main_process,
                 log=lambda m: log(m, acc),
+                tails=self.loss_fn.adapter.needs_tails,
             )
 
     def _resolve_share_prompt(self) -> bool | None:
@@ -239,6 +243,7 @@ class Trainer:
             embeddings=emb,
             labels=labels,
             gather=acc if gather else None,
+            tail_from=view.shared_lengths(split, index) * 2 if self.loss_fn.adapter.needs_tails else None,
         )
 
     # -- data order --------------------------------------------------------------------------------
@@ -307,6 +312,7 @@ class Trainer:
         if cfg.resume and checkpoints:
             state = load_checkpoint(checkpoints[-1], self.model, optimizer, scheduler)
             start = state["step"]
+            self.loss_fn.adapter.load_state_dict(state.get("loss_state", {}))  # BCO's running δ
             if state.get("global_batch") != self._global_batch():
                 raise TrainingError(
                     f"{checkpoints[-1]} was written with global batch {state.get('global_batch')}, "
@@ -404,6 +410,7 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": step, "global_batch": self._global_batch(), "method": self.cfg.method}
+            state["loss_state"] = self.loss_fn.adapter.state_dict()
             try:
                 save_checkpoint(
                     self.output_dir,
