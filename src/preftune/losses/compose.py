@@ -9,7 +9,7 @@
                → × WPO pair weight ω_i → + SFT term → mean.
 
 Links of kind ``rewards`` (NCA, BCO, SPPO, APO, ORPO) take the pair's two rewards instead of a contrast
-(scaled by ``c`` when a scale is set); ``batch`` links (AOT, TRL's pooled SFT) take the whole batch.
+(no scale, no RPO pairing); ``batch`` links (AOT, TRL's pooled SFT) take the whole batch.
 An f-divergence replaces each reward r by ψ(r) before the contrast.
 
 Row-indexed quantities (dispersion scale ``c``, Mallows ``φ``, MDPO ``α``) belong to the chosen

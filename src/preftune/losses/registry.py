@@ -62,6 +62,8 @@ KIND_REFUSALS: Mapping[str, Mapping[str, str]] = MappingProxyType(
         "rewards": {
             "pairing": "it is a function of r(y_w) and r(y_l) separately, not of a contrast S_ij that "
             "RPO's pairing can form and weight",
+            "scale": "MallowsPO-θ scales the margin β·Δ, and this loss is not a function of β·Δ (a "
+            "per-prompt β would be an extension neither paper defines)",
             "f_divergence": "the f-divergence reward ψ(r) is defined for losses of the margin "
             "ψ(r_w) − ψ(r_l) only (as in TRL)",
         },
