@@ -240,7 +240,8 @@ class TrainConfig:
     beta: float = _f(0.1, "β: strength of the KL regularisation towards the reference(s).", range=POSITIVE)
     label_smoothing: float = _f(
         0.0,
-        "Conservative DPO: assumed probability ε that a label is flipped (dpo and mallows_phi links).",
+        "Assumed probability ε that a label is flipped: conservative DPO (dpo, mallows_phi, simpo, aot), "
+        "robust's flip rate, exo_pair's label smoothing (must be > 0 there; the paper uses 1e-3).",
         range=Range(ge=0, lt=0.5),
     )
     length_normalize: bool | None = _f(

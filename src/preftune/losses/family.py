@@ -4,7 +4,7 @@ Inputs follow the rest of :mod:`preftune.losses`: per-sequence **summed** comple
 of the policy (with grad) and of the reference (``[B]``, or a ``[K, B]`` stack of which index 0, the
 primary reference, is used); completion-token counts ``[B]`` where a loss normalises by length.
 Every loss returns a :class:`LossOutput`; math runs in float32 (float64 when an input is float64).
-See docs/dpo_family.md for the formulas, papers, defaults and how each composes with MRPO,
+See docs/methods.md#the-dpo-family for the formulas, papers, defaults and how each composes with MRPO,
 MallowsPO-θ and RPO.
 
 Notation: ``r = logp_θ(y) − logp_ref(y)`` (unscaled implicit reward), ``ψ`` the f-divergence score of
