@@ -66,3 +66,40 @@ def test_cli_trains_every_family_method(name, base_config, unpaired_file, tmp_pa
         for key in ("grad_norm", *expected):
             assert key in row and math.isfinite(row[key]), (name, key, row)
     assert (tmp_path / "run" / "final").is_dir() or any((tmp_path / "run").glob("final*"))
+
+
+def test_bco_running_delta_is_checkpointed_and_resumed(base_config, tmp_path):
+    import json
+
+    from preftune.checkpointing import CHECKPOINT_STATE, find_checkpoints
+
+    cfg = base_config(method="bco_pair", bco__delta="running", save_steps=1, save_total_limit=5)
+    cfg["data"].pop("eval")
+    cfg["data"]["max_rows"] = 8
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 0
+
+    def states():
+        return [json.loads((p / CHECKPOINT_STATE).read_text()) for p in find_checkpoints(tmp_path / "run")]
+
+    assert [s["loss_state"]["bco_count"] for s in states()] == [1, 2]
+    first_delta = states()[-1]["loss_state"]["bco_delta"]
+    assert first_delta != 0.0
+    # resume for one more step: δ continues from the checkpoint (count 3), not from scratch (count 1)
+    assert main(["train", str(path), "resume=true", "max_steps=3"]) == 0
+    last = states()[-1]["loss_state"]
+    assert last["bco_count"] == 3
+    rows = metric_rows(tmp_path / "run", having="bco/delta")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[1]["bco/delta"] == pytest.approx(first_delta, rel=1e-5)
+
+
+def test_kto_evaluates_held_out_items(base_config, unpaired_file, tmp_path):
+    cfg = base_config(method="kto")
+    cfg["data"] = {"train": unpaired_file, "eval": unpaired_file, "max_rows": 8}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path)]) == 0
+    (row,) = metric_rows(tmp_path / "run", having="eval_loss")
+    assert math.isfinite(row["eval_loss"]) and math.isfinite(row["eval_rewards/chosen"])
