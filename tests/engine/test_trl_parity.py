@@ -134,6 +134,7 @@ def compare(
     metrics=("rewards/margins",),
     min_drop=0.05,
     grad_norm_rtol=GRAD_NORM_RTOL,
+    loss_rtol=LOSS_RTOL,
 ):
     """Train both; return per-step (ours, TRL) rows and the final-weight differences."""
     from transformers import AutoModelForCausalLM
@@ -147,7 +148,7 @@ def compare(
     trl_rows = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
     assert [r["step"] for r in mine] == [h["step"] for h in trl_rows] == list(range(1, STEPS + 1))
     for a, b in zip(mine, trl_rows):
-        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL, abs=LOSS_ATOL), (
+        assert a["loss"] == pytest.approx(b["loss"], rel=loss_rtol, abs=LOSS_ATOL), (
             a["step"],
             a["loss"],
             b["loss"],
@@ -279,6 +280,15 @@ FAMILY = {
 # more than DPO's as AdamW's normalised steps amplify float rounding (measured: nca_pair 3.6e-4 relative
 # at step 4, all others below 1e-4 at steps 1-3), hence a looser bound here.
 FAMILY_GRAD_NORM_RTOL = 1e-3
+# sppo_hard's loss is ~50 here (squares of rewards ± 1/(2β) = ±5) with gradient norms of 160-470, clipped
+# to 1: at LR 1e-2 float32 drift grows ~10x a step (1e-6 relative at step 2, 7e-5 at step 4, margins still
+# equal to 1e-5), so it runs at LR 2e-3 with IPO's kind of relative tolerance. The α-divergence's exponential score is ill-conditioned at LR 1e-2 (measured: grad
+# norm 827 at step 3 with α = 0.3, where both sides' rewards/margins still agree to 3e-6 but the loss,
+# exponential in them, differs by 1e-3), so that case runs at LR 2e-3.
+FAMILY_SETTINGS: dict[str, dict] = {
+    "sppo_hard": {"loss_rtol": 1e-5, "learning_rate": 2e-3},
+    "alpha_divergence": {"learning_rate": 2e-3},
+}
 #: Run in the default (not slow) suite: one of each link kind and a modifier; the rest are `slow`.
 FAMILY_FAST = {"robust", "bco_pair", "aot", "wpo"}
 
@@ -288,6 +298,10 @@ FAMILY_FAST = {"robust", "bco_pair", "aot", "wpo"}
 )
 def test_family_trajectory_matches_trl(case, tiny_model_dir, tmp_path):
     ours, theirs, metrics = FAMILY[case]
+    settings = dict(FAMILY_SETTINGS.get(case, {}))
+    if "learning_rate" in settings:
+        lr = settings.pop("learning_rate")
+        ours, theirs = {**ours, "learning_rate": lr}, {**theirs, "learning_rate": lr}
     mine, _, max_diff, mean_diff, min_moved = compare(
         tiny_model_dir,
         DATASETS["chat"](),
@@ -297,6 +311,7 @@ def test_family_trajectory_matches_trl(case, tiny_model_dir, tmp_path):
         metrics=metrics,
         min_drop=1e-3,
         grad_norm_rtol=FAMILY_GRAD_NORM_RTOL,
+        **settings,
     )
     assert min_moved > 1e-3  # every tensor moved: the weight comparison is not vacuous
     assert max_diff < WEIGHT_MAX_ATOL and mean_diff < WEIGHT_MEAN_ATOL, (max_diff, mean_diff)
