@@ -208,6 +208,41 @@ class RPOConfig:
 
 
 @dataclass
+class SimPOConfig:
+    gamma: float = _f(
+        0.5,
+        "SimPO's target reward margin γ, in SimPO's own units (the loss is −log σ(β·(ā_w − ā_l) − γ); "
+        "the paper uses β = 2–2.5 with γ/β ≈ 0.3–0.8; TRL's simpo_gamma default is 0.5).",
+        range=NON_NEGATIVE,
+    )
+
+
+@dataclass
+class DiscoPOPConfig:
+    tau: float = _f(0.05, "Temperature τ of DiscoPOP's gate σ(β·m/τ) (paper and TRL: 0.05).", range=POSITIVE)
+
+
+@dataclass
+class BCOConfig:
+    delta: float | str = _f(
+        0.0,
+        "bco_pair's reward shift δ (in β·r units): a number (TRL 1.16 uses 0), or `running` = the running "
+        "mean over training steps of each batch's mean reward (the BCO paper), kept in checkpoints.",
+        choices=("running",),
+    )
+
+
+@dataclass
+class KTOConfig:
+    desirable_weight: float = _f(
+        1.0,
+        "λ_D, weight of desirable items (paper: keep λ_D·n_D / (λ_U·n_U) in [1, 4/3]).",
+        range=NON_NEGATIVE,
+    )
+    undesirable_weight: float = _f(1.0, "λ_U, weight of undesirable items.", range=NON_NEGATIVE)
+
+
+@dataclass
 class TrainConfig:
     model: str | None = _f(
         None, "Policy: a local HF directory or a preset name (e.g. smollm2-135m-instruct)."
@@ -219,7 +254,8 @@ class TrainConfig:
     beta: float = _f(0.1, "β: strength of the KL regularisation towards the reference(s).", range=POSITIVE)
     label_smoothing: float = _f(
         0.0,
-        "Conservative DPO: assumed probability ε that a label is flipped (dpo and mallows_phi links).",
+        "Assumed probability ε that a label is flipped: conservative DPO (dpo, mallows_phi, simpo, aot), "
+        "robust's flip rate, exo_pair's label smoothing (must be > 0 there; the paper uses 1e-3).",
         range=Range(ge=0, lt=0.5),
     )
     length_normalize: bool | None = _f(
@@ -230,6 +266,35 @@ class TrainConfig:
     )
     gamma: float = _f(0.0, "Reference-free target margin γ.")
     sft_weight: float = _f(0.0, "λ of the optional SFT term λ·(−log π(yw|x)/|yw|).", range=NON_NEGATIVE)
+    loss_weights: list[float] | None = _f(
+        None,
+        "Weights w_t of a method with several links, one per link in the method's order: the loss is "
+        "Σ_t w_t·ℓ_t (TRL's loss_weights; MPO: method dpo+bco_pair+sft, loss_weights [0.8, 0.2, 1.0]). "
+        "null = all 1.",
+        range=NON_NEGATIVE,
+    )
+    f_divergence: str = _f(
+        "reverse_kl",
+        "f-divergence regulariser (f-DPO): each reward r becomes ψ(r) = f'(π/π_ref) − f'(1); `reverse_kl` "
+        "is plain DPO. Margin links only, on log-probs that are not length-normalised.",
+        choices=("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
+    )
+    f_alpha: float = _f(
+        0.5,
+        "α of `f_divergence: alpha_divergence` (1 = reverse KL, → 0 forward KL).",
+        range=Range(ge=0, le=1),
+    )
+    ld_alpha: float | None = _f(
+        None,
+        "LD-DPO: weight α of the tokens beyond each pair's shared length, logp = prefix + α·tail, for the "
+        "policy and the references (1 = DPO; the paper tunes 0.2–0.8). null = off.",
+        range=FRACTION,
+    )
+    wpo: bool = _f(
+        False,
+        "WPO (TRL's use_weighting): weight each pair's loss by the policy's aligned, length-normalised "
+        "probability of both responses, exp(mean_t[log π(y_t) − log Σ_v π(v)²]) for y_w times y_l.",
+    )
     data: DataConfig = _f(help="Training and evaluation data.", factory=DataConfig)
     max_length: int = _f(
         512, "Maximum prompt+completion tokens (truncation keeps the start).", range=Range(ge=2)
@@ -316,6 +381,10 @@ class TrainConfig:
     mrpo: MRPOConfig = _f(help="MRPO options.", factory=MRPOConfig)
     mallows: MallowsConfig = _f(help="MallowsPO options.", factory=MallowsConfig)
     rpo: RPOConfig = _f(help="RPO options.", factory=RPOConfig)
+    simpo: SimPOConfig = _f(help="SimPO options.", factory=SimPOConfig)
+    discopop: DiscoPOPConfig = _f(help="DiscoPOP options.", factory=DiscoPOPConfig)
+    bco: BCOConfig = _f(help="BCO (bco_pair) options.", factory=BCOConfig)
+    kto: KTOConfig = _f(help="KTO / apo_zero_unpaired options.", factory=KTOConfig)
     lora: LoraConfig = _f(help="LoRA options.", factory=LoraConfig)
     report_to: list[str] = _f(
         help="Loggers besides metrics.jsonl: `tensorboard` or none.", factory=lambda: ["tensorboard"]
@@ -505,7 +574,45 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError("precision: fp16 is not supported with parallelism=fsdp; use bf16 or fp32")
     if cfg.reference_free and spec.reference.value != "single":
         raise ConfigError(f"reference_free: true cannot be combined with method {spec.method!r}")
+    _check_method_options(cfg, spec)
     return cfg
+
+
+def _check_method_options(cfg: TrainConfig, spec: MethodSpec) -> None:
+    """The method's own option checks and the modifiers it refuses (the registry's reasons)."""
+    reason = spec.check_options(lambda key: config_value(cfg, key))
+    if reason:
+        raise ConfigError(reason)
+    if spec.reference_free:
+        if len(cfg.references) > 0:
+            raise ConfigError(f"references: method {spec.method!r} uses no reference model; remove them")
+        cfg.reference_free = True  # SimPO / ORPO: nothing to score or cache
+    if cfg.loss_weights is not None and len(cfg.loss_weights) != len(spec.links):
+        raise ConfigError(
+            f"loss_weights: {len(cfg.loss_weights)} weights for the {len(spec.links)} links of {spec.method!r} "
+            f"({', '.join(c.name for c in spec.links)})"
+        )
+    used = {
+        "f_divergence": cfg.f_divergence != "reverse_kl",
+        "ld_alpha": cfg.ld_alpha is not None,
+        "wpo": cfg.wpo,
+        "loss_weights": cfg.loss_weights is not None,
+    }
+    for key, on in used.items():
+        reason = spec.refusal(key) if on else None
+        if reason:
+            raise ConfigError(f"{key}: {reason}")
+    if used["ld_alpha"] and cfg.reference_mode == "online" and not cfg.reference_free:
+        raise ConfigError(
+            "ld_alpha: LD-DPO's reference tails are computed with precomputed references; "
+            "use reference_mode: precompute"
+        )
+    normalised = cfg.length_normalize if cfg.length_normalize is not None else spec.length_normalize
+    if used["f_divergence"] and (normalised or cfg.reference_free):
+        raise ConfigError(
+            "f_divergence: needs the un-normalised rewards log π/π_ref of a reference "
+            f"(method {spec.method!r} length-normalises or has no reference)"
+        )
 
 
 def load_config(

@@ -26,6 +26,9 @@ from .scoring import score_batch, score_dataset
 
 PAIRED_SIDES = ("chosen", "rejected")
 UNPAIRED_SIDES = ("completion",)
+#: KTO's mismatched items: each prompt with the completion of the split's previous item (see
+#: :meth:`ModelView.sequences`); scored like a side, used only for KTO's reference point.
+MISMATCHED_SIDE = "kl"
 
 
 @dataclass
@@ -45,11 +48,28 @@ class ModelView:
         return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
     def sequences(self, split: str, side: str, index=None) -> tuple[list[list[int]], list[list[int]]]:
+        """Prompt and completion ids of ``side`` for the items ``index`` (all by default).
+
+        Side ``kl`` pairs item i's prompt with item (i − 1)'s completion (mod N): TRL's KTO rotates
+        the completions of each batch of the dataset by one in the same way, before shuffling.
+        """
         items = self.tokenized[split]
+        if side == MISMATCHED_SIDE:
+            n = len(items)
+            index = range(n) if index is None else index
+            prompts = [items[i].prompt_ids for i in index]
+            return prompts, [items[(i - 1) % n].completion_ids for i in index]
         if index is not None:
             items = [items[i] for i in index]
         attr = {"chosen": "chosen_ids", "rejected": "rejected_ids", "completion": "completion_ids"}[side]
         return [it.prompt_ids for it in items], [getattr(it, attr) for it in items]
+
+    def shared_lengths(self, split: str, index=None) -> list[int]:
+        """LD-DPO: each pair's shared completion length ``min(|y_w|, |y_l|)`` in this model's tokens."""
+        items = self.tokenized[split]
+        if index is not None:
+            items = [items[i] for i in index]
+        return [min(len(it.chosen_ids), len(it.rejected_ids)) for it in items]
 
     def token_key(self, split: str, sides: tuple[str, ...]) -> str:
         prompts = self.sequences(split, sides[0])[0]
@@ -74,10 +94,9 @@ class PrecomputedReferences:
     def batch(self, split: str, index: torch.Tensor | list[int], sides: tuple[str, ...]) -> ReferenceBatch:
         data = self.scores[split]
         index = torch.as_tensor(index, dtype=torch.long)
-        return ReferenceBatch(
-            logps={s: data[f"{s}_logps"][:, index] for s in sides},
-            entropy={s: data[f"{s}_entropy"][index] for s in sides},
-        )
+        logps = {s: data[f"{s}_logps"][:, index] for s in sides}
+        logps.update({f"{s}_tail": data[f"{s}_tail"][:, index] for s in sides if f"{s}_tail" in data})
+        return ReferenceBatch(logps=logps, entropy={s: data[f"{s}_entropy"][index] for s in sides})
 
     def entropies(self, split: str, side: str) -> torch.Tensor:
         return self.scores[split][f"{side}_entropy"]
@@ -113,11 +132,13 @@ def precompute_references(
     batch_tokens: int = 8192,
     progress: bool = True,
     log=print,
+    tails: bool = False,
 ) -> PrecomputedReferences:
     """Score every (reference, split, side) once, reusing cached results when the inputs match.
 
     ``views[k].name == "policy"`` scores with the in-memory initial ``policy`` (adapters disabled);
-    other references are loaded only on a cache miss and freed afterwards.
+    other references are loaded only on a cache miss and freed afterwards. ``tails`` (LD-DPO) also
+    stores ``<side>_tail``: the log-prob beyond each pair's shared length (a separate cache entry).
     """
     cache = TensorCache(cache_root, "references", warn=log)
     out: dict[str, dict[str, list]] = {s: {} for s in splits}
@@ -131,11 +152,11 @@ def precompute_references(
                 model=fingerprint,
                 dtype=str(autocast_dtype or view.dtype),
                 sides=sides,
+                **({"tails": "shared_length"} if tails else {}),
             )
             n_rows = len(view.tokenized[split])
-            entry = cache.load(
-                key, rows={f"{s}_{q}": n_rows for s in sides for q in ("logps", "entropy", "tokens")}
-            )
+            quantities = ("logps", "entropy", "tokens", *(("tail",) if tails else ()))
+            entry = cache.load(key, rows={f"{s}_{q}": n_rows for s in sides for q in quantities})
             if entry is None:
                 if model is None:
                     model = (
@@ -162,7 +183,10 @@ def precompute_references(
                             with_entropy=True,
                             autocast_dtype=autocast_dtype,
                             progress=bar,
+                            tail_from=view.shared_lengths(split) if tails else None,
                         )
+                        if tails:
+                            entry[f"{side}_tail"] = scores.tail
                         entry[f"{side}_logps"] = scores.logps
                         entry[f"{side}_entropy"] = scores.entropy
                         entry[f"{side}_tokens"] = scores.n_tokens
@@ -176,7 +200,8 @@ def precompute_references(
             del model
     scores = {
         split: {
-            name: (torch.stack(vals) if name.endswith("_logps") else vals[0]) for name, vals in parts.items()
+            name: (torch.stack(vals) if name.endswith(("_logps", "_tail")) else vals[0])
+            for name, vals in parts.items()
         }
         for split, parts in out.items()
     }

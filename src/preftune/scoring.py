@@ -37,6 +37,10 @@ class SequenceScores:
     logps: torch.Tensor  # [N] sum over completion tokens of log p(token)
     n_tokens: torch.Tensor  # [N] number of completion tokens
     entropy: torch.Tensor | None = None  # [N] mean over completion positions of H(p)/log V
+    # [N] WPO's aligned sum Σ_t [log p(y_t) − log Σ_v p(v)²], detached (``with_wpo``)
+    wpo: torch.Tensor | None = None
+    # [N] Σ of log p(y_t) over completion tokens of rank > ``tail_from`` (LD-DPO; ``tail_from``)
+    tail: torch.Tensor | None = None
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -126,10 +130,18 @@ def _chunk_token_logps_entropy(hidden, targets, head, softcap, scale=None):
     return token, entropy
 
 
-def _checkpointed_token_logps(hidden, targets, head, softcap, chunk, with_entropy, scale=None):
+@torch.no_grad()
+def _chunk_log_sum_sq(hidden, head, softcap, scale=None):
+    """WPO: ``log Σ_v p(v)²`` per position (never differentiated)."""
+    return torch.logsumexp(2.0 * torch.log_softmax(_logits(head, hidden, softcap, scale), dim=-1), dim=-1)
+
+
+def _checkpointed_token_logps(hidden, targets, head, softcap, chunk, with_entropy, scale=None, sq=None):
     pieces, entropies = [], []
     for start in range(0, hidden.shape[0], chunk):
         h, t = hidden[start : start + chunk], targets[start : start + chunk]
+        if sq is not None:
+            sq.append(_chunk_log_sum_sq(h, head, softcap, scale))
         if with_entropy:
             token, ent = _chunk_token_logps_entropy(h, t, head, softcap, scale)
             entropies.append(ent)
@@ -181,7 +193,7 @@ def _softcap_(tile, softcap, tanh_out=None) -> None:
 
 class _LinearTokenLogProbs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, softcap, chunk, with_entropy, scale=None):
+    def forward(ctx, hidden, weight, bias, targets, softcap, chunk, with_entropy, scale=None, with_sq=False):
         cdtype = _compute_dtype(hidden)
         with torch.autocast(hidden.device.type, enabled=False):
             weight_t = weight.to(cdtype).t()
@@ -190,6 +202,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             f32 = dict(dtype=torch.float32, device=hidden.device)
             logps, lse = torch.empty(n, **f32), torch.empty(n, **f32)
             entropy = torch.empty(n, **f32) if with_entropy else None
+            log_sq = torch.empty(n, **f32) if with_sq else None  # WPO: log Σ_v p_v²
             width = min(chunk, max(n, 1))
             tile = torch.empty(width, vocab, **f32)
             probs = torch.empty(width, vocab, **f32) if with_entropy else None
@@ -205,9 +218,15 @@ class _LinearTokenLogProbs(torch.autograd.Function):
                     e = probs[: end - start]
                     torch.sub(t, peak, out=e).exp_()
                     total = e.sum(1)
+                    if with_sq:
+                        sq_sum = torch.einsum("ij,ij->i", e, e)
                     pz = e.mul_(t).sum(1) / total
                 else:
                     total = t.sub_(peak).exp_().sum(1)
+                    if with_sq:  # Σ_v e^{2(z_v − peak)}: the tile holds e^{z − peak} here
+                        sq_sum = torch.einsum("ij,ij->i", t, t)
+                if with_sq:  # log Σ p² = log Σ e^{2(z − peak)} − 2 log Σ e^{z − peak}
+                    log_sq[start:end] = sq_sum.log() - 2.0 * total.log()
                 chunk_lse = total.log_().add_(peak.squeeze(1))
                 lse[start:end] = chunk_lse
                 logps[start:end] = target - chunk_lse
@@ -217,10 +236,12 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         ctx.softcap, ctx.chunk, ctx.cdtype, ctx.scale = softcap, chunk, cdtype, scale
         if entropy is not None:
             ctx.mark_non_differentiable(entropy)
-        return logps, entropy
+        if log_sq is not None:
+            ctx.mark_non_differentiable(log_sq)
+        return logps, entropy, log_sq
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_entropy):
+    def backward(ctx, grad_logps, _grad_entropy, _grad_log_sq):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         softcap, chunk, cdtype, scale = ctx.softcap, ctx.chunk, ctx.cdtype, ctx.scale
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -280,6 +301,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -304,6 +326,7 @@ def token_logps(
     with_entropy: bool = False,
     fused: bool | None = None,
     scale: float | None = None,
+    sq: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(target) for P hidden states [P, H] -> [P] (and normalised entropies [P]), chunk by chunk.
 
@@ -312,19 +335,29 @@ def token_logps(
 
     ``fused`` (default: whenever the head is a plain ``nn.Linear``) uses one reusable logits tile and
     a hand-written backward; otherwise each chunk goes through autograd with checkpointing.
+
+    ``sq``: a list to append the positions' ``log Σ_v p(v)²`` [P] to (WPO), detached.
     """
     vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
     chunk = chunk_tokens or default_chunk_tokens(vocab, hidden.device)
     if fused is None:
         fused = _fusable(head)
     if not fused:
-        return _checkpointed_token_logps(hidden, targets, head, softcap, chunk, with_entropy, scale)
+        pieces: list | None = [] if sq is not None else None
+        out = _checkpointed_token_logps(hidden, targets, head, softcap, chunk, with_entropy, scale, pieces)
+        if sq is not None:
+            sq.append(torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32))
+        return out
     args = (hidden, head.weight, head.bias, targets, softcap, chunk)
+    with_sq = sq is not None
     if with_entropy:  # entropy is for references and metrics: never differentiated
         with torch.no_grad():
-            return _LinearTokenLogProbs.apply(*args, True, scale)
-    logps, _ = _LinearTokenLogProbs.apply(*args, False, scale)
-    return logps, None
+            logps, entropy, log_sq = _LinearTokenLogProbs.apply(*args, True, scale, with_sq)
+    else:
+        (logps, entropy, log_sq) = _LinearTokenLogProbs.apply(*args, False, scale, with_sq)
+    if with_sq:
+        sq.append(log_sq)
+    return logps, entropy
 
 
 def score_batch(
@@ -341,6 +374,8 @@ def score_batch(
     predict_sequence: torch.Tensor | None = None,
     num_sequences: int | None = None,
     exact: bool | None = None,
+    with_wpo: bool = False,
+    tail_from: torch.Tensor | None = None,
 ) -> SequenceScores:
     """Score N right-padded sequences [N, T]; ``completion_mask`` marks the completion tokens.
 
@@ -354,6 +389,10 @@ def score_batch(
 
     ``exact`` scores from the model's own ``logits`` instead of the chunked head; by default it follows
     the model's :func:`probe_scoring` result (chunked head when none was recorded).
+
+    ``with_wpo`` adds WPO's aligned sums (``SequenceScores.wpo``, detached); ``tail_from`` ``[N]``
+    adds LD-DPO's tails: the log-prob of each sequence's completion tokens beyond its first
+    ``tail_from`` ones (``SequenceScores.tail``, with gradient like ``logps``).
     """
     backbone, head, softcap = backbone_and_head(model)
     if predict_index is None:
@@ -372,9 +411,10 @@ def score_batch(
     if exact is None:
         probe = getattr(_base_model(model), PROBE_ATTRIBUTE, None)
         exact = probe is not None and not probe.fused_exact
+    sq: list | None = [] if with_wpo else None
     if exact:
         tok_logps, tok_entropy = _exact_token_logps(
-            model, input_ids, attention_mask, position_ids, flat, targets, with_entropy
+            model, input_ids, attention_mask, position_ids, flat, targets, with_entropy, sq
         )
     else:
         hidden = backbone(
@@ -388,16 +428,39 @@ def score_batch(
             chunk_tokens=chunk_tokens,
             with_entropy=with_entropy,
             scale=output_scale(_text_config(_base_model(model))),
+            sq=sq,
         )
     logps = tok_logps.new_zeros(n).index_add(0, rows, tok_logps)
     n_tokens = torch.bincount(rows, minlength=n)
-    entropy = None
+    entropy = wpo = tail = None
     if tok_entropy is not None:
         entropy = tok_entropy.new_zeros(n).index_add(0, rows, tok_entropy) / n_tokens.clamp(min=1)
-    return SequenceScores(logps=logps, n_tokens=n_tokens, entropy=entropy)
+    if sq is not None:
+        aligned = tok_logps.detach() - sq[0].to(tok_logps.dtype)
+        wpo = aligned.new_zeros(n).index_add(0, rows, aligned)
+    if tail_from is not None:
+        beyond = _completion_rank(rows, flat) > torch.as_tensor(tail_from, device=rows.device)[rows]
+        tail = tok_logps.new_zeros(n).index_add(0, rows, torch.where(beyond, tok_logps, 0.0))
+    return SequenceScores(logps=logps, n_tokens=n_tokens, entropy=entropy, wpo=wpo, tail=tail)
 
 
-def _exact_token_logps(model, input_ids, attention_mask, position_ids, flat, targets, with_entropy):
+def _completion_rank(rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each predicted token within its sequence, in position order."""
+    if rows.numel() == 0:
+        return rows
+    key = rows.long() * (int(flat.max()) + 1) + flat.long()
+    order = torch.argsort(key)
+    sorted_rows = rows[order]
+    first = torch.ones_like(sorted_rows, dtype=torch.bool)
+    first[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    index = torch.arange(rows.numel(), device=rows.device)
+    start = torch.cummax(torch.where(first, index, torch.zeros_like(index)), dim=0).values
+    rank = torch.empty_like(index)
+    rank[order] = index - start + 1
+    return rank
+
+
+def _exact_token_logps(model, input_ids, attention_mask, position_ids, flat, targets, with_entropy, sq=None):
     """Token log-probs from the model's own ``logits`` (whatever its head does), for the positions
     ``flat`` indexes into [rows × T]. Only the columns some row needs are projected (``logits_to_keep``)."""
     width = input_ids.shape[1]
@@ -419,6 +482,9 @@ def _exact_token_logps(model, input_ids, attention_mask, position_ids, flat, tar
     if with_entropy:
         with torch.no_grad():
             entropy = -(log_probs.exp() * log_probs).sum(-1) / math.log(log_probs.shape[-1])
+    if sq is not None:
+        with torch.no_grad():
+            sq.append(torch.logsumexp(2.0 * log_probs, dim=-1))
     return token, entropy
 
 
@@ -636,13 +702,17 @@ def score_dataset(
     chunk_tokens: int = 0,
     autocast_dtype: torch.dtype | None = None,
     progress=None,
+    tail_from: Sequence[int] | None = None,
 ) -> SequenceScores:
-    """Score a whole list of sequences without gradient, batching by length to waste little padding."""
+    """Score a whole list of sequences without gradient, batching by length to waste little padding.
+
+    ``tail_from`` (one count per sequence) adds LD-DPO's tails (``SequenceScores.tail``)."""
     n = len(prompts)
     order = sorted(range(n), key=lambda i: len(prompts[i]) + len(completions[i]))
     logps = torch.zeros(n, dtype=torch.float32)
     n_tokens = torch.zeros(n, dtype=torch.long)
     entropy = torch.zeros(n, dtype=torch.float32)
+    tail = torch.zeros(n, dtype=torch.float32) if tail_from is not None else None
     was_training = model.training
     model.eval()
     start = 0
@@ -661,8 +731,13 @@ def score_dataset(
             [prompts[i] for i in idx], [completions[i] for i in idx], pad_token_id, device
         )
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            scores = score_batch(model, **batch, with_entropy=with_entropy, chunk_tokens=chunk_tokens)
+            tails = None if tail_from is None else torch.tensor([tail_from[i] for i in idx], device=device)
+            scores = score_batch(
+                model, **batch, with_entropy=with_entropy, chunk_tokens=chunk_tokens, tail_from=tails
+            )
         index = torch.tensor(idx)
+        if tail is not None:
+            tail[index] = scores.tail.float().cpu()
         logps[index] = scores.logps.float().cpu()
         n_tokens[index] = scores.n_tokens.cpu()
         if scores.entropy is not None:
@@ -671,4 +746,6 @@ def score_dataset(
             progress.update(size)
         start += size
     model.train(was_training)
-    return SequenceScores(logps=logps, n_tokens=n_tokens, entropy=entropy if with_entropy else None)
+    return SequenceScores(
+        logps=logps, n_tokens=n_tokens, entropy=entropy if with_entropy else None, tail=tail
+    )

@@ -35,9 +35,13 @@ class PolicyScorer(nn.Module):
         self.autocast_dtype = autocast_dtype
 
     def forward(self, with_entropy: bool = False, **batch):
-        """A batch from ``collate_sequences`` or ``collate_shared_prompt_pairs``: (log-probs, token
-        counts). ``with_entropy``: the whole :class:`preftune.scoring` result instead, entropies
-        included (online references through a sharded policy, which only its root may run)."""
+        """A batch from ``collate_sequences`` or ``collate_shared_prompt_pairs``.
+
+        Returns ``(logps, n_tokens)``, plus ``{"wpo": ..., "tail": ...}`` when the batch asks for them
+        (``with_wpo=True``, ``tail_from=[N]``: the method's modifiers, see :func:`score_batch`).
+        ``with_entropy``: the whole :class:`preftune.scoring.SequenceScores` instead, entropies
+        included (online references through a sharded policy, which only its root may run).
+        """
         device_type = batch["input_ids"].device.type
         dtype = self.autocast_dtype
         with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None) if dtype else nullcontext():
@@ -46,7 +50,8 @@ class PolicyScorer(nn.Module):
             )
         if with_entropy:
             return scores
-        return scores.logps, scores.n_tokens
+        extras = {k: v for k, v in (("wpo", scores.wpo), ("tail", scores.tail)) if v is not None}
+        return (scores.logps, scores.n_tokens, extras) if extras else (scores.logps, scores.n_tokens)
 
 
 @dataclass
@@ -107,11 +112,14 @@ def score_sides(
     *,
     share: bool,
     grad: bool,
+    with_wpo: bool = False,
+    tail_from: list[int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The policy's log-probs and completion token counts per side, each [B].
 
     ``prompts``/``completions`` hold the first side's B rows, then the next side's; ``share`` puts
-    each pair into one ``prompt | chosen | rejected`` row (paired data only).
+    each pair into one ``prompt | chosen | rejected`` row (paired data only). ``with_wpo`` /
+    ``tail_from`` (one count per row) add ``<side>_wpo`` / ``<side>_tail`` entries (WPO, LD-DPO).
     """
     b = len(prompts) // len(sides)
     if share:
@@ -120,9 +128,16 @@ def score_sides(
         )
     else:
         batch = collate_sequences(prompts, completions, pad_token_id, device)
+    if with_wpo:
+        batch["with_wpo"] = True
+    if tail_from is not None:
+        batch["tail_from"] = torch.tensor(tail_from, device=device)
     with nullcontext() if grad else torch.no_grad():
-        logps, n_tok = scorer(**batch)
+        out = scorer(**batch)
+    logps, n_tok = out[0], out[1]
     policy = {s: logps[j * b : (j + 1) * b] for j, s in enumerate(sides)}
+    for name, values in (out[2] if len(out) > 2 else {}).items():
+        policy.update({f"{s}_{name}": values[j * b : (j + 1) * b] for j, s in enumerate(sides)})
     lengths = {s: n_tok[j * b : (j + 1) * b] for j, s in enumerate(sides)}
     return policy, lengths
 
@@ -143,6 +158,7 @@ def micro_batch_loss(
     embeddings: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     gather=None,
+    tail_from: list[int] | None = None,
 ):
     """Score one micro-batch and compute its loss; returns (LossOutput, tokens, policy, refs).
 
@@ -151,10 +167,36 @@ def micro_batch_loss(
     processes first, for a global contrast scope: every process then computes the same loss,
     all_gather's backward sums their gradients into each local part (P x) and DDP's average divides
     by P, so the gathered loss needs no rescaling.
+
+    The method's extra inputs: a last side ``kl`` (KTO's mismatched items) is scored without
+    gradient; ``tail_from`` (per row of the scored sides) asks for LD-DPO's tails; WPO's aligned sums
+    come when ``loss_fn.wpo`` is set.
     """
+    adapter = getattr(loss_fn, "adapter", None)
+    b = len(prompts) // len(sides)
+    kl = sides[-1] == "kl"
+    if kl:  # only KTO's reference point uses them: no gradient, no activations kept
+        n = b * (len(sides) - 1)
+        kl_prompts, kl_completions = prompts[n:], completions[n:]
+        prompts, completions, sides = prompts[:n], completions[:n], sides[:-1]
     policy, lengths = score_sides(
-        scorer, prompts, completions, sides, pad_token_id, device, share=share, grad=grad
+        scorer,
+        prompts,
+        completions,
+        sides,
+        pad_token_id,
+        device,
+        share=share,
+        grad=grad,
+        with_wpo=bool(getattr(adapter, "wpo", False)),
+        tail_from=tail_from,
     )
+    if kl:
+        kl_policy, kl_lengths = score_sides(
+            scorer, kl_prompts, kl_completions, ("kl",), pad_token_id, device, share=False, grad=False
+        )
+        policy.update(kl_policy)
+        lengths.update(kl_lengths)
     if labels is not None:
         lengths["label"] = labels
     if gather is not None:

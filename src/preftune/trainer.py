@@ -51,6 +51,7 @@ from .mrpo_validation import fixed_weights, uses_validation_weights, with_weight
 from .nonfinite import NonFiniteError, nonfinite_part, weights_finite
 from .nonfinite import hint as nonfinite_hint
 from .references import (
+    MISMATCHED_SIDE,
     PAIRED_SIDES,
     UNPAIRED_SIDES,
     OnlineReferences,
@@ -92,6 +93,8 @@ class Trainer:
         self.unpaired = bool(self.spec.get("unpaired"))
         self.sides = UNPAIRED_SIDES if self.unpaired else PAIRED_SIDES
         self.stage = "setup"  # named in the message when this process fails (distributed.exit_on_error)
+        if "mismatched" in self.spec["needs"]:  # KTO's reference point: mismatched items, scored last
+            self.sides += (MISMATCHED_SIDE,)
         self.accelerator = accelerator or Accelerator(
             mixed_precision=mixed_precision(cfg),
             cpu=not torch.cuda.is_available(),
@@ -199,6 +202,7 @@ class Trainer:
                 autocast_dtype=self.autocast_dtype,
                 progress=cfg.progress and acc.is_local_main_process,
                 log=lambda m: log(m, acc),
+                tails=self.loss_fn.adapter.needs_tails,
             )
 
     def _resolve_share_prompt(self) -> bool | None:
@@ -305,6 +309,7 @@ class Trainer:
             embeddings=emb,
             labels=labels,
             gather=acc if gather else None,
+            tail_from=view.shared_lengths(split, index) * 2 if self.loss_fn.adapter.needs_tails else None,
         )
 
     # -- data order --------------------------------------------------------------------------------
@@ -391,6 +396,7 @@ class Trainer:
             else:
                 state = load_checkpoint(self.resume_from, self.model, optimizer, scheduler)
             start = state["step"]
+            self.loss_fn.adapter.load_state_dict(state.get("loss_state", {}))  # BCO's running δ
             if state.get("global_batch") != self._global_batch():
                 raise TrainingError(
                     f"{self.resume_from} was written with global batch {state.get('global_batch')}, "
@@ -541,6 +547,7 @@ class Trainer:
             "global_batch": self._global_batch(),
             "method": self.cfg.method,
             "parallelism": self.cfg.parallelism,
+            "loss_state": self.loss_fn.adapter.state_dict(),  # e.g. BCO's running reward shift
         }
         if self.cfg.parallelism == SHARDED:
             self._sharded_checkpoint(step, optimizer, scheduler, state)

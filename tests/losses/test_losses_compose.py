@@ -176,10 +176,20 @@ def test_all_registered_methods_run_and_reach_only_the_policy():
         spec = L.parse_method(name)
         leaves = [t.clone().requires_grad_(True) for t in (pc, pr, rc, rr, emb, c, phi)]
         lpc, lpr, lrc, lrr, lemb, lc, lphi = leaves
-        if spec["unpaired"]:
+        component = L.COMPONENTS[name]
+        if spec["takes"] == "unpaired":  # KTO-style: labelled items, one reference point
+            labels = torch.tensor([True, False] * b)
+            items, ref_items = torch.cat([lpc, lpr]), torch.cat([lrc[0], lrr[0]])
+            kl = {"reference_point": 0.1} if "mismatched" in spec["needs"] else {}
+            out = component.impl(items, ref_items, labels, beta=0.1, **kl)
+        elif spec["unpaired"]:
             out = L.unpaired_preference_loss(lpc, lrc[0], lemb, lpr, lrr[0], lemb, **spec["loss_kwargs"])
         else:
-            extra = {}
+            extra = {"chosen_lengths": torch.full((b,), 3.0)}
+            if component.label_smoothing:
+                extra["label_smoothing"] = 0.1  # exo_pair needs ε > 0; the others accept it
+            if spec["reference_free"]:
+                extra["reference_free"] = True
             if spec["scale"] == "mallows_theta":
                 extra["scale"] = lc
             if spec["link"] == "mallows_phi":
@@ -191,7 +201,10 @@ def test_all_registered_methods_run_and_reach_only_the_policy():
         assert torch.isfinite(out.loss), name
         assert torch.isfinite(lpc.grad).all() and lpc.grad.abs().sum() > 0, name
         assert all(t.grad is None for t in (lrc, lrr, lemb, lc, lphi)), name
-        assert {"rewards/chosen", "rewards/accuracies", "logps/chosen"} <= set(out.metrics), name
+        expected = {"rewards/chosen", "logps/chosen"}
+        if spec["takes"] != "unpaired":  # single items have no pair to be accurate about
+            expected.add("rewards/accuracies")
+        assert expected <= set(out.metrics), name
         assert entry["slot"] in ("reference", "pairing", "scale", "link")
         # float32 and float64 agree for every method
         if not spec["unpaired"]:
@@ -201,7 +214,7 @@ def test_all_registered_methods_run_and_reach_only_the_policy():
                 rc.float(),
                 rr.float(),
                 **spec["loss_kwargs"],
-                **{k: v.detach().float() for k, v in extra.items()},
+                **{k: v.detach().float() if isinstance(v, torch.Tensor) else v for k, v in extra.items()},
             )
             torch.testing.assert_close(out32.loss.double(), out.loss.detach(), rtol=1e-4, atol=1e-5)
 
@@ -254,8 +267,11 @@ def test_parse_method():
     "method,names",
     [
         ("mrpo+mdpo", ["mrpo", "mdpo"]),
-        ("dpo+ipo", ["dpo", "ipo"]),
-        ("hinge+mallows_phi", ["hinge", "mallows_phi"]),
+        ("dpo+dpo", ["dpo"]),
+        ("nca_pair+rpo", ["nca_pair", "rpo"]),
+        ("aot+mallows_theta", ["aot", "mallows_theta"]),
+        ("simpo+mrpo", ["simpo", "mrpo"]),
+        ("kto+dpo", ["kto"]),
         ("rpo+rpo_uniform", ["rpo", "rpo_uniform"]),
         ("rpo_diagonal+rpo_unpaired", ["rpo_diagonal", "rpo_unpaired"]),
         ("mallows_theta+mallows_theta", ["mallows_theta"]),
@@ -270,7 +286,7 @@ def test_parse_method_rejects_conflicts_naming_them(method, names):
         assert repr(n) in str(err.value)
 
 
-@pytest.mark.parametrize("method", ["dpo+foo", "simpo", "", "dpo++rpo", "DPO"])
+@pytest.mark.parametrize("method", ["dpo+foo", "cpo", "", "dpo++rpo", "DPO"])
 def test_parse_method_rejects_unknown_names_listing_valid_ones(method):
     with pytest.raises(ValueError) as err:
         L.parse_method(method)

@@ -12,15 +12,19 @@ Name clash: ``rpo`` here is *Relative* Preference Optimization (Yin et al. 2024)
 ``rpo_alpha`` (DPO + NLL) nor NeMo-Aligner's reward-aware RPO.
 """
 
+from . import family as _family
 from . import functional as _functional
 from .aggregation import arwc_weights, ctro_clip, virtual_reference
 from .components import Component, Option
 from .compose import preference_loss, unpaired_preference_loss
+from .family import *  # noqa: F403  (TRL's loss types and modifiers; see family.__all__)
 from .functional import *  # noqa: F403  (the named losses, one per component; see functional.__all__)
+from .kto import apo_zero_unpaired, kto, kto_reference_point
 from .links import LINKS, apply_link
 from .mallows import calibrate_phi_star, mallows_link, mallows_log_link, neg_log_dispersion
 from .output import LossOutput
 from .pairing import PAIRINGS, rpo_weights
+from .reference_free import orpo, simpo
 from .registry import (
     COMPONENTS,
     METHODS,
@@ -47,6 +51,12 @@ __all__ = [
     "parse_method",
     "method_needs",
     *_functional.__all__,  # the named losses (dpo, mrpo, ...): one per component name
+    *_family.__all__,  # TRL 1.16's loss types (robust, ..., sft) and the modifiers
+    "simpo",
+    "orpo",
+    "kto",
+    "kto_reference_point",
+    "apo_zero_unpaired",
     "virtual_reference",
     "arwc_weights",
     "ctro_clip",

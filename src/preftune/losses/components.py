@@ -7,7 +7,12 @@ the loss pipeline (see :mod:`preftune.losses.compose` and docs/methods.md#one-pi
   virtual reference, MDPO's per-reference mix);
 * ``pairing``: which (chosen, rejected) contrasts enter the loss and their weight ``W``;
 * ``scale``: a per-pair factor ``c`` multiplying the margin;
-* ``link``: a function from a margin to a per-contrast loss.
+* ``link``: the per-row loss. A link ``takes`` one of: ``"margin"``, a function of the contrast's
+  margin ``m`` (composes with every reference, scale and pairing); ``"rewards"``, a function of the
+  two implicit rewards ``r_w``, ``r_l`` of a pair (composes with references and scales, not with RPO's
+  contrasts); ``"batch"``, a function of the whole batch (sorting, pooling; references only);
+  ``"unpaired"``, a function of labelled single items (KTO). Several links in one method are a
+  weighted sum (``loss_weights``, e.g. MPO = ``dpo+bco_pair+sft``).
 
 Each component is declared ONCE, next to the function implementing it, with :func:`register`; the
 registry (:mod:`preftune.losses.registry`) derives method resolution, error messages, documentation
@@ -20,7 +25,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Slot", "SLOTS", "NEEDS", "Option", "Component", "register", "registered", "lookup"]
+__all__ = [
+    "Slot",
+    "SLOTS",
+    "NEEDS",
+    "TAKES",
+    "MODIFIERS",
+    "Option",
+    "Component",
+    "register",
+    "registered",
+    "lookup",
+]
 
 Slot = Literal["reference", "pairing", "scale", "link"]
 SLOTS: tuple[Slot, ...] = ("reference", "pairing", "scale", "link")
@@ -28,8 +44,16 @@ SLOTS: tuple[Slot, ...] = ("reference", "pairing", "scale", "link")
 #: Inputs a component needs the trainer to provide besides policy / primary-reference log-probs.
 #: ``multi_reference``: K > 1 reference models; ``entropy``: the primary reference's token entropies
 #: (MallowsPO dispersion); ``embeddings``: prompt sentence embeddings; ``unpaired``: unpaired rows
-#: (one completion with a desirable/undesirable label) instead of pairs.
-NEEDS: tuple[str, ...] = ("multi_reference", "entropy", "embeddings", "unpaired")
+#: (one completion with a desirable/undesirable label) instead of pairs; ``mismatched``: log-probs of
+#: mismatched prompt/completion items under the policy and the reference (KTO's reference point).
+NEEDS: tuple[str, ...] = ("multi_reference", "entropy", "embeddings", "unpaired", "mismatched")
+
+#: What a link is a function of (see the module docstring).
+Takes = Literal["margin", "rewards", "batch", "unpaired"]
+TAKES: tuple[str, ...] = ("margin", "rewards", "batch", "unpaired")
+
+#: Config modifiers that apply to the whole loss; a component may refuse one (:attr:`Component.refuses`).
+MODIFIERS: tuple[str, ...] = ("f_divergence", "ld_alpha", "wpo", "loss_weights")
 
 
 @dataclass(frozen=True)
@@ -38,6 +62,8 @@ class Option:
 
     key: str
     kwarg: str | None = None
+    #: The keyword goes to the link's own implementation (``discopop.tau``), not to the pipeline.
+    link: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,6 +90,17 @@ class Component:
         label_smoothing: (links) accepts a label-smoothing ε.
         length_normalize: Log-probs are length-normalised by default with this component (IPO).
         selectable: False for the implicit defaults (single reference, diagonal pairing).
+        takes: (links) what the link is a function of (:data:`TAKES`); the impl's signature follows:
+            margin ``(margin, beta, label_smoothing, phi, **link_options)``; rewards ``(r_w, r_l,
+            beta, **link_options)`` with ``[K', B]`` rewards; batch ``(policy_chosen,
+            policy_rejected, ref_chosen, ref_rejected, beta, label_smoothing, chosen_lengths,
+            **link_options)`` returning ``[K', B]``; unpaired: a :mod:`~preftune.losses.kto`-style loss.
+        reference_free: The method uses no reference model (SimPO, ORPO).
+        refuses: ``{name: reason}``: a component name, a slot (any component filling it) or a
+            modifier of :data:`MODIFIERS` this component cannot be combined with, and why (the
+            registry's and the config's error repeat the reason).
+        check: ``get -> reason or None``: validates the config values the component reads (``get``
+            reads a dotted key), so a bad value fails before any model loads.
 
     Its section in docs/methods.md has the anchor ``#<name>``.
     """
@@ -83,6 +120,10 @@ class Component:
     label_smoothing: bool = False
     length_normalize: bool = False
     selectable: bool = True
+    takes: Takes = "margin"
+    reference_free: bool = False
+    refuses: Mapping[str, str] = field(default_factory=dict, compare=False)
+    check: Callable[[Callable[[str], Any]], str | None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.slot not in SLOTS:
@@ -90,6 +131,8 @@ class Component:
         unknown = set(self.needs) - set(NEEDS)
         if unknown:
             raise ValueError(f"component {self.name!r}: unknown needs {sorted(unknown)}; known: {NEEDS}")
+        if self.takes not in TAKES:
+            raise ValueError(f"component {self.name!r}: takes must be one of {TAKES}, got {self.takes!r}")
 
 
 _BY_NAME: dict[str, Component] = {}

@@ -4,8 +4,13 @@
                → implicit rewards r(y) = logp_θ(y) − logp_ref(y)
                → pair (diagonal | RPO contrast matrix S_ij = r(y_w,i) − r(y_l,j))
                → margin m = c_i · W_ij · (S_ij − γ)
-               → link (sigmoid | IPO | hinge | Mallows g_φ) → per-contrast loss ℓ
-               → MDPO mix Σ_k α_k ℓ^k → per-row reduction → + SFT term → mean.
+               → link (sigmoid | IPO | hinge | Mallows g_φ | robust | ...) → per-contrast loss ℓ
+               → MDPO mix Σ_k α_k ℓ^k → per-row reduction → Σ_t w_t (several links)
+               → × WPO pair weight ω_i → + SFT term → mean.
+
+Links of kind ``rewards`` (NCA, BCO, SPPO, APO, ORPO) take the pair's two rewards instead of a contrast
+(no scale, no RPO pairing); ``batch`` links (AOT, TRL's pooled SFT) take the whole batch.
+An f-divergence replaces each reward r by ψ(r) before the contrast.
 
 Row-indexed quantities (dispersion scale ``c``, Mallows ``φ``, MDPO ``α``) belong to the chosen
 response's pair, i.e. to row ``i`` of the contrast matrix.
@@ -18,6 +23,7 @@ from torch import Tensor
 
 from .aggregation import ClipMode, ReferenceMode, WeightSpec, aggregate_references
 from .components import lookup
+from .family import F_DIVERGENCES, f_divergence_score
 from .links import Link, apply_link
 from .output import (
     LossOutput,
@@ -28,7 +34,8 @@ from .output import (
     safe_mean,
     sft_term,
 )
-from .pairing import Pairing, contrasts, pair_weights, reduce_rows, rpo_weights
+from .pairing import Pairing, contrasts, reduce_rows, rpo_weights
+from .pairing import pair_weights as _pair_weights
 
 __all__ = ["preference_loss", "unpaired_preference_loss"]
 
@@ -54,6 +61,7 @@ def _contrast_losses(
     label_smoothing: float,
     phi: Tensor | None,
     ref_weights: Tensor | None,
+    link_options: dict | None = None,
 ) -> Tensor:
     """``[K', M, N]`` contrasts → ``[M, N]`` losses: margin, link, then the MDPO mix over K'."""
     margin = contrast - gamma if gamma else contrast
@@ -62,14 +70,31 @@ def _contrast_losses(
     if scale is not None:
         margin = margin * scale[:, None]
     losses = apply_link(
-        margin, link, beta, label_smoothing=label_smoothing, phi=None if phi is None else phi[:, None]
+        margin,
+        link,
+        beta,
+        label_smoothing=label_smoothing,
+        phi=None if phi is None else phi[:, None],
+        **_own_options(link, link_options),
     )
+    return _mix(losses, None if ref_weights is None else ref_weights[..., None])
+
+
+def _mix(losses: Tensor, alpha: Tensor | None) -> Tensor:
+    """MDPO: ``Σ_k α_k ℓ^k`` over the leading reference dimension (``K' = 1``: the one loss)."""
     if losses.shape[0] == 1:
         return losses[0]
-    if ref_weights is None:
+    if alpha is None:
         raise ValueError("several reference stacks need their mixing weights (ref_weights)")
-    alpha = ref_weights[..., None]
     return torch.where(alpha > 0, alpha * losses, torch.zeros_like(losses)).sum(dim=0)
+
+
+def _own_options(link: str, link_options: dict | None) -> dict:
+    """The link options that ``link``'s implementation declares (``discopop.tau`` → ``tau``)."""
+    if not link_options:
+        return {}
+    names = {o.kwarg for o in lookup("link", link).options if o.link}
+    return {k: v for k, v in link_options.items() if k in names}
 
 
 def preference_loss(
@@ -82,7 +107,7 @@ def preference_loss(
     reference: ReferenceMode = "single",
     pairing: Pairing = "diagonal",
     scale: Tensor | None = None,
-    link: Link = "sigmoid",
+    link: Link | str | tuple[str, ...] = "sigmoid",
     dispersion: Tensor | None = None,
     prompt_embeddings: Tensor | None = None,
     tau: float = 0.5,
@@ -95,6 +120,11 @@ def preference_loss(
     gamma: float = 0.0,
     sft_weight: float = 0.0,
     chosen_lengths: Tensor | None = None,
+    loss_weights: tuple[float, ...] | list[float] | None = None,
+    link_options: dict | None = None,
+    f_divergence: str = "reverse_kl",
+    f_alpha: float = 0.5,
+    pair_weights: Tensor | None = None,
 ) -> LossOutput:
     """Every paired preference loss of preftune, as one configurable pipeline (docs/methods.md#one-pipeline-many-methods).
 
@@ -126,13 +156,26 @@ def preference_loss(
         gamma: Target margin γ subtracted from every contrast, in log-prob units (SimPO's γ is β·γ).
         sft_weight: λ of the SFT add-on ``λ·(−logp_θ(y_w)/|y_w|)`` per row.
         chosen_lengths: ``[B]`` completion-token counts ``|y_w|`` (needed when ``sft_weight > 0``).
+        loss_weights: ``w_t`` per link when ``link`` is a tuple (default all 1): ``Σ_t w_t ℓ_t``.
+        link_options: keywords of the links' own implementations (``{"tau": 0.05}`` for discopop);
+            each link receives those it declares.
+        f_divergence, f_alpha: ψ applied to every reward before the contrast
+            (:func:`~preftune.losses.family.f_divergence_score`); ``reverse_kl`` is the identity.
+        pair_weights: ``[B]`` per-row weights ω_i (WPO), detached, multiplying the row's loss.
 
     Returns:
         :class:`LossOutput` with per-row ``losses`` ``[B]``; metrics use TRL's names, rewards are
         relative to the (virtual) reference and use the diagonal pairs.
     """
-    lookup("link", link)  # unknown names fail here, listing the valid ones
+    links = (link,) if isinstance(link, str) else tuple(link)
+    components = [lookup("link", name) for name in links]  # unknown names fail here, listing the valid ones
     lookup("pairing", pairing)
+    if loss_weights is None:
+        loss_weights = (1.0,) * len(links)
+    if len(loss_weights) != len(links):
+        raise ValueError(f"loss_weights has {len(loss_weights)} entries for the {len(links)} links {links}")
+    if f_divergence not in F_DIVERGENCES:
+        raise ValueError(f"f_divergence must be one of {F_DIVERGENCES}, got {f_divergence!r}")
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     dtype = compute_dtype(policy_chosen, policy_rejected, refs_chosen, refs_rejected)
@@ -160,30 +203,60 @@ def preference_loss(
 
     if prompt_embeddings is not None and pairing != "rpo":
         raise ValueError(f"prompt_embeddings are only used by pairing='rpo', not {pairing!r}")
-    if dispersion is not None and link != "mallows_phi":  # the only link that takes φ
+    if dispersion is not None and "mallows_phi" not in links:  # the only link that takes φ
         raise ValueError(f"dispersion (φ) is only used by link='mallows_phi', not {link!r}")
     c = None if scale is None else _row_vector(scale, "scale", batch, dtype, device)
     phi = None
-    if link == "mallows_phi":
+    if "mallows_phi" in links:
         if dispersion is None:
             raise ValueError("link='mallows_phi' needs dispersion φ [B]")
         phi = _row_vector(dispersion, "dispersion", batch, dtype, device)
 
-    rewards_c = pc - agg.chosen  # [K', B]
-    rewards_r = pr - agg.rejected
-    weight = pair_weights(pairing, batch, prompt_embeddings, tau, dtype, device)
-    losses = _contrast_losses(
-        contrasts(rewards_c, rewards_r, pairing),
-        weight=weight,
-        gamma=gamma,
-        scale=c,
-        link=link,
-        beta=beta,
-        label_smoothing=label_smoothing,
-        phi=phi,
-        ref_weights=agg.weights,
-    )
-    losses = reduce_rows(losses, pairing, diagonal_weight)
+    rewards_c = f_divergence_score(pc - agg.chosen, f_divergence, f_alpha)  # [K', B]
+    rewards_r = f_divergence_score(pr - agg.rejected, f_divergence, f_alpha)
+    weight = _pair_weights(pairing, batch, prompt_embeddings, tau, dtype, device)
+    losses = None
+    per_link: dict[str, Tensor] = {}
+    for component, w in zip(components, loss_weights, strict=True):
+        if component.takes == "margin":
+            ell = _contrast_losses(
+                contrasts(rewards_c, rewards_r, pairing),
+                weight=weight,
+                gamma=gamma,
+                scale=c,
+                link=component.value,
+                beta=beta,
+                label_smoothing=label_smoothing,
+                phi=phi,
+                ref_weights=agg.weights,
+                link_options=link_options,
+            )
+            ell = reduce_rows(ell, pairing, diagonal_weight)
+        elif component.takes in ("rewards", "batch"):
+            if pairing != "diagonal":
+                raise ValueError(f"the {component.value} link takes whole pairs, not RPO's contrasts")
+            options = _own_options(component.value, link_options)
+            if component.takes == "rewards":
+                rc_, rr_ = (rewards_c, rewards_r) if c is None else (rewards_c * c, rewards_r * c)
+                stacked = component.impl(rc_, rr_, beta, **options)
+            else:
+                if c is not None:
+                    raise ValueError(
+                        f"the {component.value} link sorts or pools the batch: no per-pair scale"
+                    )
+                stacked = component.impl(
+                    pc, pr, agg.chosen, agg.rejected, beta, label_smoothing, chosen_lengths, **options
+                )
+            ell = _mix(stacked, agg.weights)
+        else:
+            raise ValueError(f"the {component.value} link is for unpaired data (unpaired rows, not pairs)")
+        per_link[component.value] = ell
+        losses = w * ell if losses is None else losses + w * ell
+    assert losses is not None
+    omega = None
+    if pair_weights is not None:
+        omega = _row_vector(pair_weights, "pair_weights", batch, dtype, device)
+        losses = losses * omega
     sft = sft_term(pc, chosen_lengths, sft_weight)
     if sft is not None:
         losses = losses + sft
@@ -200,6 +273,12 @@ def preference_loss(
             metrics["rpo/weight_diag"] = torch.diagonal(weight).mean()
         if sft is not None and batch:
             metrics["sft/loss"] = (sft / sft_weight).mean()
+        if len(per_link) > 1 and batch:
+            metrics.update({f"loss/{name}": ell.detach().mean() for name, ell in per_link.items()})
+        if omega is not None and batch:
+            metrics["wpo/weight"] = omega.mean()
+        if link_options and "delta" in link_options and "bco_pair" in per_link and batch:
+            metrics["bco/delta"] = torch.as_tensor(link_options["delta"], dtype=dtype).detach().clone()
     return LossOutput(
         loss=safe_mean(losses),
         losses=losses,

@@ -4,7 +4,7 @@ Inputs follow the rest of :mod:`preftune.losses`: per-sequence **summed** comple
 of the policy (with grad) and of the reference (``[B]``, or a ``[K, B]`` stack of which index 0, the
 primary reference, is used); completion-token counts ``[B]`` where a loss normalises by length.
 Every loss returns a :class:`LossOutput`; math runs in float32 (float64 when an input is float64).
-See docs/dpo_family.md for the formulas, papers, defaults and how each composes with MRPO,
+See docs/methods.md#the-dpo-family for the formulas, papers, defaults and how each composes with MRPO,
 MallowsPO-θ and RPO.
 
 Notation: ``r = logp_θ(y) − logp_ref(y)`` (unscaled implicit reward), ``ψ`` the f-divergence score of
@@ -882,3 +882,226 @@ def wpo_weights(
         lc = torch.as_tensor(chosen_lengths, device=c.device).to(dtype).clamp(min=1.0)
         lr = torch.as_tensor(rejected_lengths, device=c.device).to(dtype).clamp(min=1.0)
         return torch.exp(c / lc + r / lr)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration as method components (docs/methods.md#the-dpo-family). Each is a link; the pipeline
+# (:func:`preftune.losses.preference_loss`) supplies the margin, the pair's rewards or the batch.
+
+_T = Tensor
+
+
+def _margin(name: str):
+    def impl(margin: _T, beta: float, label_smoothing: float, phi: _T | None, **options: Any) -> _T:
+        return margin_link(margin, name, beta, label_smoothing=label_smoothing, **options)
+
+    impl.__name__ = f"_{name}_link"
+    return impl
+
+
+def _discopop_link(margin: _T, beta: float, label_smoothing: float, phi: _T | None, tau: float = 0.05) -> _T:
+    return margin_link(margin, "discopop", beta, tau=tau)
+
+
+def _sigmoid_norm_link(margin: _T, beta: float, label_smoothing: float, phi: _T | None) -> _T:
+    return margin_link(margin, "sigmoid", beta)
+
+
+def _nca_pair(r_w: _T, r_l: _T, beta: float) -> _T:
+    return -F.logsigmoid(beta * r_w) - 0.5 * F.logsigmoid(-beta * r_w) - 0.5 * F.logsigmoid(-beta * r_l)
+
+
+def _bco_pair(r_w: _T, r_l: _T, beta: float, delta: float | _T = 0.0) -> _T:
+    d = torch.as_tensor(delta, dtype=r_w.dtype, device=r_w.device).detach()
+    return -F.logsigmoid(beta * r_w - d) - F.logsigmoid(-(beta * r_l - d))
+
+
+def _sppo_hard(r_w: _T, r_l: _T, beta: float) -> _T:
+    return (r_w - 0.5 / beta) ** 2 + (r_l + 0.5 / beta) ** 2
+
+
+def _apo_zero(r_w: _T, r_l: _T, beta: float) -> _T:
+    return (1 - torch.sigmoid(beta * r_w)) + torch.sigmoid(beta * r_l)
+
+
+def _apo_down(r_w: _T, r_l: _T, beta: float) -> _T:
+    return torch.sigmoid(beta * r_w) + (1 - torch.sigmoid(beta * (r_w - r_l)))
+
+
+def _aot(pc: _T, pr: _T, rc: _T, rr: _T, beta: float, eps: float, lengths: _T | None) -> _T:
+    u = torch.sort(pc - pr)[0]
+    v = torch.sort(rc - rr, dim=-1)[0]  # [K', B]: each reference's margins sorted
+    return margin_link(u - v, "sigmoid", beta, label_smoothing=eps)
+
+
+def _aot_unpaired(pc: _T, pr: _T, rc: _T, rr: _T, beta: float, eps: float, lengths: _T | None) -> _T:
+    diff = torch.sort(pc - rc, dim=-1)[0] - torch.sort(pr - rr, dim=-1)[0]
+    return margin_link(diff, "sigmoid", beta, label_smoothing=eps)
+
+
+def _sft_pooled(pc: _T, pr: _T, rc: _T, rr: _T, beta: float, eps: float, lengths: _T | None) -> _T:
+    n = _lengths(lengths, "chosen_lengths", pc, "the sft link")
+    pooled = -pc.sum() / n.sum() if pc.numel() else pc.sum()
+    return pooled.expand(rc.shape)
+
+
+def _exo_check(get) -> str | None:
+    eps = get("label_smoothing")
+    if not 0.0 < eps < 1.0:
+        return f"label_smoothing: exo_pair needs ε in (0, 1) (the paper uses 1e-3), got {eps}"
+    return None
+
+
+def _register_family() -> None:
+    from . import links as _links  # noqa: F401  (registers dpo, ipo, hinge first: the listing order)
+    from .components import Component, Option, register
+
+    register(
+        Component(
+            "robust",
+            "link",
+            "robust",
+            _margin("robust"),
+            summary="Robust DPO: unbiased DPO under a label-flip rate ε (`label_smoothing`)",
+            formula="ℓ = [−(1−ε) log σ(β m) + ε log σ(−β m)] / (1−2ε)",
+            paper="Chowdhury et al. 2024, Provably Robust DPO (arXiv:2403.00409)",
+            label_smoothing=True,
+        )
+    )
+    register(
+        Component(
+            "exo_pair",
+            "link",
+            "exo_pair",
+            _margin("exo_pair"),
+            summary="EXO (pairwise): reverse KL between the model's and the ε-smoothed label distribution",
+            formula="ℓ = σ(βm) log(σ(βm)/(1−ε)) + σ(−βm) log(σ(−βm)/ε)",
+            paper="Ji et al. 2024, Towards Efficient Exact Optimization of Language Model Alignment (arXiv:2402.00856)",
+            label_smoothing=True,
+            check=_exo_check,
+        )
+    )
+    register(
+        Component(
+            "discopop",
+            "link",
+            "discopop",
+            _discopop_link,
+            summary="DiscoPOP: log-ratio modulated blend of the logistic and exponential losses",
+            formula="ℓ = (1 − σ(βm/τ))·(−log σ(βm)) + σ(βm/τ)·e^{−βm}",
+            paper="Chris Lu et al. 2024, Discovering Preference Optimization Algorithms with and for LLMs (arXiv:2406.08414)",
+            options=(Option("discopop.tau", "tau", link=True),),
+        )
+    )
+    register(
+        Component(
+            "sigmoid_norm",
+            "link",
+            "sigmoid_norm",
+            _sigmoid_norm_link,
+            summary="length-normalised DPO (TRL's sigmoid_norm): DPO on log-probs divided by length",
+            formula="ℓ = −log σ(β (r_w/|y_w| − r_l/|y_l|))",
+            paper="TRL's loss_type; the LN-DPO ablation of Meng et al. 2024, SimPO (arXiv:2405.14734)",
+            length_normalize=True,
+        )
+    )
+    rewards = [
+        (
+            "nca_pair",
+            _nca_pair,
+            "NCA (pairwise): absolute likelihoods of both responses, not only their difference",
+            "ℓ = −log σ(β r_w) − ½ log σ(−β r_w) − ½ log σ(−β r_l)",
+            "Chen et al. 2024, Noise Contrastive Alignment of Language Models with Explicit Rewards (arXiv:2402.05369)",
+            (),
+        ),
+        (
+            "bco_pair",
+            _bco_pair,
+            "BCO (pairwise): a binary classifier of chosen vs rejected rewards with shift δ",
+            "ℓ = −log σ(β r_w − δ) − log σ(−(β r_l − δ))",
+            "Jung et al. 2024, Binary Classifier Optimization for Large Language Model Alignment (arXiv:2404.04656)",
+            (Option("bco.delta", "delta", link=True),),
+        ),
+        (
+            "sppo_hard",
+            _sppo_hard,
+            "SPPO with hard labels: squared distance of each reward from ±1/(2β)",
+            "ℓ = (r_w − 1/(2β))² + (r_l + 1/(2β))²",
+            "Wu et al. 2024, Self-Play Preference Optimization for Language Model Alignment (arXiv:2405.00675)",
+            (),
+        ),
+        (
+            "apo_zero",
+            _apo_zero,
+            "APO-zero: raise the chosen and lower the rejected likelihood, each absolutely",
+            "ℓ = 1 − σ(β r_w) + σ(β r_l)",
+            "D'Oosterlinck et al. 2024, Anchored Preference Optimization (arXiv:2408.06266)",
+            (),
+        ),
+        (
+            "apo_down",
+            _apo_down,
+            "APO-down: lower the chosen likelihood, and the rejected one more",
+            "ℓ = σ(β r_w) + 1 − σ(β (r_w − r_l))",
+            "D'Oosterlinck et al. 2024, Anchored Preference Optimization (arXiv:2408.06266)",
+            (),
+        ),
+    ]
+    for name, impl, summary, formula, paper, options in rewards:
+        register(
+            Component(
+                name,
+                "link",
+                name,
+                impl,
+                summary=summary,
+                formula=formula,
+                paper=paper,
+                options=options,
+                takes="rewards",
+            )
+        )
+    aot_paper = "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport (arXiv:2406.05882)"
+    batch = [
+        (
+            "aot",
+            _aot,
+            "AOT (paired): stochastic dominance of the policy's over the reference's margins, by sorting",
+            "ℓ_i = −log σ(β (sort(u)_i − sort(v)_i)),  u = logp_θ(y_w) − logp_θ(y_l), v the same for the reference",
+            aot_paper,
+            True,
+        ),
+        (
+            "aot_unpaired",
+            _aot_unpaired,
+            "AOT (unpaired): stochastic dominance of the chosen over the rejected rewards, by sorting",
+            "ℓ_i = −log σ(β (sort(r_w)_i − sort(r_l)_i))",
+            aot_paper,
+            True,
+        ),
+        (
+            "sft",
+            _sft_pooled,
+            "TRL's sft loss type: token-mean NLL of the chosen responses over the batch (a term of sums)",
+            "ℓ = −Σ_i logp_θ(y_w,i) / Σ_i |y_w,i|",
+            "supervised fine-tuning; a term of MPO (Wang et al. 2024, arXiv:2411.10442)",
+            False,
+        ),
+    ]
+    for name, impl, summary, formula, paper, smoothing in batch:
+        register(
+            Component(
+                name,
+                "link",
+                name,
+                impl,
+                summary=summary,
+                formula=formula,
+                paper=paper,
+                label_smoothing=smoothing,
+                takes="batch",
+            )
+        )
+
+
+_register_family()

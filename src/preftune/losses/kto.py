@@ -164,3 +164,54 @@ def apo_zero_unpaired(
         undesirable_weight * torch.sigmoid(beta * reward),
     )
     return _output(beta, p, reward, desirable, losses, {})
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration as method components: unpaired links (the trainer feeds labelled items and, for KTO,
+# the mismatched items of its reference point).
+
+
+def _register() -> None:
+    from . import links as _links  # noqa: F401  (registers dpo, ipo, hinge first: the listing order)
+    from .components import Component, Option, register
+
+    weights = (
+        Option("kto.desirable_weight", "desirable_weight", link=True),
+        Option("kto.undesirable_weight", "undesirable_weight", link=True),
+    )
+    alone = "it values each item on its own (against a reference point), not against other items"
+    register(
+        Component(
+            "kto",
+            "link",
+            "kto",
+            kto,
+            summary="KTO: prospect-theoretic loss on unpaired desirable/undesirable items",
+            formula="ℓ = λ_D(1 − σ(β(r − z_ref))) or λ_U(1 − σ(β(z_ref − r))),  z_ref = max(0, mean r(x, y′))",
+            paper="Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization (arXiv:2402.01306)",
+            needs=frozenset({"unpaired", "mismatched"}),
+            options=weights,
+            takes="unpaired",
+            unpaired=True,
+            refuses={"pairing": alone},
+        )
+    )
+    register(
+        Component(
+            "apo_zero_unpaired",
+            "link",
+            "apo_zero_unpaired",
+            apo_zero_unpaired,
+            summary="APO-zero on unpaired items (TRL's KTOTrainer loss): raise desirable, lower undesirable",
+            formula="ℓ = λ_D(1 − σ(β r)) or λ_U σ(β r)",
+            paper="D'Oosterlinck et al. 2024, Anchored Preference Optimization (arXiv:2408.06266)",
+            needs=frozenset({"unpaired"}),
+            options=weights,
+            takes="unpaired",
+            unpaired=True,
+            refuses={"pairing": alone},
+        )
+    )
+
+
+_register()

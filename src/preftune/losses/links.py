@@ -9,7 +9,9 @@ docs/methods.md#links.
 * ``hinge`` (SLiC): ``max(0, 1 − β m)``
 * ``mallows_phi``: ``−(1−ε)·log g_φ(β m) − ε·log g_φ(−β m)``
 
-A new link is one function here plus one :func:`register` call (and its tests and docs).
+A new link is one function plus one :func:`register` call, in this file or next to its implementation
+(the DPO family's links are registered in :mod:`.family`, SimPO/ORPO in :mod:`.reference_free`, KTO in
+:mod:`.kto`), and its tests and docs.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def apply_link(
     *,
     label_smoothing: float = 0.0,
     phi: Tensor | None = None,
+    **options,
 ) -> Tensor:
     """Elementwise loss of ``margin`` under ``link`` (see the module docstring).
 
@@ -134,6 +137,7 @@ def apply_link(
         beta: β (for IPO, the regularisation parameter τ of the IPO paper).
         label_smoothing: ε, the assumed probability that a label is flipped (sigmoid and mallows_phi).
         phi: Dispersion φ ∈ (0, 1) broadcastable against ``margin`` (mallows_phi only).
+        **options: the link's own options (``tau`` of discopop), as its component declares them.
     """
     component = lookup("link", link)
     if label_smoothing and not component.label_smoothing:
@@ -141,4 +145,6 @@ def apply_link(
         raise ValueError(f"label_smoothing applies to the {', '.join(smoothed)} links, not {link!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    return component.impl(margin, beta, label_smoothing, phi)
+    if component.takes != "margin":
+        raise ValueError(f"the {link!r} link is not a function of a margin (it takes {component.takes})")
+    return component.impl(margin, beta, label_smoothing, phi, **options)

@@ -105,6 +105,12 @@ def _embeddings(inputs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 _RPO_PAPER = "Yin et al. 2024, Relative Preference Optimization (arXiv:2402.10958)"
+# LD-DPO splits a pair's responses at their shared length and WPO weights a pair: a contrast (i, j) of
+# two different pairs has neither, and no paper defines one.
+_RPO_REFUSES = {
+    "ld_alpha": "a contrast of y_w,i with y_l,j (i ≠ j) has no shared length for LD-DPO to split at",
+    "wpo": "WPO weights a pair w(y_w)·w(y_l); a contrast of two different pairs has no defined weight",
+}
 register(
     Component(
         "diagonal",
@@ -129,6 +135,7 @@ register(
         needs=frozenset({"embeddings"}),
         options=(Option("rpo.tau", "tau"), Option("rpo.embedder"), Option("rpo.contrast_scope")),
         step_inputs=_embeddings,
+        refuses=_RPO_REFUSES,
     )
 )
 register(
@@ -141,6 +148,7 @@ register(
         formula="W_ij = 1/B,  ℓ_i = mean_j ℓ(S_ij / B)",
         paper=_RPO_PAPER,
         options=(Option("rpo.contrast_scope"),),
+        refuses=_RPO_REFUSES,
     )
 )
 register(
@@ -153,6 +161,7 @@ register(
         formula="ℓ_i = w·ℓ(S_ii) + (1−w)·mean_{j≠i} ℓ(S_ij)",
         paper=_RPO_PAPER,
         options=(Option("rpo.diagonal_weight", "diagonal_weight"), Option("rpo.contrast_scope")),
+        refuses=_RPO_REFUSES,
     )
 )
 register(

@@ -152,3 +152,68 @@ def orpo(
             metrics["log_odds_ratio"] = ratio.detach().mean()
             metrics["log_odds_chosen"] = log_odds.detach().mean()
     return LossOutput(safe_mean(losses), losses, metrics, beta * avg_c.detach(), beta * avg_r.detach())
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration as method components (links of the pipeline, which hands them the length-normalised
+# policy log-probs ā as rewards: these methods set ``reference_free`` and ``length_normalize``).
+
+
+def _simpo_link(margin: Tensor, beta: float, label_smoothing: float, phi: Tensor | None, gamma: float = 0.5):
+    z = beta * margin - gamma
+    out = -F.logsigmoid(z)
+    if label_smoothing:
+        out = (1 - label_smoothing) * out - label_smoothing * F.logsigmoid(-z)
+    return out
+
+
+def _orpo_link(r_w: Tensor, r_l: Tensor, beta: float) -> Tensor:
+    # r = ā (no reference, length-normalised); ā → 0 would be an infinite odds: keep it just below 0
+    below = -torch.finfo(r_w.dtype).eps
+    a_w, a_l = r_w.clamp(max=below), r_l.clamp(max=below)
+    log_odds = (a_w - a_l) - (log1mexp(a_w) - log1mexp(a_l))
+    return -a_w - beta * F.logsigmoid(log_odds)
+
+
+def _register() -> None:
+    from . import links as _links  # noqa: F401  (registers dpo, ipo, hinge first: the listing order)
+    from .components import Component, Option, register
+
+    no_reference = "it uses no reference model, so there are no references to aggregate"
+    register(
+        Component(
+            "simpo",
+            "link",
+            "simpo",
+            _simpo_link,
+            summary="SimPO: reference-free, length-normalised, target margin γ (`simpo.gamma`)",
+            formula="ℓ = −log σ(β ā_w − β ā_l − γ),  ā = logp_θ(y|x)/|y|",
+            paper="Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward (arXiv:2405.14734)",
+            options=(Option("simpo.gamma", "gamma", link=True),),
+            label_smoothing=True,
+            length_normalize=True,
+            reference_free=True,
+            refuses={"reference": no_reference},
+        )
+    )
+    register(
+        Component(
+            "orpo",
+            "link",
+            "orpo",
+            _orpo_link,
+            summary="ORPO: SFT on the chosen plus λ = β times an odds-ratio penalty, no reference",
+            formula="ℓ = −ā_w − β·log σ(log odds(y_w) − log odds(y_l)),  odds = e^ā/(1 − e^ā)",
+            paper="Hong et al. 2024, ORPO: Monolithic Preference Optimization without Reference Model (arXiv:2403.07691)",
+            takes="rewards",
+            length_normalize=True,
+            reference_free=True,
+            refuses={
+                "reference": no_reference,
+                "scale": "its odds need probabilities e^ā; a scaled log-prob c·ā is not one",
+            },
+        )
+    )
+
+
+_register()

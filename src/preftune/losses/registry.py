@@ -4,7 +4,10 @@ A method is a ``+``-joined list of components (:class:`~preftune.losses.componen
 filling one slot of the loss pipeline; a slot left empty takes its default (single reference,
 diagonal pairing, no scale, the DPO sigmoid link). So ``"mrpo+mallows_theta+rpo"`` is RPO's contrast
 matrix over an MRPO virtual reference with dispersion-scaled margins and the sigmoid link. Two
-components for one slot are an error, and so is an unpaired component with one that needs pairs.
+components for one slot are an error, except links: several links are a weighted sum
+(``dpo+bco_pair+sft`` with ``loss_weights``, MPO). An unpaired component with one that needs pairs is
+an error, and so is any combination a component refuses (:attr:`Component.refuses`, plus the rules of
+its link kind, :data:`KIND_REFUSALS`), with the reason.
 :func:`resolve_method` turns a name into a frozen :class:`MethodSpec`; the config validation, the
 CLI's errors, ``preftune config`` and the methods table of docs/methods.md all come from here.
 """
@@ -19,15 +22,19 @@ from typing import Any
 
 # Importing the implementations registers their components (each module declares its own).
 from . import aggregation as _aggregation  # noqa: F401
+from . import family as _family  # noqa: F401
+from . import kto as _kto  # noqa: F401
 from . import links as _links  # noqa: F401
 from . import mallows as _mallows  # noqa: F401
 from . import pairing as _pairing  # noqa: F401
-from .components import NEEDS, SLOTS, Component, Option, Slot, lookup, registered
+from . import reference_free as _reference_free  # noqa: F401
+from .components import MODIFIERS, NEEDS, SLOTS, Component, Option, Slot, lookup, registered
 
 __all__ = [
     "COMPONENTS",
     "METHODS",
     "NEEDS",
+    "KIND_REFUSALS",
     "MethodError",
     "MethodSpec",
     "resolve_method",
@@ -46,6 +53,44 @@ _DEFAULTS: dict[Slot, str | None] = {
     "scale": None,
     "link": "sigmoid",
 }
+
+
+#: What every link of a kind refuses, and why (a component's own ``refuses`` adds to these).
+KIND_REFUSALS: Mapping[str, Mapping[str, str]] = MappingProxyType(
+    {
+        "margin": {},
+        "rewards": {
+            "pairing": "it is a function of r(y_w) and r(y_l) separately, not of a contrast S_ij that "
+            "RPO's pairing can form and weight",
+            "scale": "MallowsPO-θ scales the margin β·Δ, and this loss is not a function of β·Δ (a "
+            "per-prompt β would be an extension neither paper defines)",
+            "f_divergence": "the f-divergence reward ψ(r) is defined for losses of the margin "
+            "ψ(r_w) − ψ(r_l) only (as in TRL)",
+        },
+        "batch": {
+            "pairing": "it sorts or pools over the whole batch, so there is no per-contrast margin for "
+            "RPO's pairing",
+            "scale": "it sorts or pools over the whole batch, so a per-pair scale c(x) has no pair to "
+            "apply to",
+            "f_divergence": "the f-divergence reward ψ(r) is defined for losses of the margin "
+            "ψ(r_w) − ψ(r_l) only (as in TRL)",
+            "wpo": "it sorts or pools over the batch and loses the pairs WPO weights",
+        },
+        "unpaired": {
+            "f_divergence": "unpaired items have no pair margin ψ(r_w) − ψ(r_l)",
+            "ld_alpha": "unpaired items have no pair whose shared length LD-DPO splits at",
+            "wpo": "WPO weights pairs; unpaired items have none",
+            "loss_weights": "an unpaired loss cannot be summed with pair losses",
+        },
+    }
+)
+
+
+def refusals(component: Component) -> dict[str, str]:
+    """Everything ``component`` refuses (names, slots, modifiers) with the reason."""
+    out = dict(KIND_REFUSALS[component.takes]) if component.slot == "link" else {}
+    out.update(component.refuses)
+    return out
 
 
 def _listing() -> list[Component]:
@@ -76,11 +121,36 @@ class MethodSpec:
     pairing: Component
     scale: Component | None
     link: Component
+    #: Further links, summed with ``link`` (``loss_weights``); empty for one link.
+    extra_links: tuple[Component, ...] = ()
+
+    @property
+    def links(self) -> tuple[Component, ...]:
+        return (self.link, *self.extra_links)
 
     @property
     def parts(self) -> tuple[Component, ...]:
         """The components of every filled slot (defaults included), in pipeline order."""
-        return tuple(c for c in (self.reference, self.pairing, self.scale, self.link) if c is not None)
+        return tuple(c for c in (self.reference, self.pairing, self.scale, *self.links) if c is not None)
+
+    @property
+    def reference_free(self) -> bool:
+        """No reference model at all (SimPO, ORPO)."""
+        return any(c.reference_free for c in self.parts)
+
+    @property
+    def takes(self) -> str:
+        """The link kind: ``unpaired`` if any link is unpaired, else the first link's."""
+        return next((c.takes for c in self.links if c.takes == "unpaired"), self.link.takes)
+
+    def refusal(self, modifier: str) -> str | None:
+        """Why this method cannot use ``modifier`` (:data:`MODIFIERS`), or None if it can."""
+        assert modifier in MODIFIERS, modifier
+        for c in self.parts:
+            reason = refusals(c).get(modifier)
+            if reason is not None:
+                return f"{c.name!r} cannot be combined with {modifier}: {reason}"
+        return None
 
     @property
     def unpaired(self) -> bool:
@@ -115,13 +185,35 @@ class MethodSpec:
     @property
     def loss_kwargs(self) -> dict[str, str]:
         """Slot settings for :func:`preference_loss` (or, unpaired, :func:`unpaired_preference_loss`)."""
+        link: str | tuple[str, ...] = (
+            self.link.value if not self.extra_links else tuple(c.value for c in self.links)
+        )
         if self.unpaired:
-            return {"pairing": self.pairing.value, "link": self.link.value}
-        return {"reference": self.reference.value, "pairing": self.pairing.value, "link": self.link.value}
+            return {"pairing": self.pairing.value, "link": link}
+        return {"reference": self.reference.value, "pairing": self.pairing.value, "link": link}
 
     def option_kwargs(self, get: Callable[[str], Any]) -> dict[str, Any]:
-        """Loss keywords from the config options the method reads; ``get("rpo.tau")`` reads one."""
-        return {o.kwarg: get(o.key) for o in self.options if o.kwarg is not None}
+        """Loss keywords from the config options the method reads; ``get("rpo.tau")`` reads one.
+
+        Options of a link's own implementation are collected under ``link_options``.
+        """
+        out: dict[str, Any] = {}
+        link_options: dict[str, Any] = {}
+        for o in self.options:
+            if o.kwarg is not None:
+                (link_options if o.link else out)[o.kwarg] = get(o.key)
+        if link_options:
+            out["link_options"] = link_options
+        return out
+
+    def check_options(self, get: Callable[[str], Any]) -> str | None:
+        """The first complaint of a component about the config values it reads, or None."""
+        for c in self.parts:
+            if c.check is not None:
+                reason = c.check(get)
+                if reason:
+                    return reason
+        return None
 
     def step_kwargs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """Loss keywords from the trainer's per-pair tensors (``c``, ``embeddings``)."""
@@ -140,6 +232,9 @@ class MethodSpec:
             "pairing": self.pairing.value,
             "scale": None if self.scale is None else self.scale.value,
             "link": self.link.value,
+            "links": tuple(c.value for c in self.links),
+            "takes": self.takes,
+            "reference_free": self.reference_free,
             "unpaired": self.unpaired,
             "needs": self.needs,
             "multi_reference": self.multi_reference,
@@ -202,8 +297,14 @@ def resolve_method(method: str | Iterable[str], *, lenient: bool = False) -> Met
         resolved.append(canonical)
 
     chosen: dict[str, Component] = {}
+    extra_links: list[Component] = []
     for name in resolved:
         component = COMPONENTS[name]
+        if component.slot == "link" and "link" in chosen:
+            if component is chosen["link"] or component in extra_links:
+                raise MethodError(f"method component {name!r} appears twice in {text!r}")
+            extra_links.append(component)  # several links: a weighted sum (loss_weights)
+            continue
         if component.slot in chosen:
             raise MethodError(
                 f"conflicting method components {chosen[component.slot].name!r} and {name!r}: both set "
@@ -218,6 +319,17 @@ def resolve_method(method: str | Iterable[str], *, lenient: bool = False) -> Met
                 f"{unpaired[0].name!r} cannot be combined with {', '.join(map(repr, bad))}: unpaired rows "
                 "have no pair-level reference margins or dispersion"
             )
+    every = [*chosen.values(), *extra_links]
+    if extra_links:
+        for c in every:
+            reason = refusals(c).get("loss_weights")
+            if reason:
+                raise MethodError(f"{c.name!r} cannot be summed with other links: {reason}")
+    for a in every:
+        for key, reason in refusals(a).items():
+            for b in every:
+                if b is not a and key in (b.name, b.slot):
+                    raise MethodError(f"{a.name!r} cannot be combined with {b.name!r}: {reason}")
 
     def slot(s: Slot) -> Component | None:
         if s in chosen:
@@ -227,7 +339,9 @@ def resolve_method(method: str | Iterable[str], *, lenient: bool = False) -> Met
 
     reference, pairing, link = slot("reference"), slot("pairing"), slot("link")
     assert reference is not None and pairing is not None and link is not None  # defaults exist
-    return MethodSpec("+".join(resolved), tuple(resolved), reference, pairing, slot("scale"), link)
+    return MethodSpec(
+        "+".join(resolved), tuple(resolved), reference, pairing, slot("scale"), link, tuple(extra_links)
+    )
 
 
 def parse_method(method: str | Iterable[str]) -> dict[str, Any]:
@@ -254,7 +368,8 @@ def methods_help() -> str:
     listed = "; ".join(f"{s}: {', '.join(names)}" for s, names in by_slot.items() if names)
     return (
         f"A method component, or several joined with `+`, at most one per slot ({listed}); "
-        "e.g. `mrpo+mallows_theta+rpo`. Case and `-`/`_` are forgiven. See docs/methods.md."
+        "e.g. `mrpo+mallows_theta+rpo`. Several links are a weighted sum (`loss_weights`), e.g. "
+        "`dpo+bco_pair+sft` (MPO). Case and `-`/`_` are forgiven. See docs/methods.md."
     )
 
 
