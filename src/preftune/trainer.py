@@ -95,7 +95,12 @@ class Trainer:
 
         self.model, self.tokenizer, self.policy_path = load_policy(cfg, acc.device)
         self.data = prepare_data(
-            cfg, self.tokenizer, self.policy_path, self.unpaired, log=lambda m: log(m, acc)
+            cfg,
+            self.tokenizer,
+            self.policy_path,
+            self.unpaired,
+            log=lambda m: log(m, acc),
+            node_first=acc.local_main_process_first,
         )
         self.loss_fn = LossComputer(cfg, self.spec, len(self.data.reference_views), self.unpaired)
         self.share_prompt = self._resolve_share_prompt()
@@ -122,18 +127,18 @@ class Trainer:
                 device=acc.device,
                 autocast_dtype=self.autocast_dtype,
             )
-        with acc.main_process_first():
-            return precompute_references(
-                self.data.reference_views,
-                self.data.splits,
-                self.sides,
-                policy=self.model,
-                cache_root=self.cache_root,
-                device=acc.device,
-                autocast_dtype=self.autocast_dtype,
-                progress=cfg.progress and acc.is_local_main_process,
-                log=lambda m: log(m, acc),
-            )
+        # every process scores its share of the rows; the main one writes the merged cache entry
+        return precompute_references(
+            self.data.reference_views,
+            self.data.splits,
+            self.sides,
+            policy=self.model,
+            cache_root=self.cache_root,
+            device=acc.device,
+            autocast_dtype=self.autocast_dtype,
+            progress=cfg.progress and acc.is_local_main_process,
+            log=lambda m: log(m, acc),
+        )
 
     def _resolve_share_prompt(self) -> bool | None:
         """True/False: always/never share; None: decide per micro-batch (see :meth:`_shares`)."""
@@ -184,15 +189,13 @@ class Trainer:
         if spec.get("needs_embeddings"):
             from .embeddings import embed_prompts
 
-            with self.accelerator.main_process_first():
-                for split in self.data.splits:
-                    texts = [it.prompt_text for it in self.data.views[0].tokenized[split]]
-                    inputs.embeddings[split] = embed_prompts(
-                        texts,
-                        embedder=cfg.rpo.embedder,
-                        cache_root=self.cache_root,
-                        progress=cfg.progress and self.accelerator.is_local_main_process,
-                    )
+            for split in self.data.splits:  # sharded over the processes like the reference scores
+                inputs.embeddings[split] = embed_prompts(
+                    self.data.views[0].prompt_texts(split),
+                    embedder=cfg.rpo.embedder,
+                    cache_root=self.cache_root,
+                    progress=cfg.progress and self.accelerator.is_local_main_process,
+                )
         return inputs
 
     # -- one micro-batch ---------------------------------------------------------------------------
@@ -217,7 +220,7 @@ class Trainer:
         emb = self.inputs.embeddings[split][idx].to(acc.device) if split in self.inputs.embeddings else None
         labels = None
         if self.unpaired:
-            labels = torch.tensor([view.tokenized[split][i].label for i in index], device=acc.device)
+            labels = torch.tensor(view.labels(split, index), device=acc.device)
         gather = (
             grad
             and acc.num_processes > 1

@@ -6,16 +6,21 @@ dropped for all, so example i is the same pair in every model's view.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..config import ConfigError, TrainConfig, to_dict
 from ..metrics import log
 from ..models.loading import config_dtype, resolve_causal_lm
+from ..models.presets import default_cache_dir
 from ..references import ModelView
 from .loading import load_examples
 from .records import Columns
+from .store import TokenStore, build_token_store, store_key
 from .tokenize import tokenize_dataset
 
 
@@ -42,10 +47,24 @@ class PreparedData:
     report: dict[str, Any]
 
 
+def _keep(items, rows: np.ndarray, kept_rows: np.ndarray):
+    """``items`` restricted to the source rows ``kept_rows`` (both in ascending row order)."""
+    if len(rows) == len(kept_rows):
+        return items
+    positions = np.flatnonzero(np.isin(rows, kept_rows))
+    if isinstance(items, TokenStore):
+        return items.select(positions)
+    return [items[int(i)] for i in positions]
+
+
 def prepare_data(
-    cfg: TrainConfig, policy_tokenizer, policy_path: Path, unpaired: bool, log=log
+    cfg: TrainConfig, policy_tokenizer, policy_path: Path, unpaired: bool, log=log, node_first=None
 ) -> PreparedData:
     """Load, validate and tokenize every split for the policy and for each reference's tokenizer.
+
+    Token ids go to memory-mapped :class:`~preftune.data.store.TokenStore` files under
+    ``cache_dir/tokens``; ``node_first`` (e.g. ``accelerator.local_main_process_first``) makes the
+    first process of each node build them while the others wait, then map the same files.
 
     Rows dropped for one model (e.g. a prompt over max_length in its tokens, with on_error=skip) are
     dropped for all, so index i always names the same example in every view.
@@ -89,21 +108,32 @@ def prepare_data(
         reference_views = [policy_view]
 
     report: dict[str, Any] = {}
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     for split, data in loaded.items():
         kept_rows = None
         per_view = []
         for view in views:
-            items, rep = tokenize_dataset(
-                data,
-                view.tokenizer,
-                max_length=cfg.max_length,
-                on_error=cfg.data.on_error,
-                chat_template=view.chat_template,
-                progress=cfg.progress,
+            settings = dict(
+                max_length=cfg.max_length, on_error=cfg.data.on_error, chat_template=view.chat_template
             )
-            per_view.append(items)
-            rows = {it.row for it in items}
-            kept_rows = rows if kept_rows is None else kept_rows & rows
+            key = store_key(data, view.tokenizer, **settings)
+            if key is None:  # a tokenizer we cannot fingerprint: tokenized in this process, kept in lists
+                items, rep = tokenize_dataset(data, view.tokenizer, progress=cfg.progress, **settings)
+                rows = np.fromiter((it.row for it in items), dtype=np.int64, count=len(items))
+            else:
+                # the first process of each node tokenizes; the others map the files it wrote
+                with node_first() if node_first is not None else contextlib.nullcontext():
+                    items = build_token_store(
+                        data,
+                        view.tokenizer,
+                        cache_root / "tokens" / key,
+                        num_proc=cfg.data.num_proc,
+                        progress=cfg.progress,
+                        **settings,
+                    )
+                rep, rows = items.report, items.rows
+            per_view.append((items, rows))
+            kept_rows = rows if kept_rows is None else np.intersect1d(kept_rows, rows)
             if rep.skipped:
                 row, column, reason = rep.skipped[0]
                 log(
@@ -120,8 +150,9 @@ def prepare_data(
                 "truncated": rep.truncated,
                 "skipped": len(rep.skipped),
             }
-        for view, items in zip(views, per_view):
-            view.tokenized[split] = [it for it in items if it.row in kept_rows]
-        if not view.tokenized[split]:
+        for view, (items, rows) in zip(views, per_view):
+            view.tokenized[split] = _keep(items, rows, kept_rows)
+        if not len(view.tokenized[split]):
             raise ConfigError(f"{split}: no usable rows in {sources[split][0]}")
+    loaded.clear()  # the loaded text is not needed any more: only the token stores stay
     return PreparedData(list(loaded), views, reference_views, unpaired, report)
