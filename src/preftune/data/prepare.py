@@ -154,5 +154,6 @@ def prepare_data(
             view.tokenized[split] = _keep(items, rows, kept_rows)
         if not len(view.tokenized[split]):
             raise ConfigError(f"{split}: no usable rows in {sources[split][0]}")
+    splits = list(loaded)
     loaded.clear()  # the loaded text is not needed any more: only the token stores stay
-    return PreparedData(list(loaded), views, reference_views, unpaired, report)
+    return PreparedData(splits, views, reference_views, unpaired, report)
