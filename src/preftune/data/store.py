@@ -14,6 +14,7 @@ it, the others (and later runs) map it.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import multiprocessing
@@ -39,7 +40,7 @@ from .tokenize import (
 
 STORE_FORMAT = 1  # bump when the files or the tokenization rules change
 _TOKEN_DTYPE = np.int32
-_HASH_CHUNK = 8192
+_HASH_CHUNK = 1024  # rows per hashing step: bounds its temporaries to a few MB
 
 
 def _memmap(path: Path, dtype) -> np.ndarray:
@@ -287,6 +288,18 @@ def _offsets(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
+def _bounded_imap(pool, items, window: int):
+    """``pool.imap(_pack, items)`` with at most ``window`` batches in flight: ``imap`` itself would
+    queue every batch at once, holding the whole data set in pickled form."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(_pack, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
 def build_token_store(
     loaded: LoadedData,
     tokenizer: Any,
@@ -339,7 +352,7 @@ def build_token_store(
             # fork: the workers inherit the tokenizer instead of unpickling it; spawn where fork is missing
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
             pool = multiprocessing.get_context(method).Pool(num_proc, _init_worker, (settings,))
-            results = pool.imap(_pack, batches)  # in order, a few batches in flight
+            results = _bounded_imap(pool, batches, window=2 * num_proc)
         else:
             _init_worker(settings)
             results = map(_pack, batches)
