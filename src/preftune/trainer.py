@@ -101,7 +101,10 @@ class Trainer:
             self.unpaired,
             log=lambda m: log(m, acc),
             node_first=acc.local_main_process_first,
+            loaded=self.data_check.loaded,
         )
+        self.loading_report = self.data_check.report
+        self.data_check.loaded.clear()  # the text is tokenized: only the memory-mapped token stores stay
         self.loss_fn = LossComputer(cfg, self.spec, len(self.data.reference_views), self.unpaired)
         self.share_prompt = self._resolve_share_prompt()
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
@@ -110,7 +113,7 @@ class Trainer:
         self.inputs = self._step_inputs()
         if acc.is_main_process:  # written once the inputs proved usable: a failed start keeps the old one
             save_config(cfg, self.run_dir.config)
-            data = {**self.data.report, **self.data_check.report}  # rows skipped while loading, too
+            data = {**self.data.report, **self.loading_report}  # rows skipped while loading, too
             state = {"phi_star": self.phi_star, "data": data, "method": self.spec["method"]}
             self.run_dir.run_state.write_text(json.dumps(state, indent=1))
 

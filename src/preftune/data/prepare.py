@@ -19,7 +19,7 @@ from ..models.loading import config_dtype, resolve_causal_lm
 from ..models.presets import default_cache_dir
 from ..references import ModelView
 from .loading import load_examples
-from .records import Columns
+from .records import Columns, LoadedData
 from .store import TokenStore, build_token_store, store_key
 from .tokenize import tokenize_dataset
 
@@ -58,13 +58,20 @@ def _keep(items, rows: np.ndarray, kept_rows: np.ndarray):
 
 
 def prepare_data(
-    cfg: TrainConfig, policy_tokenizer, policy_path: Path, unpaired: bool, log=log, node_first=None
+    cfg: TrainConfig,
+    policy_tokenizer,
+    policy_path: Path,
+    unpaired: bool,
+    log=log,
+    node_first=None,
+    loaded: dict[str, LoadedData] | None = None,
 ) -> PreparedData:
     """Load, validate and tokenize every split for the policy and for each reference's tokenizer.
 
     Token ids go to memory-mapped :class:`~preftune.data.store.TokenStore` files under
     ``cache_dir/tokens``; ``node_first`` (e.g. ``accelerator.local_main_process_first``) makes the
     first process of each node build them while the others wait, then map the same files.
+    ``loaded``: splits already loaded with these settings (``DataCheck.loaded``), used as they are.
 
     Rows dropped for one model (e.g. a prompt over max_length in its tokens, with on_error=skip) are
     dropped for all, so index i always names the same example in every view.
@@ -77,8 +84,13 @@ def prepare_data(
         sources["eval"] = (cfg.data.eval, cfg.data.eval_split)
     if not cfg.data.train:
         raise ConfigError("data.train is required (a file, a folder, a hub name or builtin:arithmetic-train)")
-    loaded = {}
+    if loaded is not None:  # loaded (and reported) by preftune.data.check: not read twice
+        loaded = dict(loaded)
+    else:
+        loaded = {}
     for split, (source, hf_split) in sources.items():
+        if split in loaded:
+            continue
         loaded[split] = load_examples(
             resolve_data_source(source),
             unpaired=unpaired,
