@@ -141,6 +141,14 @@ def _score_rows(model, view: ModelView, split: str, sides, index, *, chunk_rows:
     return {name: torch.cat(values) for name, values in parts.items()}
 
 
+def _is_sharded(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def _free(model) -> None:
     del model
     gc.collect()
@@ -194,7 +202,12 @@ def precompute_references(
                     model = (
                         policy if view.name == "policy" else _load_reference_model(view, device, view.dtype)
                     )
-                mine = range(distributed.rank(), n_rows, distributed.world_size())  # scatter_score's share
+                # an FSDP-sharded policy runs collectives in every forward: then every rank makes the
+                # same forwards over all rows (no speed-up, but no rank waits for another)
+                sharded = _is_sharded(model)
+                mine = (
+                    range(n_rows) if sharded else range(distributed.rank(), n_rows, distributed.world_size())
+                )
                 bar = tqdm(
                     total=len(mine) * len(sides),
                     desc=f"reference {k} ({view.name}) {split}",
@@ -202,24 +215,24 @@ def precompute_references(
                     unit="seq",
                 )
                 ctx = _as_initial_policy(model) if view.name == "policy" else contextlib.nullcontext()
+                score = functools.partial(
+                    _score_rows,
+                    model,
+                    view,
+                    split,
+                    sides,
+                    chunk_rows=chunk_rows,
+                    batch_tokens=batch_tokens,
+                    device=device,
+                    with_entropy=True,
+                    autocast_dtype=autocast_dtype,
+                    progress=bar,
+                )
                 with ctx:
-                    merged = distributed.scatter_score(
-                        n_rows,
-                        functools.partial(
-                            _score_rows,
-                            model,
-                            view,
-                            split,
-                            sides,
-                            chunk_rows=chunk_rows,
-                            batch_tokens=batch_tokens,
-                            device=device,
-                            with_entropy=True,
-                            autocast_dtype=autocast_dtype,
-                            progress=bar,
-                        ),
-                        to_all=False,
-                    )
+                    if sharded:
+                        merged = score(mine)
+                    else:  # each rank its share (the same rows as ``mine``), merged on rank 0
+                        merged = distributed.scatter_score(n_rows, score, to_all=False)
                 bar.close()
                 meta = {"reference": view.name, "path": str(view.path), "split": split}
                 if main:
