@@ -67,7 +67,10 @@ def _run(setup, tiny_model_dir, cache_root, monkeypatch, items=None):
         progress=False,
         log=warnings.append,
     )
-    return out.scores["train"], len(calls), [w for w in warnings if "not used" in w]
+    # entries are memory-mapped: copy before the tests damage the file in place (preftune itself
+    # only ever replaces entries by renaming a new file over them, which leaves mapped pages intact)
+    scores = {name: value.clone() for name, value in out.scores["train"].items()}
+    return scores, len(calls), [w for w in warnings if "not used" in w]
 
 
 def _entry(cache_root) -> Path:
@@ -153,3 +156,53 @@ def test_a_write_killed_midway_leaves_no_entry(tmp_path, monkeypatch):
         cache.save("k", {"x": torch.zeros(3)})
     assert list((tmp_path / "references").iterdir()) == []
     assert cache.load("k") is None
+
+
+def test_entries_are_memory_mapped_and_equal_what_safetensors_reads(tmp_path):
+    from safetensors.torch import load_file
+
+    from preftune.cache import map_safetensors
+
+    tensors = {
+        "logps": torch.randn(7),
+        "stack": torch.randn(3, 5, dtype=torch.float64),
+        "tokens": torch.arange(7),
+        "flags": torch.tensor([True, False]),
+        "half": torch.randn(4).half(),
+        "empty": torch.zeros(0, 3),
+    }
+    cache = TensorCache(tmp_path, "references")
+    path = cache.save("k", tensors)
+    mapped = map_safetensors(path)
+    expected = load_file(path)
+    assert mapped.keys() == expected.keys()
+    for name, value in expected.items():
+        assert mapped[name].dtype == value.dtype and torch.equal(mapped[name], value), name
+    # backed by the file itself: the tensor's memory lies in a mapping of the entry (Linux /proc)
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        pointer = mapped["stack"].data_ptr()
+        regions = [line.split() for line in maps.read_text().splitlines()]
+        owner = [
+            r[-1] for r in regions if int(r[0].split("-")[0], 16) <= pointer < int(r[0].split("-")[1], 16)
+        ]
+        assert owner == [str(path)], owner
+    got = cache.load("k", rows={"logps": 7})
+    assert torch.equal(got["stack"], tensors["stack"])
+    # bf16 (which numpy cannot map) is read whole, with the same values
+    cache.save("b", {"x": torch.randn(5).bfloat16()})
+    assert torch.equal(cache.load("b")["x"], load_file(cache.path("b"))["x"])
+
+
+def test_a_header_that_lies_about_its_byte_ranges_is_rejected(tmp_path):
+
+    cache = TensorCache(tmp_path, "references")
+    path = cache.save("k", {"logps": torch.randn(8)})
+    data = path.read_bytes()
+    header = data[8 : 8 + int.from_bytes(data[:8], "little")]
+    bad = header.replace(b'"shape":[8]', b'"shape":[9]')
+    assert bad != header
+    path.write_bytes(data[:8] + bad + data[8 + len(header) :])
+    warnings = []
+    cache.warn = warnings.append
+    assert cache.load("k", verify=False) is None and "not used" in warnings[0]

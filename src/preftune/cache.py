@@ -16,6 +16,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -106,6 +107,52 @@ def _write_atomically(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+_NUMPY_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def map_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, memory-mapped copy-on-write instead of read whole.
+
+    The format is an 8-byte little-endian header length, a JSON header (dtype, shape and byte range
+    of each tensor within the data that follows), then the data. Dtypes numpy cannot map (bf16) are
+    read with safetensors itself.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len <= 0 or header_len > path.stat().st_size - 8:
+            raise ValueError(f"header length {header_len} does not fit a {path.stat().st_size}-byte file")
+        header = json.loads(f.read(header_len))
+    base = 8 + header_len
+    size = path.stat().st_size
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, (begin, end) = _NUMPY_DTYPES.get(info["dtype"]), info["shape"], info["data_offsets"]
+        if dtype is None:
+            return load_file(path)
+        count = int(np.prod(shape, dtype=np.int64))
+        if not 0 <= begin <= end <= size - base or end - begin != count * np.dtype(dtype).itemsize:
+            raise ValueError(f"tensor {name!r}: byte range {begin}..{end} does not match shape {shape}")
+        if count == 0:
+            tensors[name] = torch.from_numpy(np.zeros(shape, dtype=dtype))
+            continue
+        array = np.memmap(path, dtype=dtype, mode="c", offset=base + begin, shape=tuple(shape))
+        tensors[name] = torch.from_numpy(array)
+    return tensors
+
+
 class TensorCache:
     """A directory of ``<key>.safetensors`` entries, each with a JSON sidecar ``<key>.json``.
 
@@ -128,11 +175,15 @@ class TensorCache:
     def _reject(self, key: str, why: str) -> None:
         self.warn(f"cache entry {self.path(key)} not used ({why}); recomputing it")
 
-    def load(self, key: str, rows: dict[str, int] | None = None) -> dict[str, torch.Tensor] | None:
-        """The entry's tensors, or None when absent or not trustworthy.
+    def load(
+        self, key: str, rows: dict[str, int] | None = None, *, verify: bool = True
+    ) -> dict[str, torch.Tensor] | None:
+        """The entry's tensors, memory-mapped (pages are read on use, shared with other processes),
+        or None when absent or not trustworthy.
 
         ``rows`` maps tensor names to the number of rows (first dimension) the caller needs; a missing
-        tensor or another count rejects the entry.
+        tensor or another count rejects the entry. ``verify=False`` skips the checksum (for a process
+        whose peer verified the same file a moment ago); shapes and rows are always checked.
         """
         path = self.path(key)
         if not path.is_file():
@@ -149,17 +200,18 @@ class TensorCache:
         except (OSError, ValueError, TypeError) as error:
             self._reject(key, f"unreadable metadata: {type(error).__name__}: {error}")
             return None
+        if verify:
+            try:
+                actual = file_sha256(path)
+            except OSError as error:
+                self._reject(key, f"unreadable: {error}")
+                return None
+            if actual != checksum:
+                self._reject(key, f"sha256 {actual[:12]}… differs from the recorded {str(checksum)[:12]}…")
+                return None
         try:
-            actual = file_sha256(path)
-        except OSError as error:
-            self._reject(key, f"unreadable: {error}")
-            return None
-        if actual != checksum:
-            self._reject(key, f"sha256 {actual[:12]}… differs from the recorded {str(checksum)[:12]}…")
-            return None
-        try:
-            tensors = load_file(path)
-        except Exception as error:  # safetensors raises several types on damaged files
+            tensors = map_safetensors(path)
+        except Exception as error:  # damaged headers raise several types
             self._reject(key, f"unreadable: {type(error).__name__}: {error}")
             return None
         found = {name: list(t.shape) for name, t in tensors.items()}
@@ -174,6 +226,25 @@ class TensorCache:
                 self._reject(key, f"{name} has shape {found[name]}, expected {n} rows")
                 return None
         return tensors
+
+    def load_agreed(self, key: str, rows: dict[str, int] | None = None) -> dict[str, torch.Tensor] | None:
+        """:meth:`load`, decided once for all processes: under torch.distributed the main process
+        verifies the entry and tells the others (a broadcast), so every rank takes the same branch
+        and runs the same collectives afterwards."""
+        from . import distributed
+
+        if not distributed.is_distributed():
+            return self.load(key, rows)
+        import torch.distributed as dist
+
+        entry = self.load(key, rows) if distributed.rank() == 0 else None
+        hit = [entry is not None]
+        dist.broadcast_object_list(hit, src=0)
+        if hit[0] and entry is None:  # rank 0 checked the checksum a moment ago
+            entry = self.load(key, rows, verify=False)
+            if entry is None:
+                raise RuntimeError(f"rank {distributed.rank()}: cannot read the cache entry {self.path(key)}")
+        return entry
 
     def save(self, key: str, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> Path:
         """Write the payload, then its sidecar, each atomically; a crash in between leaves a payload

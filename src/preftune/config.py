@@ -116,6 +116,12 @@ class DataConfig:
     max_rows: int | None = _f(
         None, "Use only the first N rows of each file (quick experiments).", range=AT_LEAST_ONE
     )
+    num_proc: int = _f(
+        1,
+        "Worker processes that tokenize the data (batched). Token ids are stored once per node in "
+        "memory-mapped files under `cache_dir`, shared by every process of the node.",
+        range=AT_LEAST_ONE,
+    )
     chat_template: str | None = _f(
         None,
         "Jinja chat template for the policy when its tokenizer has none (default: a plain User/Assistant one).",

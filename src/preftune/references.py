@@ -13,6 +13,9 @@ cannot be precomputed. Both return the same :class:`ReferenceBatch`.
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .cache import TensorCache, hash_token_lists, make_key, model_fingerprint
 from .data.collate import collate_sequences
+from .data.store import TokenStore
 from .scoring import score_batch, score_dataset
 
 PAIRED_SIDES = ("chosen", "rejected")
@@ -48,7 +53,7 @@ class ModelView:
         return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
     def sequences(self, split: str, side: str, index=None) -> tuple[list[list[int]], list[list[int]]]:
-        """Prompt and completion ids of ``side`` for the items ``index`` (all by default).
+        """Prompt and completion ids of ``side`` for the items ``index`` (all by default), as lists.
 
         Side ``kl`` pairs item i's prompt with item (i − 1)'s completion (mod N): TRL's KTO rotates
         the completions of each batch of the dataset by one in the same way, before shuffling.
@@ -56,9 +61,12 @@ class ModelView:
         items = self.tokenized[split]
         if side == MISMATCHED_SIDE:
             n = len(items)
-            index = range(n) if index is None else index
-            prompts = [items[i].prompt_ids for i in index]
-            return prompts, [items[(i - 1) % n].completion_ids for i in index]
+            index = list(range(n) if index is None else index)
+            prompts, _ = self.sequences(split, "completion", index)
+            _, completions = self.sequences(split, "completion", [(i - 1) % n for i in index])
+            return prompts, completions
+        if isinstance(items, TokenStore):
+            return items.ids("prompt", index), items.ids(side, index)
         if index is not None:
             items = [items[i] for i in index]
         attr = {"chosen": "chosen_ids", "rejected": "rejected_ids", "completion": "completion_ids"}[side]
@@ -66,12 +74,28 @@ class ModelView:
 
     def shared_lengths(self, split: str, index=None) -> list[int]:
         """LD-DPO: each pair's shared completion length ``min(|y_w|, |y_l|)`` in this model's tokens."""
+        chosen = self.sequences(split, "chosen", index)[1]
+        rejected = self.sequences(split, "rejected", index)[1]
+        return [min(len(c), len(r)) for c, r in zip(chosen, rejected)]
+
+    def prompt_texts(self, split: str) -> Sequence[str]:
+        """The rendered prompts of ``split`` (lazily decoded from a token store)."""
         items = self.tokenized[split]
-        if index is not None:
-            items = [items[i] for i in index]
-        return [min(len(it.chosen_ids), len(it.rejected_ids)) for it in items]
+        if isinstance(items, TokenStore):
+            return items.prompt_texts
+        return [it.prompt_text for it in items]
+
+    def labels(self, split: str, index) -> list[bool]:
+        """Unpaired labels of the examples ``index``."""
+        items = self.tokenized[split]
+        if isinstance(items, TokenStore):
+            return [bool(v) for v in items.labels(index)]
+        return [bool(items[i].label) for i in index]
 
     def token_key(self, split: str, sides: tuple[str, ...]) -> str:
+        items = self.tokenized[split]
+        if isinstance(items, TokenStore):  # the same digest, streamed from the files
+            return items.token_key(["prompt", *sides])
         prompts = self.sequences(split, sides[0])[0]
         return hash_token_lists(prompts, *(self.sequences(split, s)[1] for s in sides))
 
@@ -120,6 +144,44 @@ def _as_initial_policy(policy):
         yield policy
 
 
+def _score_rows(
+    model, view: ModelView, split: str, sides, index, *, chunk_rows: int, tails: bool = False, **kwargs
+):
+    """Scores of the examples ``index`` for every side, in chunks of ``chunk_rows`` examples so that
+    only one chunk's token ids exist as Python lists at a time. ``tails`` (LD-DPO): also the log-prob
+    beyond each pair's shared length."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(index), chunk_rows):
+        chunk = index[start : start + chunk_rows]
+        for side in sides:
+            prompts, completions = view.sequences(split, side, chunk)
+            tail_from = view.shared_lengths(split, chunk) if tails else None
+            scores = score_dataset(
+                model, prompts, completions, pad_token_id=view.pad_token_id, tail_from=tail_from, **kwargs
+            )
+            if tails:
+                parts.setdefault(f"{side}_tail", []).append(scores.tail)
+            parts.setdefault(f"{side}_logps", []).append(scores.logps)
+            parts.setdefault(f"{side}_entropy", []).append(scores.entropy)
+            parts.setdefault(f"{side}_tokens", []).append(scores.n_tokens)
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _is_sharded(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _free(model) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def precompute_references(
     views: list[ModelView],
     splits: list[str],
@@ -130,17 +192,25 @@ def precompute_references(
     device="cpu",
     autocast_dtype: torch.dtype | None = None,
     batch_tokens: int = 8192,
+    chunk_rows: int = 16384,
     progress: bool = True,
     log=print,
     tails: bool = False,
+    timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
 ) -> PrecomputedReferences:
     """Score every (reference, split, side) once, reusing cached results when the inputs match.
 
     ``views[k].name == "policy"`` scores with the in-memory initial ``policy`` (adapters disabled);
     other references are loaded only on a cache miss and freed afterwards. ``tails`` (LD-DPO) also
     stores ``<side>_tail``: the log-prob beyond each pair's shared length (a separate cache entry).
+    other references are loaded only on a cache miss and freed before the next one. Under
+    torch.distributed every process calls this: each scores its own rows (``rank::world``), the main
+    process merges them into the one cache entry a single process would write (same key, same rows)
+    and the others wait for it (a barrier with ``timeout_s``). Every process then reads the entry
+    memory-mapped. A cache hit loads no model on any process.
     """
     cache = TensorCache(cache_root, "references", warn=log)
+    main = distributed.rank() == 0
     out: dict[str, dict[str, list]] = {s: {} for s in splits}
     for k, view in enumerate(views):
         fingerprint = model_fingerprint(view.path)
@@ -156,56 +226,76 @@ def precompute_references(
             )
             n_rows = len(view.tokenized[split])
             quantities = ("logps", "entropy", "tokens", *(("tail",) if tails else ()))
-            entry = cache.load(key, rows={f"{s}_{q}": n_rows for s in sides for q in quantities})
+            rows = {f"{s}_{q}": n_rows for s in sides for q in quantities}
+            entry = cache.load_agreed(key, rows)
             if entry is None:
                 if model is None:
                     model = (
                         policy if view.name == "policy" else _load_reference_model(view, device, view.dtype)
                     )
+                # an FSDP-sharded policy runs collectives in every forward: then every rank makes the
+                # same forwards over all rows (no speed-up, but no rank waits for another)
+                sharded = _is_sharded(model)
+                mine = (
+                    range(n_rows) if sharded else range(distributed.rank(), n_rows, distributed.world_size())
+                )
                 bar = tqdm(
-                    total=n_rows * len(sides),
+                    total=len(mine) * len(sides),
                     desc=f"reference {k} ({view.name}) {split}",
                     disable=not progress,
                     unit="seq",
                 )
-                entry = {}
                 ctx = _as_initial_policy(model) if view.name == "policy" else contextlib.nullcontext()
+                score = functools.partial(
+                    _score_rows,
+                    model,
+                    view,
+                    split,
+                    sides,
+                    chunk_rows=chunk_rows,
+                    tails=tails,
+                    batch_tokens=batch_tokens,
+                    device=device,
+                    with_entropy=True,
+                    autocast_dtype=autocast_dtype,
+                    progress=bar,
+                )
                 with ctx:
-                    for side in sides:
-                        prompts, completions = view.sequences(split, side)
-                        scores = score_dataset(
-                            model,
-                            prompts,
-                            completions,
-                            pad_token_id=view.pad_token_id,
-                            batch_tokens=batch_tokens,
-                            device=device,
-                            with_entropy=True,
-                            autocast_dtype=autocast_dtype,
-                            progress=bar,
-                            tail_from=view.shared_lengths(split) if tails else None,
-                        )
-                        if tails:
-                            entry[f"{side}_tail"] = scores.tail
-                        entry[f"{side}_logps"] = scores.logps
-                        entry[f"{side}_entropy"] = scores.entropy
-                        entry[f"{side}_tokens"] = scores.n_tokens
+                    if sharded:
+                        merged = score(mine)
+                    else:  # each rank its share (the same rows as ``mine``), merged on rank 0
+                        merged = distributed.scatter_score(n_rows, score, to_all=False)
                 bar.close()
-                cache.save(key, entry, meta={"reference": view.name, "path": str(view.path), "split": split})
+                meta = {"reference": view.name, "path": str(view.path), "split": split}
+                if main:
+                    cache.save(key, merged, meta=meta)
+                del merged
+                distributed.barrier(f"reference {k} ({view.name}) {split}: cache write", timeout_s)
+                entry = cache.load(key, rows=rows, verify=main)  # memory-mapped, on every process
+                if entry is None:
+                    raise RuntimeError(
+                        f"the reference scores just written to {cache.path(key)} cannot be read"
+                    )
             else:
                 log(f"reference {k} ({view.name}) {split}: cached scores reused ({cache.path(key).name})")
             for name, value in entry.items():
                 out[split].setdefault(name, []).append(value)
         if model is not None and model is not policy:
-            del model
+            _free(model)  # one reference model in memory at a time
+        model = None
     scores = {
         split: {
-            name: (torch.stack(vals) if name.endswith(("_logps", "_tail")) else vals[0])
+            name: _stack_rows(vals) if name.endswith(("_logps", "_tail")) else vals[0]
             for name, vals in parts.items()
         }
         for split, parts in out.items()
     }
     return PrecomputedReferences(scores)
+
+
+def _stack_rows(values: list[torch.Tensor]) -> torch.Tensor:
+    """[K, N] from K memory-mapped [N] tensors; one reference stays a view of its file (no copy)."""
+    return values[0].unsqueeze(0) if len(values) == 1 else torch.stack(values)
 
 
 class OnlineReferences:

@@ -123,13 +123,21 @@ class Trainer:
 
         self.model, self.tokenizer, self.policy_path = load_policy(cfg, acc.device)
         self.data = prepare_data(
-            cfg, self.tokenizer, self.policy_path, self.unpaired, log=lambda m: log(m, acc)
+            cfg,
+            self.tokenizer,
+            self.policy_path,
+            self.unpaired,
+            log=lambda m: log(m, acc),
+            node_first=acc.local_main_process_first,
+            loaded=self.data_check.loaded,
         )
         # mrpo.weights=validation: hold out validation rows before anything scores the data
         self.validation: dict | None = None
         validation_rows = None
         if uses_validation_weights(cfg, self.spec):
             validation_rows = carve_validation(self.data, cfg.mrpo.validation_fraction, cfg.seed)
+        self.loading_report = self.data_check.report
+        self.data_check.loaded.clear()  # the text is tokenized: only the memory-mapped token stores stay
         self.loss_fn = LossComputer(cfg, self.spec, len(self.data.reference_views), self.unpaired)
         self.share_prompt = self._resolve_share_prompt()
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
@@ -155,7 +163,7 @@ class Trainer:
         # written once the inputs proved usable: a failed start keeps the old one
         if acc.is_main_process and not self.finished:
             save_config(cfg, self.run_dir.config)
-            data = {**self.data.report, **self.data_check.report}  # rows skipped while loading, too
+            data = {**self.data.report, **self.loading_report}  # rows skipped while loading, too
             state = {"phi_star": self.phi_star, "data": data, "method": self.spec["method"]}
             if self.validation is not None:
                 state["mrpo_validation"] = self.validation
@@ -191,19 +199,19 @@ class Trainer:
                 device=acc.device,
                 autocast_dtype=self.autocast_dtype,
             )
-        with acc.main_process_first():
-            return precompute_references(
-                self.data.reference_views,
-                self.data.splits,
-                self.sides,
-                policy=self.model,
-                cache_root=self.cache_root,
-                device=acc.device,
-                autocast_dtype=self.autocast_dtype,
-                progress=cfg.progress and acc.is_local_main_process,
-                log=lambda m: log(m, acc),
-                tails=self.loss_fn.adapter.needs_tails,
-            )
+        # every process scores its share of the rows; the main one writes the merged cache entry
+        return precompute_references(
+            self.data.reference_views,
+            self.data.splits,
+            self.sides,
+            policy=self.model,
+            cache_root=self.cache_root,
+            device=acc.device,
+            autocast_dtype=self.autocast_dtype,
+            progress=cfg.progress and acc.is_local_main_process,
+            log=lambda m: log(m, acc),
+            tails=self.loss_fn.adapter.needs_tails,
+        )
 
     def _resolve_share_prompt(self) -> bool | None:
         """True/False: always/never share; None: decide per micro-batch (see :meth:`_shares`)."""
@@ -254,15 +262,13 @@ class Trainer:
         if spec.get("needs_embeddings"):
             from .embeddings import embed_prompts
 
-            with self.accelerator.main_process_first():
-                for split in self.data.splits:
-                    texts = [it.prompt_text for it in self.data.views[0].tokenized[split]]
-                    inputs.embeddings[split] = embed_prompts(
-                        texts,
-                        embedder=cfg.rpo.embedder,
-                        cache_root=self.cache_root,
-                        progress=cfg.progress and self.accelerator.is_local_main_process,
-                    )
+            for split in self.data.splits:  # sharded over the processes like the reference scores
+                inputs.embeddings[split] = embed_prompts(
+                    self.data.views[0].prompt_texts(split),
+                    embedder=cfg.rpo.embedder,
+                    cache_root=self.cache_root,
+                    progress=cfg.progress and self.accelerator.is_local_main_process,
+                )
         return inputs
 
     # -- one micro-batch ---------------------------------------------------------------------------
@@ -287,7 +293,7 @@ class Trainer:
         emb = self.inputs.embeddings[split][idx].to(acc.device) if split in self.inputs.embeddings else None
         labels = None
         if self.unpaired:
-            labels = torch.tensor([view.tokenized[split][i].label for i in index], device=acc.device)
+            labels = torch.tensor(view.labels(split, index), device=acc.device)
         gather = (
             grad
             and acc.num_processes > 1

@@ -6,16 +6,21 @@ dropped for all, so example i is the same pair in every model's view.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..config import ConfigError, TrainConfig, to_dict
 from ..metrics import log
 from ..models.loading import config_dtype, resolve_causal_lm
+from ..models.presets import default_cache_dir
 from ..references import ModelView
 from .loading import load_examples
-from .records import Columns
+from .records import Columns, LoadedData
+from .store import TokenStore, build_token_store, store_key
 from .tokenize import tokenize_dataset
 
 
@@ -42,10 +47,29 @@ class PreparedData:
     report: dict[str, Any]
 
 
+def _keep(items, rows: np.ndarray, kept_rows: np.ndarray):
+    """``items`` restricted to the source rows ``kept_rows`` (both in ascending row order)."""
+    if len(rows) == len(kept_rows):
+        return items
+    positions = np.flatnonzero(np.isin(rows, kept_rows))
+    return _take(items, positions)
+
+
 def prepare_data(
-    cfg: TrainConfig, policy_tokenizer, policy_path: Path, unpaired: bool, log=log
+    cfg: TrainConfig,
+    policy_tokenizer,
+    policy_path: Path,
+    unpaired: bool,
+    log=log,
+    node_first=None,
+    loaded: dict[str, LoadedData] | None = None,
 ) -> PreparedData:
     """Load, validate and tokenize every split for the policy and for each reference's tokenizer.
+
+    Token ids go to memory-mapped :class:`~preftune.data.store.TokenStore` files under
+    ``cache_dir/tokens``; ``node_first`` (e.g. ``accelerator.local_main_process_first``) makes the
+    first process of each node build them while the others wait, then map the same files.
+    ``loaded``: splits already loaded with these settings (``DataCheck.loaded``), used as they are.
 
     Rows dropped for one model (e.g. a prompt over max_length in its tokens, with on_error=skip) are
     dropped for all, so index i always names the same example in every view.
@@ -58,8 +82,13 @@ def prepare_data(
         sources["eval"] = (cfg.data.eval, cfg.data.eval_split)
     if not cfg.data.train:
         raise ConfigError("data.train is required (a file, a folder, a hub name or builtin:arithmetic-train)")
-    loaded = {}
+    if loaded is not None:  # loaded (and reported) by preftune.data.check: not read twice
+        loaded = dict(loaded)
+    else:
+        loaded = {}
     for split, (source, hf_split) in sources.items():
+        if split in loaded:
+            continue
         loaded[split] = load_examples(
             resolve_data_source(source),
             unpaired=unpaired,
@@ -89,21 +118,32 @@ def prepare_data(
         reference_views = [policy_view]
 
     report: dict[str, Any] = {}
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     for split, data in loaded.items():
         kept_rows = None
         per_view = []
         for view in views:
-            items, rep = tokenize_dataset(
-                data,
-                view.tokenizer,
-                max_length=cfg.max_length,
-                on_error=cfg.data.on_error,
-                chat_template=view.chat_template,
-                progress=cfg.progress,
+            settings = dict(
+                max_length=cfg.max_length, on_error=cfg.data.on_error, chat_template=view.chat_template
             )
-            per_view.append(items)
-            rows = {it.row for it in items}
-            kept_rows = rows if kept_rows is None else kept_rows & rows
+            key = store_key(data, view.tokenizer, **settings)
+            if key is None:  # a tokenizer we cannot fingerprint: tokenized in this process, kept in lists
+                items, rep = tokenize_dataset(data, view.tokenizer, progress=cfg.progress, **settings)
+                rows = np.fromiter((it.row for it in items), dtype=np.int64, count=len(items))
+            else:
+                # the first process of each node tokenizes; the others map the files it wrote
+                with node_first() if node_first is not None else contextlib.nullcontext():
+                    items = build_token_store(
+                        data,
+                        view.tokenizer,
+                        cache_root / "tokens" / key,
+                        num_proc=cfg.data.num_proc,
+                        progress=cfg.progress,
+                        **settings,
+                    )
+                rep, rows = items.report, items.rows
+            per_view.append((items, rows))
+            kept_rows = rows if kept_rows is None else np.intersect1d(kept_rows, rows)
             if rep.skipped:
                 row, column, reason = rep.skipped[0]
                 log(
@@ -120,11 +160,13 @@ def prepare_data(
                 "truncated": rep.truncated,
                 "skipped": len(rep.skipped),
             }
-        for view, items in zip(views, per_view):
-            view.tokenized[split] = [it for it in items if it.row in kept_rows]
-        if not view.tokenized[split]:
+        for view, (items, rows) in zip(views, per_view):
+            view.tokenized[split] = _keep(items, rows, kept_rows)
+        if not len(view.tokenized[split]):
             raise ConfigError(f"{split}: no usable rows in {sources[split][0]}")
-    return PreparedData(list(loaded), views, reference_views, unpaired, report)
+    splits = list(loaded)
+    loaded.clear()  # the loaded text is not needed any more: only the token stores stay
+    return PreparedData(splits, views, reference_views, unpaired, report)
 
 
 VALIDATION_SPLIT = "validation"
@@ -146,11 +188,18 @@ def carve_validation(data: PreparedData, fraction: float, seed: int) -> list[int
             f"mrpo.validation_fraction={fraction}: {n_val} validation rows would leave no training rows of {n}"
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    held = set(order[:n_val])
+    held = np.zeros(n, dtype=bool)
+    held[order[:n_val]] = True
     for view in data.views:
-        items = view.tokenized["train"]
-        view.tokenized[VALIDATION_SPLIT] = [it for i, it in enumerate(items) if i in held]
-        view.tokenized["train"] = [it for i, it in enumerate(items) if i not in held]
+        view.tokenized[VALIDATION_SPLIT] = _take(view.tokenized["train"], np.flatnonzero(held))
+        view.tokenized["train"] = _take(view.tokenized["train"], np.flatnonzero(~held))
     if VALIDATION_SPLIT not in data.splits:
         data.splits.insert(data.splits.index("train") + 1, VALIDATION_SPLIT)
     return [it.row for it in data.views[0].tokenized[VALIDATION_SPLIT]]
+
+
+def _take(items, positions: np.ndarray):
+    """The examples at ``positions`` (ascending), from a token store or a list."""
+    if isinstance(items, TokenStore):
+        return items.select(positions)
+    return [items[int(i)] for i in positions]

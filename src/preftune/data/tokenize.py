@@ -236,6 +236,50 @@ def _render_or_problem(example, tokenizer, chat_template, prompt_field: str):
         return RowProblem(prompt_field, f"the chat template failed on this conversation: {error}")
 
 
+@dataclass(frozen=True)
+class BatchSettings:
+    """What :func:`tokenize_batch` needs besides the examples (picklable: sent to worker processes)."""
+
+    tokenizer: Any
+    chat_template: str | None
+    slots: tuple[str, ...]  # ("chosen", "rejected") or ("completion",)
+    add_special_tokens: bool
+    max_length: int | None
+
+
+def tokenize_batch(batch, settings: BatchSettings):
+    """Render and tokenize one batch of examples.
+
+    Returns ``(problems, kept)``: ``problems`` lists ``(example, RowProblem)`` in the order they are
+    reported (rendering problems first, then tokenization problems, each in row order); ``kept`` lists
+    ``(example, prompt_text, prompt_ids, [completion_ids per slot], truncated)`` in input order.
+    """
+    problems = []
+    rendered = []
+    for example in batch:
+        texts = _render_or_problem(example, settings.tokenizer, settings.chat_template, "prompt")
+        if isinstance(texts, RowProblem):
+            problems.append((example, texts))
+        else:
+            rendered.append((example, texts))
+    results = _tokenize_rows(
+        [texts[0] for _, texts in rendered],
+        [[texts[1 + k] for _, texts in rendered] for k in range(len(settings.slots))],
+        list(settings.slots),
+        settings.tokenizer,
+        max_length=settings.max_length,
+        add_special_tokens=settings.add_special_tokens,
+    )
+    kept = []
+    for (example, texts), result in zip(rendered, results):
+        if isinstance(result, RowProblem):
+            problems.append((example, result))
+        else:
+            prompt_ids, completion_ids, truncated = result
+            kept.append((example, texts[0], prompt_ids, completion_ids, truncated))
+    return problems, kept
+
+
 def tokenize_dataset(
     loaded: LoadedData,
     tokenizer: Any,
@@ -287,29 +331,14 @@ def tokenize_dataset(
         unit="ex",
         disable=not progress or not sys.stderr.isatty(),
     )
+    settings = BatchSettings(tokenizer, chat_template, tuple(slots), add_special, max_length)
     try:
         for start in range(0, len(loaded.examples), batch_size):
             batch = loaded.examples[start : start + batch_size]
-            rendered = []
-            for example in batch:
-                texts = _render_or_problem(example, tokenizer, chat_template, "prompt")
-                if isinstance(texts, RowProblem):
-                    handle(example, texts)
-                else:
-                    rendered.append((example, texts))
-            results = _tokenize_rows(
-                [texts[0] for _, texts in rendered],
-                [[texts[1 + k] for _, texts in rendered] for k in range(len(slots))],
-                slots,
-                tokenizer,
-                max_length=max_length,
-                add_special_tokens=add_special,
-            )
-            for (example, texts), result in zip(rendered, results):
-                if isinstance(result, RowProblem):
-                    handle(example, result)
-                    continue
-                prompt_ids, completion_ids, truncated = result
+            problems, kept = tokenize_batch(batch, settings)
+            for example, problem in problems:
+                handle(example, problem)
+            for example, prompt_text, prompt_ids, completion_ids, truncated in kept:
                 report.truncated += truncated
                 if unpaired:
                     outputs.append(
@@ -319,13 +348,13 @@ def tokenize_dataset(
                             truncated,
                             label=example.label,
                             row=example.row,
-                            prompt_text=texts[0],
+                            prompt_text=prompt_text,
                         )
                     )
                 else:
                     outputs.append(
                         TokenizedExample(
-                            prompt_ids, *completion_ids, truncated, row=example.row, prompt_text=texts[0]
+                            prompt_ids, *completion_ids, truncated, row=example.row, prompt_text=prompt_text
                         )
                     )
             bar.update(len(batch))

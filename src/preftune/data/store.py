@@ -1,0 +1,405 @@
+"""Token ids of a split in flat, memory-mapped files: shared by the processes of a node, off the heap.
+
+A :class:`TokenStore` holds one split tokenized for one model: per column (``prompt``, ``chosen``,
+``rejected`` or ``completion``) one flat int32 file of all token ids and an int64 offsets array, plus
+per row the source row, the truncation flag, the label (unpaired data) and the rendered prompt text
+(UTF-8 bytes and offsets). Every process maps the same files, so a node pays for the token ids once,
+in the page cache, whatever its number of processes; only a few ints per row live in numpy arrays.
+
+:func:`build_token_store` tokenizes (batched, over ``num_proc`` worker processes) into a temporary
+directory and renames it into place, so a reader sees a whole store or none. Its directory name is a
+key over the data, the tokenizer and every tokenization setting: the first process of a node builds
+it, the others (and later runs) map it.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from .formatting import add_special_tokens_for
+from .records import LoadedData, UnpairedExample
+from .tokenize import (
+    BatchSettings,
+    TokenizedExample,
+    TokenizedUnpaired,
+    TokenizeReport,
+    tokenize_batch,
+)
+
+STORE_FORMAT = 1  # bump when the files or the tokenization rules change
+_TOKEN_DTYPE = np.int32
+_HASH_CHUNK = 1024  # rows per hashing step: bounds its temporaries to a few MB
+
+
+def _memmap(path: Path, dtype) -> np.ndarray:
+    if path.stat().st_size == 0:  # numpy cannot map an empty file
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
+class TextColumn(Sequence):
+    """The rendered prompts of a store, decoded one at a time (a lazy sequence of ``str``)."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray, index: np.ndarray | None):
+        self._data, self._offsets, self._index = data, offsets, index
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1 if self._index is None else len(self._index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        j = i if self._index is None else int(self._index[i])
+        return bytes(self._data[self._offsets[j] : self._offsets[j + 1]]).decode()
+
+
+class TokenStore(Sequence):
+    """One split tokenized for one model; ``store[i]`` is a :class:`TokenizedExample` (or
+    :class:`TokenizedUnpaired`) built on demand, so code written for lists of them keeps working."""
+
+    def __init__(self, directory: str | os.PathLike, index: np.ndarray | None = None):
+        self.directory = Path(directory)
+        self.meta = json.loads((self.directory / "meta.json").read_text())
+        self.unpaired: bool = self.meta["unpaired"]
+        self.columns: list[str] = self.meta["columns"]
+        self._tokens = {c: _memmap(self.directory / f"{c}.tokens", _TOKEN_DTYPE) for c in self.columns}
+        self._offsets = {c: np.load(self.directory / f"{c}.offsets.npy", mmap_mode="r") for c in self.columns}
+        self._rows = np.load(self.directory / "rows.npy", mmap_mode="r")
+        self._truncated = np.load(self.directory / "truncated.npy", mmap_mode="r")
+        self._labels = np.load(self.directory / "labels.npy", mmap_mode="r")
+        self._text = _memmap(self.directory / "prompt_text.bytes", np.uint8)
+        self._text_offsets = np.load(self.directory / "prompt_text.offsets.npy", mmap_mode="r")
+        self.index = None if index is None else np.asarray(index, dtype=np.int64)
+
+    # -- sequence protocol ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._rows) if self.index is None else len(self.index)
+
+    def _position(self, i: int) -> int:
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return i if self.index is None else int(self.index[i])
+
+    def _ids(self, column: str, j: int) -> list[int]:
+        offsets = self._offsets[column]
+        return self._tokens[column][offsets[j] : offsets[j + 1]].tolist()
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        j = self._position(int(i))
+        text = bytes(self._text[self._text_offsets[j] : self._text_offsets[j + 1]]).decode()
+        row, truncated = int(self._rows[j]), bool(self._truncated[j])
+        if self.unpaired:
+            label = None if self._labels[j] < 0 else bool(self._labels[j])
+            return TokenizedUnpaired(
+                self._ids("prompt", j), self._ids("completion", j), truncated, label, row, text
+            )
+        return TokenizedExample(
+            self._ids("prompt", j), self._ids("chosen", j), self._ids("rejected", j), truncated, row, text
+        )
+
+    # -- columns -------------------------------------------------------------------------------------
+
+    def _positions(self, index=None) -> np.ndarray:
+        if index is None:
+            return np.arange(len(self)) if self.index is None else self.index
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        if len(index) and (index.min() < -len(self) or index.max() >= len(self)):
+            raise IndexError(f"index out of range for a store of {len(self)} rows")
+        index = np.where(index < 0, index + len(self), index)
+        return index if self.index is None else self.index[index]
+
+    def ids(self, column: str, index=None) -> list[list[int]]:
+        """Token ids of ``column`` for the rows ``index`` (default all) as lists."""
+        tokens, offsets = self._tokens[column], self._offsets[column]
+        return [tokens[offsets[j] : offsets[j + 1]].tolist() for j in self._positions(index)]
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Source row of every example (numpy, int64)."""
+        return np.asarray(self._rows if self.index is None else self._rows[self.index])
+
+    def labels(self, index=None) -> np.ndarray:
+        """Unpaired labels as 0/1 (numpy, int8)."""
+        return np.asarray(self._labels[self._positions(index)])
+
+    @property
+    def prompt_texts(self) -> TextColumn:
+        return TextColumn(self._text, self._text_offsets, self.index)
+
+    def select(self, index) -> TokenStore:
+        """A store of the rows ``index`` (positions in this store), sharing the same files."""
+        return TokenStore(self.directory, self._positions(index))
+
+    @property
+    def report(self) -> TokenizeReport:
+        rep = self.meta["report"]
+        return TokenizeReport(
+            truncated=rep["truncated"],
+            skipped=[tuple(s) for s in rep["skipped"]],
+            total=rep["total"],
+        )
+
+    def token_key(self, columns: Sequence[str]) -> str:
+        """:func:`preftune.cache.hash_token_lists` of ``columns`` (same digest), streamed from the files."""
+        stored = self.meta.get("token_keys", {}).get(",".join(columns))
+        if stored is not None and self.index is None:
+            return stored
+        return _hash_columns(self, columns)
+
+
+def _hash_columns(store: TokenStore, columns: Sequence[str]) -> str:
+    """The digest ``hash_token_lists`` computes over lists, built in vectorised chunks: per sequence
+    its length (4 bytes, little endian) and its ids as int64."""
+    h = hashlib.sha256()
+    positions = store._positions()
+    for column in columns:
+        tokens, offsets = store._tokens[column], store._offsets[column]
+        h.update(b"[")
+        for start in range(0, len(positions), _HASH_CHUNK):
+            pos = positions[start : start + _HASH_CHUNK]
+            begin, end = np.asarray(offsets[pos]), np.asarray(offsets[pos + 1])
+            lengths = end - begin
+            total = int(lengths.sum())
+            first = np.cumsum(lengths) - lengths  # where each sequence starts among this chunk's ids
+            gather = np.repeat(begin - first, lengths) + np.arange(total)
+            ids = np.asarray(tokens[gather], dtype="<i8")
+            record = np.cumsum(4 + 8 * lengths) - (4 + 8 * lengths)  # byte offset of each record
+            buf = np.empty(int(4 * len(pos) + 8 * total), dtype=np.uint8)
+            length_bytes = lengths.astype("<u4").view(np.uint8).reshape(-1, 4)
+            for b in range(4):
+                buf[record + b] = length_bytes[:, b]
+            where = np.repeat(record + 4, lengths) + 8 * (np.arange(total) - np.repeat(first, lengths))
+            id_bytes = ids.view(np.uint8).reshape(-1, 8)
+            for b in range(8):
+                buf[where + b] = id_bytes[:, b]
+            h.update(buf.tobytes())
+        h.update(b"]")
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- building
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str | None:
+    """A digest of everything that decides a tokenizer's output, or None when it cannot be told
+    (a tokenizer without a serialisable backend): then the store is not shared or reused."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    h = hashlib.sha256()
+    parts = [
+        type(tokenizer).__name__,
+        backend.to_str(),
+        json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str),
+        str(getattr(tokenizer, "chat_template", None)),
+        str(getattr(tokenizer, "add_bos_token", None)),
+        str(getattr(tokenizer, "add_eos_token", None)),
+    ]
+    probe = "Hello world. <|im_start|> 12 + 30 = 42\n"
+    for special in (True, False):  # python-side behaviour the backend does not show
+        parts.append(str(tokenizer(probe, add_special_tokens=special)["input_ids"]))
+    for part in parts:
+        data = part.encode()
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def data_fingerprint(loaded: LoadedData) -> str:
+    """A digest of the examples (text or messages, labels, rows) and of the names errors use."""
+    h = hashlib.sha256()
+    head = [loaded.unpaired, loaded.conversational, loaded.row_kind, repr(loaded.columns)]
+    h.update(json.dumps(head, default=str).encode())
+    for example in loaded.examples:
+        if isinstance(example, UnpairedExample):
+            item = [example.row, example.prompt, example.completion, example.label]
+        else:
+            item = [example.row, example.prompt, example.chosen, example.rejected]
+        data = json.dumps(item, sort_keys=True, ensure_ascii=False, default=str).encode()
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def store_key(loaded: LoadedData, tokenizer: Any, **settings: Any) -> str | None:
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if fingerprint is None:
+        return None
+    payload = {"format": STORE_FORMAT, "data": data_fingerprint(loaded), "tokenizer": fingerprint, **settings}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+_WORKER_SETTINGS: BatchSettings | None = None
+
+
+def _init_worker(settings: BatchSettings) -> None:
+    global _WORKER_SETTINGS
+    _WORKER_SETTINGS = settings
+
+
+def _pack(batch) -> tuple:
+    """One batch tokenized and packed into numpy arrays (what travels back from a worker)."""
+    assert _WORKER_SETTINGS is not None
+    settings = _WORKER_SETTINGS
+    problems, kept = tokenize_batch(batch, settings)
+    problems = [(example.row, problem.field, problem.reason) for example, problem in problems]
+    columns = ["prompt", *settings.slots]
+    packed = {}
+    for c, column in enumerate(columns):
+        seqs = [item[2] if c == 0 else item[3][c - 1] for item in kept]
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        flat = np.fromiter((t for s in seqs for t in s), dtype=_TOKEN_DTYPE, count=int(lengths.sum()))
+        packed[column] = (lengths, flat)
+    texts = [item[1].encode() for item in kept]
+    text_lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    rows = np.fromiter((item[0].row for item in kept), dtype=np.int64, count=len(kept))
+    truncated = np.fromiter((item[4] for item in kept), dtype=bool, count=len(kept))
+    labels = np.fromiter(
+        (-1 if getattr(item[0], "label", None) is None else int(item[0].label) for item in kept),
+        dtype=np.int8,
+        count=len(kept),
+    )
+    return problems, packed, (text_lengths, b"".join(texts)), rows, truncated, labels, len(batch)
+
+
+def _offsets(parts: list[np.ndarray]) -> np.ndarray:
+    lengths = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def _bounded_imap(pool, items, window: int):
+    """``pool.imap(_pack, items)`` with at most ``window`` batches in flight: ``imap`` itself would
+    queue every batch at once, holding the whole data set in pickled form."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(_pack, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def build_token_store(
+    loaded: LoadedData,
+    tokenizer: Any,
+    directory: str | os.PathLike,
+    *,
+    max_length: int | None,
+    on_error: Literal["raise", "skip"] = "raise",
+    chat_template: str | None = None,
+    num_proc: int = 1,
+    batch_size: int = 512,
+    progress: bool = True,
+) -> TokenStore:
+    """Tokenize ``loaded`` like :func:`~preftune.data.tokenize.tokenize_dataset` (same ids, same
+    errors, same report) into a store at ``directory``; an existing store there is reused as is."""
+    directory = Path(directory)
+    if (directory / "meta.json").is_file():
+        return TokenStore(directory)
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    from tqdm.auto import tqdm
+
+    examples = loaded.examples
+    unpaired = loaded.unpaired or any(isinstance(e, UnpairedExample) for e in examples[:1])
+    slots = ("completion",) if unpaired else ("chosen", "rejected")
+    columns = ["prompt", *slots]
+    cols = loaded.columns
+    user_names = {"prompt": cols.prompt, "chosen": cols.chosen, "rejected": cols.rejected}
+    user_names["completion"] = cols.completion
+    add_special = add_special_tokens_for(
+        tokenizer, conversational=loaded.conversational, chat_template=chat_template
+    )
+    settings = BatchSettings(tokenizer, chat_template, slots, add_special, max_length)
+    report = TokenizeReport(total=len(examples))
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    batches = (examples[s : s + batch_size] for s in range(0, len(examples), batch_size))
+    lengths: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+    text_lengths, rows, truncated, labels = [], [], [], []
+    pool = None
+    bar = tqdm(
+        total=len(examples), desc="Tokenizing", unit="ex", disable=not progress or not sys.stderr.isatty()
+    )
+    try:
+        files = {c: open(tmp / f"{c}.tokens", "wb") for c in columns}
+        files["text"] = open(tmp / "prompt_text.bytes", "wb")
+        if num_proc > 1 and len(examples) > batch_size:
+            # fork: the workers inherit the tokenizer instead of unpickling it; spawn where fork is missing
+            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+            pool = multiprocessing.get_context(method).Pool(num_proc, _init_worker, (settings,))
+            results = _bounded_imap(pool, batches, window=2 * num_proc)
+        else:
+            _init_worker(settings)
+            results = map(_pack, batches)
+        for problems, packed, (t_len, t_bytes), b_rows, b_trunc, b_labels, n in results:
+            for row, field, reason in problems:
+                name = user_names.get(field, field)
+                if on_error == "raise":
+                    raise loaded.error(row, name, reason)
+                report.skipped.append((row, name, reason))
+            for column, (lens, flat) in packed.items():
+                lengths[column].append(lens)
+                files[column].write(flat.tobytes())
+            text_lengths.append(t_len)
+            files["text"].write(t_bytes)
+            rows.append(b_rows)
+            truncated.append(b_trunc)
+            labels.append(b_labels)
+            report.truncated += int(b_trunc.sum())
+            bar.update(n)
+        for f in files.values():
+            f.close()
+        for column in columns:
+            np.save(tmp / f"{column}.offsets.npy", _offsets(lengths[column]))
+        np.save(tmp / "prompt_text.offsets.npy", _offsets(text_lengths))
+        np.save(tmp / "rows.npy", np.concatenate(rows) if rows else np.zeros(0, np.int64))
+        np.save(tmp / "truncated.npy", np.concatenate(truncated) if truncated else np.zeros(0, bool))
+        np.save(tmp / "labels.npy", np.concatenate(labels) if labels else np.zeros(0, np.int8))
+        meta = {
+            "format": STORE_FORMAT,
+            "unpaired": unpaired,
+            "columns": columns,
+            "report": {"truncated": report.truncated, "skipped": report.skipped, "total": report.total},
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        meta["token_keys"] = {",".join(columns): TokenStore(tmp).token_key(columns)}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(tmp, directory)
+        except OSError:
+            if not (directory / "meta.json").is_file():  # not another process's store: a real failure
+                raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        for f in locals().get("files", {}).values():
+            f.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return TokenStore(directory)
