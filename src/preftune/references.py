@@ -93,11 +93,14 @@ class ModelView:
         return [bool(items[i].label) for i in index]
 
     def token_key(self, split: str, sides: tuple[str, ...]) -> str:
+        # KTO's mismatched side is the completions rotated by one: those and the rule name it
+        columns = [s for s in sides if s != MISMATCHED_SIDE]
+        suffix = "+kl-rotated-by-1" if len(columns) < len(sides) else ""
         items = self.tokenized[split]
         if isinstance(items, TokenStore):  # the same digest, streamed from the files
-            return items.token_key(["prompt", *sides])
-        prompts = self.sequences(split, sides[0])[0]
-        return hash_token_lists(prompts, *(self.sequences(split, s)[1] for s in sides))
+            return items.token_key(["prompt", *columns]) + suffix
+        prompts = self.sequences(split, columns[0])[0]
+        return hash_token_lists(prompts, *(self.sequences(split, s)[1] for s in columns)) + suffix
 
 
 @dataclass
