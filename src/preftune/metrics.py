@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .losses.output import preference_accuracy
 from .rundir import RunDir
 
 
@@ -122,7 +123,10 @@ class HeldOutMetrics:
                     "eval_rewards/chosen": float(c.mean()),
                     "eval_rewards/rejected": float(r.mean()),
                     "eval_rewards/margins": float(c.mean() - r.mean()),
-                    "eval_rewards/accuracies": float((c > r).float().mean())
+                    "eval_rewards/accuracies": float(preference_accuracy(c, r))
+                    if c.shape == r.shape
+                    else float("nan"),
+                    "eval_rewards/accuracies_strict": float((c > r).float().mean())
                     if c.shape == r.shape
                     else float("nan"),
                 }
@@ -132,7 +136,8 @@ class HeldOutMetrics:
             result.update(
                 {
                     "eval_primary/rewards/margins": float((c - r).mean()),
-                    "eval_primary/rewards/accuracies": float((c > r).float().mean()),
+                    "eval_primary/rewards/accuracies": float(preference_accuracy(c, r)),
+                    "eval_primary/rewards/accuracies_strict": float((c > r).float().mean()),
                 }
             )
         return result
