@@ -113,6 +113,7 @@ def precompute_references(
     batch_tokens: int = 8192,
     progress: bool = True,
     log=print,
+    split_labels: dict[str, str] | None = None,
 ) -> PrecomputedReferences:
     """Score every (reference, split, side) once, reusing cached results when the inputs match.
 
@@ -143,7 +144,7 @@ def precompute_references(
                     )
                 bar = tqdm(
                     total=n_rows * len(sides),
-                    desc=f"reference {k} ({view.name}) {split}",
+                    desc=f"reference {k} ({view.name}) {(split_labels or {}).get(split, split)}",
                     disable=not progress,
                     unit="seq",
                 )
@@ -169,7 +170,10 @@ def precompute_references(
                 bar.close()
                 cache.save(key, entry, meta={"reference": view.name, "path": str(view.path), "split": split})
             else:
-                log(f"reference {k} ({view.name}) {split}: cached scores reused ({cache.path(key).name})")
+                label = (split_labels or {}).get(
+                    split, split
+                )  # e.g. `preftune eval`'s data in the train slot
+                log(f"reference {k} ({view.name}) {label}: cached scores reused ({cache.path(key).name})")
             for name, value in entry.items():
                 out[split].setdefault(name, []).append(value)
         if model is not None and model is not policy:

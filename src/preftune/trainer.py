@@ -31,9 +31,8 @@ from .checkpointing import (
     load_checkpoint,
     prepare_output_dir,
     save_checkpoint,
-    save_model,
+    save_final,
     set_seed,
-    write_atomically,
 )
 from .config import ConfigError, TrainConfig, load_config, save_config
 from .data.check import check_data
@@ -73,6 +72,8 @@ class RunResult:
 
 class Trainer:
     """Holds the prepared run; ``fit()`` trains, ``evaluate()`` measures held-out preference metrics."""
+
+    split_labels: dict[str, str] | None = None  # how messages name a split (`preftune eval` renames)
 
     def __init__(self, cfg: TrainConfig, *, accelerator=None):
         from accelerate import Accelerator
@@ -133,6 +134,7 @@ class Trainer:
                 autocast_dtype=self.autocast_dtype,
                 progress=cfg.progress and acc.is_local_main_process,
                 log=lambda m: log(m, acc),
+                split_labels=self.split_labels,
             )
 
     def _resolve_share_prompt(self) -> bool | None:
@@ -325,6 +327,8 @@ class Trainer:
             disable=not (cfg.progress and acc.is_local_main_process),
             dynamic_ncols=True,
         )
+        if start == 0 and "eval" in self.data.splits:  # the "before" point of every eval curve
+            metrics_log.write(0, {"epoch": 0.0, **self.evaluate(scorer)})
         window: dict[str, list[float]] = {}
         window_tokens, window_start = 0, time.perf_counter()
         last: dict[str, float] = {}
@@ -386,14 +390,8 @@ class Trainer:
         self._checkpoint(total, optimizer, scheduler)
         final = self.run_dir.final
         if acc.is_main_process:
-            write_atomically(
-                final,
-                lambda tmp: save_model(acc.unwrap_model(scorer).model, self.tokenizer, tmp, merge_lora=True),
-            )
-            if hasattr(self.model, "peft_config"):
-                write_atomically(
-                    self.run_dir.final_adapter, lambda tmp: save_model(self.model, self.tokenizer, tmp)
-                )
+            model = acc.unwrap_model(scorer).model
+            final = save_final(model, self.tokenizer, self.output_dir, save_merged=cfg.save_merged)
         metrics_log.close()
         acc.wait_for_everyone()
         log(f"done: {total} steps; model in {final}", acc)
@@ -436,12 +434,13 @@ class Trainer:
         n = len(self.data.views[0].tokenized[split])
         bs = self.cfg.batch_size
         metrics = HeldOutMetrics(self.cfg.beta, self.unpaired, self.references is not None)
-        for start in range(0, n, bs):
+        progress = self.cfg.progress and self.accelerator.is_local_main_process
+        for start in tqdm(range(0, n, bs), desc=f"evaluate ({n} pairs)", disable=not progress, leave=False):
             index = list(range(start, min(n, start + bs)))
             out, _, policy, refs = self._micro_batch(scorer, split, index, grad=False)
             metrics.add(out, policy, refs)
         scorer.train(was_training)
-        return metrics.result()
+        return {**metrics.result(), "eval_n": n}
 
     def reference_logps(self, split: str) -> dict[str, torch.Tensor]:
         """Every example's reference log-probs of ``split``, per side [K, N] (reference 0 first)."""
