@@ -20,27 +20,10 @@ import time
 from pathlib import Path
 
 from .config import ConfigError, ReferenceConfig, TrainConfig, load_config
+from .report import METRIC_MEANINGS
 from .rundir import RunDir
 from .trainer import Trainer
 
-# What each held-out number means, in one line (shown under `train` and `eval`, and in report.md).
-METRIC_MEANINGS = {
-    "eval_loss": "the method's loss on held-out pairs (lower is better)",
-    "eval_rewards/accuracies": "pairs whose implicit reward (vs the method's reference) ranks chosen first; "
-    "ties count 1/2, 0.5 = no preference",
-    "eval_rewards/accuracies_strict": "the same, ties counted 0 (TRL's number)",
-    "eval_rewards/margins": "mean β·(reward chosen − reward rejected) vs the method's reference; > 0 prefers chosen",
-    "eval_rewards/chosen": "mean β·log π/π_ref of the chosen answers",
-    "eval_rewards/rejected": "mean β·log π/π_ref of the rejected answers",
-    "eval_primary/rewards/accuracies": "pairs ranked chosen-first by the reward vs the initial policy alone "
-    "(0.5 before training)",
-    "eval_primary/rewards/accuracies_strict": "the same, ties counted 0",
-    "eval_primary/rewards/margins": "mean β·margin vs the initial policy (0 before training)",
-    "eval_logps/accuracies": "pairs where the policy itself gives the chosen answer the higher log-prob "
-    "(no reference)",
-    "eval_answer_match": "prompts whose greedy answer matches (see match mode)",
-    "eval_answer_phrase": 'prompts whose greedy answer reaches "The answer is N"',
-}
 # Shown first, in this order; anything else follows.
 MAIN_METRICS = (
     "eval_loss",
