@@ -440,7 +440,7 @@ def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fig
     gray = "0.35"
     if any_smoothed:
         handles.append(Line2D([], [], color=gray, linewidth=1.8))
-        labels.append("train (EMA)")
+        labels.append("train (smoothed)")
         handles.append(Line2D([], [], color=gray, linestyle="none", marker="o", markersize=3, alpha=0.4))
         labels.append("train (each step)")
     elif any(steps for (steps, _), _ in series):
