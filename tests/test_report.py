@@ -204,13 +204,13 @@ def test_cli_single_and_compare(tmp_path, monkeypatch, capsys):
     run_a = make_run(tmp_path, "a", method="dpo")
     run_b = make_run(tmp_path, "b", evaluation=False)
     assert main([str(run_a), "--label", "my run"]) == 0
-    printed = capsys.readouterr().out.split()
+    printed = capsys.readouterr().out.split("\n\n")[0].split()  # the files, before the summary
     assert str(run_a / "report.md") in printed and str(run_a / "loss.png") in printed
     assert "# Training report: my run" in (run_a / "report.md").read_text()
 
     monkeypatch.chdir(tmp_path)
     assert main([str(run_a), str(run_b)]) == 0
-    printed = capsys.readouterr().out.split()
+    printed = capsys.readouterr().out.split("\n\n")[0].split()  # the files, before the summary
     compare = tmp_path / "report-compare"
     assert {p.split("/")[-1] for p in printed} == {
         "loss.png",
@@ -319,10 +319,16 @@ def test_before_after_panel_for_every_run_from_its_evaluations(tmp_path):
     assert_valid_png(run_dir / "before_after.png")
 
 
-def test_comparison_page_has_a_summary_table_with_before_and_after(tmp_path):
+def test_comparison_page_has_a_summary_table_with_before_and_after(tmp_path, capsys):
     a = make_short_run(tmp_path, "a", method="dpo")
     b = make_short_run(tmp_path, "b", method="mrpo", steps=4)
     assert main([str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    # the console ends with the comparison: each run's held-out numbers before → after
+    summary = printed.split("held-out results, before → after training:", 1)[1]
+    rows = [line for line in summary.splitlines() if line.startswith(("dpo", "mrpo"))]
+    assert len(rows) == 2 and "0.5 → 0.8" in rows[0] and "0.5 → 0.7" in rows[1]
+    assert printed.rstrip().endswith(str(tmp_path / "cmp" / "report.md"))
     text = (tmp_path / "cmp" / "report.md").read_text()
     assert "| run | method |" in text and "| dpo β=0.1 |" in text and "| mrpo β=0.1 |" in text
     assert "pref. acc. before" in text and "likelihood acc. after" in text

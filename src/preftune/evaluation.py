@@ -67,7 +67,9 @@ def _ordered(metrics: dict) -> list[str]:
     return keys + sorted(k for k in metrics if k not in keys and k != "eval_n")
 
 
-def results_table(title: str, metrics: dict, files: list[tuple[str, Path]], run_dir: Path) -> str:
+def results_table(
+    title: str, metrics: dict, files: list[tuple[str, Path]], run_dir: Path, notes: tuple[str, ...] = ()
+) -> str:
     """The closing printout of ``train`` and ``eval``: metrics with n and meaning, files, disk used."""
     lines = [title]
     if metrics:
@@ -81,6 +83,7 @@ def results_table(title: str, metrics: dict, files: list[tuple[str, Path]], run_
             lines.append(f"  {k:<{width}}  {value:>8}  {METRIC_MEANINGS.get(k, '')}".rstrip())
     else:
         lines.append("  (no held-out data: set data.eval, or run `preftune eval RUN_DIR --data FILE`)")
+    lines += list(notes)
     lines.append("files:")
     width = max(len(name) for name, _ in files)
     for name, path in files:
@@ -294,7 +297,8 @@ def main(argv: list[str]) -> int:
         files.append(("generations", gens))
     out.write_text(json.dumps(record, indent=1))
     title = f"held-out results of {model_dir} on {data}"
+    notes = ()
     if details is not None:
-        title += f"; answers: {len(details)} prompts, --match {args.match}"
-    print(results_table(title, metrics, files, run.root))
+        notes = (f"answers: {len(details)} prompts from {args.prompts}, --match {args.match}",)
+    print(results_table(title, metrics, files, run.root, notes))
     return 0

@@ -891,7 +891,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for path in written:
         print(path)
+    runs = _load_runs(args.run_dirs, args.label)
+    print("\n" + console_summary(runs))
+    print(f"\nreport: {written[-1]}")
     return 0
+
+
+def console_summary(runs: Sequence[Run]) -> str:
+    """What ``preftune report`` prints last: per run, its steps and held-out numbers before → after."""
+
+    def pair(run: Run, key: str) -> str:
+        sides = before_after(run)
+        b = (sides.get("before") or {}).get(key)
+        a = (sides.get("after") or {}).get(key)
+        if a is None and key == "preference_accuracy":
+            a = run.final("eval_primary/rewards/accuracies")
+        return f"{_format_value(b)} → {_format_value(a)}" if b is not None else _format_value(a)
+
+    header = ["run", "steps", "held-out pref. accuracy", "likelihood accuracy", "eval loss", "n"]
+    rows = []
+    for run in runs:
+        loss_before = run.eval[0].get("eval_loss") if run.eval and run.eval[0]["step"] == 0 else None
+        loss_after = run.final("eval_loss")
+        loss = (
+            f"{_format_value(loss_before)} → {_format_value(loss_after)}"
+            if loss_before is not None
+            else (_format_value(loss_after))
+        )
+        n = (before_after(run).get("after") or {}).get("n") or run.final("eval_n")
+        rows.append(
+            [
+                run.label,
+                _format_value(run.last_step),
+                pair(run, "preference_accuracy"),
+                pair(run, "likelihood_accuracy"),
+                loss,
+                _format_value(n),
+            ]
+        )
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "held-out results, before → after training:\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":
