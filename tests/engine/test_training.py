@@ -72,7 +72,9 @@ def test_lora_trains_adapters_and_reference_is_the_base(base_config):
     from transformers import AutoModelForCausalLM
 
     result = train(
-        base_config(lora={"enabled": True, "r": 4, "alpha": 8}, max_steps=3, learning_rate=1e-2, save_merged=True)
+        base_config(
+            lora={"enabled": True, "r": 4, "alpha": 8}, max_steps=3, learning_rate=1e-2, save_merged=True
+        )
     )
     assert PeftConfig.from_pretrained(result.output_dir / "final-adapter").r == 4
     merged = AutoModelForCausalLM.from_pretrained(result.final_model_dir)  # merged: plain transformers
