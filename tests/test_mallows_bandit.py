@@ -50,8 +50,8 @@ def test_repeated_insertion_matches_brute_force(phi):
 
 
 def test_brute_force_pairwise_is_the_mallows_link():
-    """The pairwise probability of items s apart is g_phi(s) for every i (SPEC 3.3) - ties the
-    sampler's target to preftune's link."""
+    """The pairwise probability of items s apart is g_phi(s) for every i (docs/methods.md#mallows_phi) -
+    ties the sampler's target to preftune's link."""
     n = 6
     for phi in (0.1, 0.5, 0.9):
         exact = mallows.brute_force_pairwise(n, phi)

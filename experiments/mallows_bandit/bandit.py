@@ -98,8 +98,9 @@ def make_data(cfg: BanditConfig, seed: int) -> BanditData:
 
 def dispersion_inputs(data: BanditData, losses_module) -> dict[str, np.ndarray]:
     """Per training pair: c_true (-log phi scaled to mean 1 over the training pairs, the same
-    normalisation as phi_star auto), c_est (SPEC 3.1 estimator with phi_star auto from the tiny
-    reference's entropies), and the matching dispersions phi_true and phi_est = exp(-c_est)."""
+    normalisation as phi_star auto), c_est (the estimator of docs/methods.md#dispersion, with phi_star
+    auto from the tiny reference's entropies), and the matching dispersions phi_true and
+    phi_est = exp(-c_est)."""
     L = losses_module
     t = data.train
     neg_log_phi = -np.log(data.phi[t["ctx"]])

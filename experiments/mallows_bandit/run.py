@@ -228,7 +228,9 @@ METRIC_LABEL = {
 
 
 def make_plots(results: dict, out: Path) -> list[str]:
-    import matplotlib
+    from preftune.extras import require
+
+    matplotlib = require("matplotlib", "plots")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

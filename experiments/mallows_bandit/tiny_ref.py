@@ -4,7 +4,7 @@ Each prompt gets a bigram model over a vocabulary of V tokens: random logits W[p
 (row V is the start-of-response state) divided by a temperature tau. tau is solved by bisection so
 that the average normalised next-token entropy over all states hits a target h in (0, 1); the target
 is tied to the prompt's Mallows dispersion phi. Responses are sampled from the model itself and the
-dispersion features are computed exactly as SPEC section 3.1 prescribes: teacher-force the
+dispersion features are computed exactly as preftune does (docs/methods.md#dispersion): teacher-force the
 reference along the response and average H(. | prefix) / log V over the response's tokens. Because a
 response visits only some states, its H differs from the target: that is the estimator's noise.
 """
@@ -53,8 +53,9 @@ class TinyRefLM:
         return tokens
 
     def response_entropy(self, tokens: np.ndarray) -> np.ndarray:
-        """SPEC 3.1 H(y): mean over the response's positions of the normalised entropy of the
-        next-token distribution given the prefix (teacher forcing). tokens [num, length] -> [num]."""
+        """H(y) of docs/methods.md#dispersion: mean over the response's positions of the normalised
+        entropy of the next-token distribution given the prefix (teacher forcing).
+        tokens [num, length] -> [num]."""
         prev = np.concatenate([np.full((tokens.shape[0], 1), self.vocab_size), tokens[:, :-1]], axis=1)
         return self.state_entropies()[prev].mean(axis=1)
 
@@ -78,7 +79,7 @@ def entropy_target(phi: np.ndarray, kappa: float, noise: float, rng: np.random.G
     """The tie between dispersion and reference entropy: log h = log(phi) / kappa + noise * N(0, 1),
     i.e. h = phi ** (1 / kappa) up to prompt-level noise, clipped into (0.02, 0.98).
 
-    With noise 0 and a perfectly followed target this is exactly SPEC 3.1's model
+    With noise 0 and a perfectly followed target this is exactly the model of docs/methods.md#dispersion,
     phi = h ** phi_star with phi_star = kappa; `phi_star: auto` must recover c up to that scale."""
     log_h = np.log(phi) / kappa + noise * rng.standard_normal(np.shape(phi))
     return np.clip(np.exp(log_h), 0.02, 0.98)

@@ -6,6 +6,7 @@ DPO and its relatives, plus MRPO (multi-reference), MallowsPO (preference disper
     data -> scoring -> references -> embeddings -> losses -> trainer -> evaluation / reports
 """
 
+# The one place the version is written: pyproject.toml reads it ([tool.setuptools.dynamic]).
 __version__ = "0.1.0"
 
 

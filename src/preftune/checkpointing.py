@@ -4,11 +4,14 @@ A checkpoint is ``checkpoint-N/`` in the run directory: ``model/`` (safetensors 
 LoRA adapter), ``trainer_state.json``, and the optimizer, LR scheduler and RNG states as
 ``<name>.safetensors`` + ``<name>.json`` (:mod:`preftune.statefile`: nothing in a checkpoint is
 unpickled). Every directory is written under a temporary name and renamed into place, so a failure
-(disk full, a crash) leaves the previous checkpoint intact.
+(disk full, a crash) leaves the previous checkpoint intact. The last file written before the rename is
+``manifest.json``: each file's size and sha256. Resuming verifies the newest checkpoint against it and
+falls back to the newest intact one (:func:`select_resume_checkpoint`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -21,15 +24,22 @@ from torch import nn
 
 from . import statefile
 from .config import TrainConfig
-from .rundir import CHECKPOINT_MODEL, CHECKPOINT_STATE, RunDir
+from .rundir import CHECKPOINT_MODEL, CHECKPOINT_STATE, MANIFEST, RunDir
 
 
 class TrainingError(RuntimeError):
     """A run cannot continue; the message says why and what was kept."""
 
 
-def prepare_output_dir(cfg: TrainConfig) -> Path:
-    """The run directory, created and checked writable; refuses to mix two runs' checkpoints."""
+def prepare_output_dir(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
+    """The run directory, created, checked writable and locked (:mod:`preftune.runlock`).
+
+    A fresh run (neither ``resume`` nor ``overwrite_output_dir``) refuses a directory holding an
+    earlier run's outputs; ``overwrite_output_dir`` clears them (the config was validated already, the
+    data checked), so old checkpoints can neither outrank the new ones nor be resumed by mistake.
+    """
+    from . import runlock
+
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -38,12 +48,38 @@ def prepare_output_dir(cfg: TrainConfig) -> Path:
         probe.unlink()
     except OSError as e:
         raise TrainingError(f"output_dir {out} is not writable: {e.strerror or e}") from e
-    if find_checkpoints(out) and not cfg.resume and not cfg.overwrite_output_dir:
-        raise TrainingError(
-            f"{out} already holds checkpoints; pass resume=true to continue that run or "
-            "overwrite_output_dir=true to start over"
-        )
+    try:
+        runlock.acquire(out, warn=log)
+    except runlock.RunDirLockedError as e:
+        raise TrainingError(str(e)) from e
+    run = RunDir(out)
+    try:
+        old = run.previous_run()
+        if old and not cfg.resume and not cfg.overwrite_output_dir:
+            names = ", ".join(p.name for p in old[:3]) + (", ..." if len(old) > 3 else "")
+            raise TrainingError(
+                f"{out} holds an earlier run ({names}); pass resume=true to continue that run or "
+                "overwrite_output_dir=true to start over"
+            )
+        if cfg.overwrite_output_dir and not cfg.resume:
+            clear_outputs(out, log)
+    except BaseException:
+        runlock.release(out)
+        raise
     return out
+
+
+def clear_outputs(output_dir: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Delete an earlier run's outputs (see :meth:`RunDir.outputs`); returns what was deleted."""
+    doomed = RunDir(output_dir).outputs()
+    for p in doomed:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    if doomed:
+        log(f"overwrite_output_dir: removed the earlier run's {len(doomed)} outputs from {output_dir}")
+    return doomed
 
 
 def find_checkpoints(output_dir: Path) -> list[Path]:
@@ -185,6 +221,7 @@ def save_checkpoint(
         statefile.save_state(scheduler.state_dict(), tmp, "scheduler")
         statefile.save_state(rng_state(), tmp, "rng")
         (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1))
+        write_manifest(tmp)  # last: a checkpoint with a manifest was written completely
 
     write_atomically(path, write)
     rotate_checkpoints(output_dir, keep)
@@ -244,3 +281,77 @@ def load_training_state(path: Path, name: str):
             f"{legacy}: refusing to load an old-format file that holds more than tensors ({reason}); "
             "start over with overwrite_output_dir=true"
         ) from e
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifests: verify a checkpoint before resuming from it
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> Path:
+    """``manifest.json``: size and sha256 of every file under ``directory`` (written last)."""
+    files = {
+        str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    path = directory / MANIFEST
+    path.write_text(json.dumps({"version": 1, "files": files}, indent=1))
+    return path
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """Why ``path`` cannot be resumed from (a short reason), or None when every file matches its manifest.
+
+    Files not listed (e.g. planted ones) are ignored: the loader reads only what the manifest lists.
+    """
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (incomplete, or written by an older preftune)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+        items = [(name, int(e["size"]), str(e["sha256"])) for name, e in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"{MANIFEST} is unreadable"
+    if CHECKPOINT_STATE not in files:
+        return f"{MANIFEST} does not list {CHECKPOINT_STATE}"
+    for name, size, digest in items:
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        actual = f.stat().st_size
+        if actual != size:
+            return f"{name} has {actual} bytes, the manifest says {size}"
+        if _sha256(f) != digest:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def select_resume_checkpoint(output_dir: Path, log: Callable[[str], None] = print) -> Path | None:
+    """The newest intact checkpoint (None if the directory has none at all).
+
+    Damaged ones (truncated, altered or missing files) are skipped, saying which and why in one line;
+    if checkpoints exist but none is intact, a one-line :class:`TrainingError`.
+    """
+    candidates = RunDir(output_dir).checkpoint_dirs()
+    damaged: list[str] = []
+    for path in reversed(candidates):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            if damaged:
+                log(f"resume: skipping damaged {'; '.join(damaged)}; resuming from {path.name}")
+            return path
+        damaged.append(f"{path.name} ({reason})")
+    if damaged:
+        raise TrainingError(
+            f"{output_dir} has no intact checkpoint to resume from: {'; '.join(damaged)}; "
+            "start over with overwrite_output_dir=true"
+        )
+    return None

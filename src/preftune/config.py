@@ -146,9 +146,23 @@ class LoraConfig:
 class MRPOConfig:
     weights: str | list[float] = _f(
         "adaptive",
-        "`adaptive` (ARWC, per pair) or a fixed list of K non-negative weights, one per reference.",
+        "`adaptive` (ARWC, per pair), `adaptive_released` (ARWC paired as in the authors' released "
+        "two-reference code), `validation` (fixed before training from each reference's preference "
+        "accuracy on a validation split carved from the training data) or a fixed list of K "
+        "non-negative weights, one per reference. See docs/methods.md#mrpo.",
         range=NON_NEGATIVE,
-        choices=("adaptive",),
+        choices=("adaptive", "adaptive_released", "validation"),
+    )
+    validation_fraction: float = _f(
+        0.1,
+        "weights=validation: fraction of the training rows (at least 1 row) held out, chosen by `seed`, "
+        "to score the references; they are never trained on.",
+        range=Range(gt=0, lt=1),
+    )
+    validation_temperature: float = _f(
+        0.1,
+        "weights=validation: α = softmax(accuracy_k / T) over the references (smaller T: sharper).",
+        range=POSITIVE,
     )
     clip_eps: float = _f(
         0.1,
@@ -236,6 +250,12 @@ class TrainConfig:
     warmup_steps: int = _f(0, "Linear warm-up steps (overrides warmup_ratio when > 0).", range=NON_NEGATIVE)
     warmup_ratio: float = _f(0.0, "Warm-up as a fraction of the total steps.", range=FRACTION)
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).", range=NON_NEGATIVE)
+    on_nonfinite: str = _f(
+        "stop",
+        "A NaN/Inf loss or gradient: `stop` the run (exit code 3, nothing saved from that step) or "
+        "`skip_step` (drop that step's update, log it, continue).",
+        choices=("stop", "skip_step"),
+    )
     max_steps: int = _f(-1, "Optimiser steps to run (-1: derive from epochs).", range=Range(ge=1, also=(-1,)))
     epochs: float = _f(1.0, "Passes over the training data when max_steps is -1.", range=POSITIVE)
     seed: int = _f(42, "Seed for data order, initialisation of adapters and dropout.")
@@ -472,6 +492,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             )
         if not any(cfg.mrpo.weights):
             raise ConfigError("mrpo.weights: the weights must not all be zero")
+    if spec.multi_reference and cfg.mrpo.weights == "adaptive_released" and num_references != 2:
+        raise ConfigError(
+            f"mrpo.weights: adaptive_released is defined for exactly 2 references, got {num_references}"
+        )
     if cfg.reference_free and spec.reference.value != "single":
         raise ConfigError(f"reference_free: true cannot be combined with method {spec.method!r}")
     return cfg

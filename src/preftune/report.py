@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import rundir
+from .extras import require
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -563,6 +564,7 @@ def make_figures(runs: Sequence[Run]) -> dict[str, Figure]:
     Figures whose metrics no run logged are left out; ``before_after.png`` only appears when some run
     has an ``evaluation.json``.
     """
+    require("matplotlib", "plots")  # every figure builder below imports it
     builders = {
         LOSS_PLOT: lambda: _curve_figure(runs, "loss", "Loss", AXIS_LABELS["loss"]),
         MARGINS_PLOT: lambda: _curve_figure(

@@ -19,6 +19,8 @@ or nowhere::
     generations.json     the demo's greedy generations before and after training
     data/                the demo's copy of the data it trained and evaluated on
     report.md, *.png     ``preftune report``'s markdown report and plots
+    .lock                the training process that owns the directory (preftune.runlock)
+    error.log            the full traceback of an unexpected error (the console shows one line)
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ DATA = "data"
 EVAL_SCRATCH = "eval-tmp"
 REPORT = "report.md"
 PLOTS = ("loss.png", "margins.png", "accuracy.png", "before_after.png")
+LOCK = ".lock"
+ERROR_LOG = "error.log"
+MANIFEST = "manifest.json"
 
 
 class RunDir:
@@ -128,6 +133,51 @@ class RunDir:
     @property
     def report(self) -> Path:
         return self.root / REPORT
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK
+
+    @property
+    def error_log(self) -> Path:
+        return self.root / ERROR_LOG
+
+    def outputs(self) -> list[Path]:
+        """What a training run produces and ``overwrite_output_dir`` clears: checkpoints (complete or
+        not), final models, metrics, evaluation files, report and plots, TensorBoard events, error log.
+        Not config.yaml / run_state.json (rewritten by the new run) nor the demo's data/."""
+        found = [p for p in self.root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
+        named = [
+            self.final,
+            self.final_adapter,
+            self.metrics,
+            self.tensorboard,
+            self.eval_metrics,
+            self.before_after,
+            self.generations,
+            self.eval_scratch,
+            self.report,
+            self.error_log,
+            *(self.plot(name) for name in PLOTS),
+        ]
+        for p in named:
+            for q in (p, p.with_name(p.name + ".tmp"), p.with_name(p.name + ".old")):
+                if q.exists():
+                    found.append(q)
+        return sorted(found)
+
+    def previous_run(self) -> list[Path]:
+        """Outputs of an earlier run that a fresh run would mix with its own."""
+        markers = [self.metrics, self.final, self.final_adapter]
+        return [p for p in self.checkpoint_dirs() if p.is_dir()] + [p for p in markers if p.exists()]
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """Every ``checkpoint-N`` directory, complete or damaged, oldest first (see checkpointing)."""
+        found = []
+        for p in self.root.glob(f"{CHECKPOINT_PREFIX}*"):
+            if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit():
+                found.append(p)
+        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
     def plot(self, name: str) -> Path:
         return self.root / name

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import losses as L
+from . import runlock
 from .cache import default_cache_dir
 from .checkpointing import (
     TrainingError,
@@ -32,13 +33,17 @@ from .checkpointing import (
     prepare_output_dir,
     save_checkpoint,
     save_final,
+    select_resume_checkpoint,
     set_seed,
 )
 from .config import ConfigError, TrainConfig, load_config, save_config
 from .data.check import check_data
-from .data.prepare import prepare_data
+from .data.prepare import carve_validation, prepare_data
 from .metrics import HeldOutMetrics, MetricsLog, log, mean_over_processes, peak_memory_mb
 from .models.loading import load_policy, mixed_precision
+from .mrpo_validation import fixed_weights, uses_validation_weights, with_weights
+from .nonfinite import NonFiniteError, nonfinite_part, weights_finite
+from .nonfinite import hint as nonfinite_hint
 from .references import (
     PAIRED_SIDES,
     UNPAIRED_SIDES,
@@ -46,7 +51,7 @@ from .references import (
     PrecomputedReferences,
     precompute_references,
 )
-from .rundir import RunDir
+from .rundir import CHECKPOINT_STATE, RunDir
 from .scoring import shared_prompt_support
 from .step import (
     LossComputer,
@@ -88,9 +93,17 @@ class Trainer:
         acc = self.accelerator
         # data errors surface here, all at once, before any model loads (preftune.data.check)
         self.data_check = check_data(cfg, unpaired=self.unpaired, log=lambda m: log(m, acc))
-        self.output_dir = prepare_output_dir(cfg) if acc.is_main_process else Path(cfg.output_dir)
+        self.output_dir = (
+            prepare_output_dir(cfg, log=lambda m: log(m, acc))
+            if acc.is_main_process
+            else Path(cfg.output_dir)
+        )
         self.run_dir = RunDir(self.output_dir)
         acc.wait_for_everyone()
+        # the newest intact checkpoint (damaged ones are skipped, saying why) before any model loads
+        self.resume_from = (
+            select_resume_checkpoint(self.output_dir, lambda m: log(m, acc)) if cfg.resume else None
+        )
         set_seed(cfg.seed)
         self.cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
 
@@ -98,17 +111,46 @@ class Trainer:
         self.data = prepare_data(
             cfg, self.tokenizer, self.policy_path, self.unpaired, log=lambda m: log(m, acc)
         )
+        # mrpo.weights=validation: hold out validation rows before anything scores the data
+        self.validation: dict | None = None
+        validation_rows = None
+        if uses_validation_weights(cfg, self.spec):
+            validation_rows = carve_validation(self.data, cfg.mrpo.validation_fraction, cfg.seed)
         self.loss_fn = LossComputer(cfg, self.spec, len(self.data.reference_views), self.unpaired)
         self.share_prompt = self._resolve_share_prompt()
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
         self.references = self._references()
+        if validation_rows is not None:
+            self.validation = fixed_weights(cfg, self.references, validation_rows)
+            log(
+                f"mrpo.weights=validation: accuracies {self.validation['accuracies']} -> "
+                f"weights {self.validation['weights']} ({len(validation_rows)} validation rows)",
+                acc,
+            )
+            self.loss_fn = LossComputer(
+                with_weights(cfg, self.validation["weights"]),
+                self.spec,
+                len(self.data.reference_views),
+                self.unpaired,
+            )
         self.phi_star: float | None = None
         self.inputs = self._step_inputs()
-        if acc.is_main_process:  # written once the inputs proved usable: a failed start keeps the old one
+        self.finished = self._already_finished()
+        # written once the inputs proved usable: a failed start keeps the old one
+        if acc.is_main_process and not self.finished:
             save_config(cfg, self.run_dir.config)
             data = {**self.data.report, **self.data_check.report}  # rows skipped while loading, too
             state = {"phi_star": self.phi_star, "data": data, "method": self.spec["method"]}
+            if self.validation is not None:
+                state["mrpo_validation"] = self.validation
             self.run_dir.run_state.write_text(json.dumps(state, indent=1))
+
+    def _already_finished(self) -> bool:
+        """resume=true on a run whose last checkpoint is its last step and whose final model exists."""
+        if self.resume_from is None or not self.run_dir.final.is_dir():
+            return False
+        step = json.loads((self.resume_from / CHECKPOINT_STATE).read_text()).get("step", 0)
+        return step >= self.total_steps()
 
     # -- stages ------------------------------------------------------------------------------------
 
@@ -283,10 +325,21 @@ class Trainer:
     # -- fit -----------------------------------------------------------------------------------------
 
     def fit(self) -> RunResult:
+        """Train; the run directory's lock is released however this ends."""
+        try:
+            return self._fit()
+        finally:
+            if self.accelerator.is_main_process:
+                runlock.release(self.output_dir)
+
+    def _fit(self) -> RunResult:
         from transformers import get_scheduler
 
         cfg, acc = self.cfg, self.accelerator
         total = self.total_steps()
+        if self.finished:
+            log(f"already finished: {self.resume_from} is step {total} of {total}; nothing to do", acc)
+            return RunResult(self.output_dir, self.run_dir.final, self.run_dir.metrics, total)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(
             params,
@@ -305,19 +358,21 @@ class Trainer:
         metrics_log = MetricsLog(self.output_dir, cfg.report_to, acc.is_main_process)
 
         start = 0
-        checkpoints = find_checkpoints(self.output_dir)
-        if cfg.resume and checkpoints:
-            state = load_checkpoint(checkpoints[-1], self.model, optimizer, scheduler)
+        if self.resume_from is not None:
+            state = load_checkpoint(self.resume_from, self.model, optimizer, scheduler)
             start = state["step"]
             if state.get("global_batch") != self._global_batch():
                 raise TrainingError(
-                    f"{checkpoints[-1]} was written with global batch {state.get('global_batch')}, "
+                    f"{self.resume_from} was written with global batch {state.get('global_batch')}, "
                     f"this run has {self._global_batch()}: the data order would not continue"
                 )
             metrics_log.truncate_after(start)
-            log(f"resumed from {checkpoints[-1]} at step {start}", acc)
-        elif cfg.resume:
-            log(f"resume=true but {self.output_dir} has no checkpoint; starting from step 0", acc)
+            log(f"resumed from {self.resume_from} at step {start}", acc)
+        else:
+            if cfg.resume:
+                log(f"resume=true but {self.output_dir} has no checkpoint; starting from step 0", acc)
+            metrics_log.reset()  # rows of a run killed before its first checkpoint would repeat
+        skipped = 0
 
         bar = tqdm(
             total=total,
@@ -347,7 +402,14 @@ class Trainer:
                 window_tokens += tokens
                 for k, v in out.metrics.items():
                     step_metrics.setdefault(k, []).append(float(v))
-            grad_norm, lr = apply_update(optimizer, scheduler, params, cfg.max_grad_norm, acc.clip_grad_norm_)
+            bad = nonfinite_part(losses, params, acc)  # before the update: a NaN step must not land
+            if bad:
+                skipped += 1
+                grad_norm, lr = self._nonfinite(bad, step + 1, optimizer, scheduler)
+            else:
+                grad_norm, lr = apply_update(
+                    optimizer, scheduler, params, cfg.max_grad_norm, acc.clip_grad_norm_
+                )
 
             loss = acc.reduce(torch.stack(losses).mean().to(acc.device), reduction="mean").item()
             window.setdefault("loss", []).append(loss)
@@ -369,6 +431,8 @@ class Trainer:
                     tokens_per_second=window_tokens * acc.num_processes / max(elapsed, 1e-9),
                     peak_memory_mb=peak_memory_mb(acc.device),
                 )
+                if skipped:
+                    row["nonfinite_skipped_steps"] = skipped
                 metrics_log.write(done, row)
                 last = row
                 window, window_tokens, window_start = {}, 0, time.perf_counter()
@@ -383,7 +447,7 @@ class Trainer:
                 self._checkpoint(done, optimizer, scheduler)
         bar.close()
 
-        if "eval" in self.data.splits:
+        if "eval" in self.data.splits and start < total:  # else its row came before checkpoint-{total}
             ev = self.evaluate(scorer)
             metrics_log.write(total, {"epoch": total / per_epoch, **ev})
             last.update(ev)
@@ -397,8 +461,29 @@ class Trainer:
         log(f"done: {total} steps; model in {final}", acc)
         return RunResult(self.output_dir, final, metrics_log.path, total, last)
 
+    def _nonfinite(self, part: str, step: int, optimizer, scheduler):
+        """A NaN/Inf loss or gradient at ``step``: stop (raise) or drop the update (skip_step)."""
+        if self.cfg.on_nonfinite == "stop":
+            kept = find_checkpoints(self.output_dir)
+            raise NonFiniteError(
+                f"step {step}: the {part} is not finite (NaN/Inf); stopped before the optimizer step, "
+                f"nothing of it was saved; {nonfinite_hint(self.cfg, str(kept[-1]) if kept else None)}"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()  # the schedule follows the step count, skipped or not
+        log(
+            f"step {step}: the {part} is not finite; on_nonfinite=skip_step dropped this update",
+            self.accelerator,
+        )
+        return None, lr
+
     def _checkpoint(self, step: int, optimizer, scheduler) -> None:
         acc = self.accelerator
+        if not weights_finite(self.model):  # e.g. NaN weights loaded from elsewhere: never save them
+            raise NonFiniteError(
+                f"step {step}: the weights are not finite (NaN/Inf); not saving them; {nonfinite_hint(self.cfg, None)}"
+            )
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": step, "global_batch": self._global_batch(), "method": self.cfg.method}
@@ -453,4 +538,7 @@ class Trainer:
 def train(config: TrainConfig | str | os.PathLike | dict, overrides: list[str] | None = None) -> RunResult:
     """Train as the config says; returns where the run directory, final model and metrics are."""
     cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
-    return Trainer(cfg).fit()
+    try:
+        return Trainer(cfg).fit()
+    finally:
+        runlock.release(cfg.output_dir)  # also when the setup failed (a no-op if this process holds none)

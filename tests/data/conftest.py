@@ -1,7 +1,8 @@
-"""Fixtures for the data-stage tests: tiny BPE tokenizers trained in-process (no network)."""
+"""Fixtures and helpers for the data-stage tests: tiny BPE tokenizers trained in-process (no network)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -25,6 +26,18 @@ BRACKET_TEMPLATE = (
     "{% endfor %}"
 )
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def write_jsonl(path, rows, *, blank_line_after_first: bool = False) -> str:
+    """Write ``rows`` to ``path`` as UTF-8 JSON lines and return the path as a string.
+
+    ``blank_line_after_first`` puts an empty line 2 in the file (row numbers must skip it).
+    """
+    lines = [json.dumps(row) for row in rows]
+    if blank_line_after_first:
+        lines.insert(1, "")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
 
 
 @pytest.fixture(scope="session")

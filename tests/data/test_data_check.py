@@ -9,14 +9,11 @@ import pytest
 from preftune.config import load_config
 from preftune.data import DataError, check_data, load_examples
 
+from .conftest import write_jsonl
+
 
 def _pairs(n: int) -> list[dict]:
     return [{"prompt": f"{i} plus {i}?", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}"} for i in range(n)]
-
-
-def _jsonl(path, rows) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return str(path)
 
 
 def _cfg(**data):
@@ -24,7 +21,7 @@ def _cfg(**data):
 
 
 def test_a_missing_file_names_the_config_key_and_path(tmp_path):
-    train = _jsonl(tmp_path / "train.jsonl", _pairs(3))
+    train = write_jsonl(tmp_path / "train.jsonl", _pairs(3))
     missing = tmp_path / "held-out.jsonl"
     with pytest.raises(DataError) as error:
         check_data(_cfg(train=train, eval=str(missing)))
@@ -36,7 +33,7 @@ def test_every_missing_column_is_reported_with_the_override_that_maps_it(tmp_pat
     rows = [
         {"question": r["prompt"], "answer_good": r["chosen"], "answer_bad": r["rejected"]} for r in _pairs(3)
     ]
-    train = _jsonl(tmp_path / "train.jsonl", rows)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(DataError) as error:
         check_data(_cfg(train=train))
     message = str(error.value)
@@ -60,7 +57,7 @@ def test_the_first_ten_bad_rows_are_named_at_once(tmp_path):
     rows = _pairs(20)
     for i in range(2, 14):  # 12 bad rows, lines 3..14
         rows[i]["chosen"] = ""
-    train = _jsonl(tmp_path / "train.jsonl", rows)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
     with pytest.raises(DataError) as error:
         check_data(_cfg(train=train))
     message = str(error.value)
@@ -107,7 +104,7 @@ def test_skipping_says_how_many_rows_and_which(tmp_path):
     rows = _pairs(8)
     rows[1]["rejected"] = None
     rows[5]["chosen"] = "  "
-    train = _jsonl(tmp_path / "train.jsonl", rows)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
     logged = []
     check = check_data(_cfg(train=train, on_error="skip"), log=logged.append)
     assert check.skipped == {"train": 2}

@@ -9,6 +9,8 @@ import pytest
 
 from preftune.data import Columns, DataError, Example, UnpairedExample, examples_fingerprint, load_examples
 
+from .conftest import write_jsonl
+
 PAIRS = [
     {"prompt": "What color is the sky?", "chosen": "It is blue.", "rejected": "It is green."},
     {"prompt": "Where is the sun?", "chosen": "In the sky.", "rejected": "In the sea."},
@@ -26,14 +28,6 @@ CHAT = [
         "rejected": [{"role": "assistant", "content": "In the sea."}],
     },
 ]
-
-
-def write_jsonl(path, rows, *, blank_line_after_first=False):
-    lines = [json.dumps(row) for row in rows]
-    if blank_line_after_first:
-        lines.insert(1, "")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(path)
 
 
 def write_source(tmp_path, kind, rows):

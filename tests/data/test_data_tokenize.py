@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from preftune.data import (
@@ -20,6 +18,8 @@ from preftune.data import (
     tokenize_example,
     tokenize_unpaired,
 )
+
+from .conftest import write_jsonl
 
 USER = {"role": "user", "content": "Sky color?"}
 BLUE = {"role": "assistant", "content": "Blue."}
@@ -133,11 +133,6 @@ def test_prompt_that_fills_max_length_is_an_error(tiny_tokenizer):
     assert str(error.value).startswith(
         f"train.jsonl, line 7, field 'prompt': prompt is {prompt_length} tokens"
     )
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
 
 
 def test_tokenize_dataset_names_row_and_field_and_skips(tmp_path, tiny_tokenizer):

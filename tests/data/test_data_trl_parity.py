@@ -9,12 +9,13 @@ release changes that, the test skips rather than fails.
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
 
 from preftune.data import load_examples, tokenize_dataset
+
+from .conftest import write_jsonl
 
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer", reason="TRL is a dev dependency for parity tests")
 
@@ -89,10 +90,12 @@ def trl_collate(examples, tokenizer, max_length):
 
 
 def ours(rows, tokenizer, max_length, tmp_path):
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     outputs, _ = tokenize_dataset(
-        load_examples(str(path)), tokenizer, max_length=max_length, on_error="skip", progress=False
+        load_examples(write_jsonl(tmp_path / "data.jsonl", rows)),
+        tokenizer,
+        max_length=max_length,
+        on_error="skip",
+        progress=False,
     )
     return outputs
 

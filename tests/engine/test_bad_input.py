@@ -259,3 +259,36 @@ def test_unknown_config_key_exits_2_and_suggests_the_right_one(where, base_confi
     else:
         assert "Unknown config key `data.on_eror`" in err and "Did you mean `data.on_error`?" in err
     assert not (tmp_path / "run").exists()  # rejected before anything is written
+
+
+# ------------------------------------------------------------------------------- fifty bad inputs
+
+
+def run_bad_input(case: str, base_config, tmp_path, capsys) -> tuple[int, str]:
+    """Run one case of bad_input_cases through ``preftune train``: (exit code, stderr)."""
+    from .bad_input_cases import CASES
+
+    config, overrides = CASES[case](tmp_path, base_config)
+    path = tmp_path / "case.yaml"
+    if isinstance(config, dict):
+        path.write_text(yaml.safe_dump(config))
+    elif isinstance(config, str):
+        path.write_text(config)
+    capsys.readouterr()
+    code = cli.main(["train", str(path), *overrides])
+    return code, capsys.readouterr().err
+
+
+def _case_names():
+    from .bad_input_cases import CASES
+
+    return list(CASES)
+
+
+@pytest.mark.parametrize("case", _case_names())
+def test_bad_input_is_one_line_with_exit_code_2(case, base_config, tmp_path, capsys):
+    code, err = run_bad_input(case, base_config, tmp_path, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("preftune ")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("preftune train: error: ") and len(lines[0]) < 600, lines[0]
+    assert not (tmp_path / "run" / "checkpoint-1").exists()

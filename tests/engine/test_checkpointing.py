@@ -259,3 +259,77 @@ def test_failed_write_leaves_the_old_directory_intact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]  # no .tmp / .old left behind
     write_atomically(target, lambda d: (d / "weights").write_text("new"))
     assert (target / "weights").read_text() == "new"
+
+
+# ------------------------------------------------------------------------------ manifests and fallback
+
+
+def test_manifest_lists_every_file_and_verification_catches_each_kind_of_damage(tmp_path, tiny_parts):
+    import json
+
+    from preftune.checkpointing import save_checkpoint, verify_checkpoint
+
+    model, tok, opt, sched = tiny_parts
+    _train_one_step(model, opt, sched)
+    ckpt = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"step": 1}, keep=0)
+    listed = json.loads((ckpt / "manifest.json").read_text())["files"]
+    on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(listed) == on_disk and "model/model.safetensors" in listed and "rng.json" in listed
+    assert verify_checkpoint(ckpt) is None
+
+    weights = ckpt / "model" / "model.safetensors"
+    original = weights.read_bytes()
+    flipped = bytearray(original)
+    flipped[-5] ^= 1  # one bit, same size: only the hash can tell
+    weights.write_bytes(bytes(flipped))
+    assert verify_checkpoint(ckpt) == "model/model.safetensors does not match its sha256"
+    weights.write_bytes(original[:100])
+    assert (
+        verify_checkpoint(ckpt) == f"model/model.safetensors has 100 bytes, the manifest says {len(original)}"
+    )
+    weights.write_bytes(original)
+    (ckpt / "scheduler.json").unlink()
+    assert verify_checkpoint(ckpt) == "scheduler.json is missing"
+    (ckpt / "manifest.json").unlink()
+    assert "no manifest.json" in verify_checkpoint(ckpt)
+
+
+def test_resume_selection_falls_back_to_the_newest_intact_checkpoint(tmp_path, tiny_parts):
+    from preftune.checkpointing import save_checkpoint, select_resume_checkpoint
+
+    model, tok, opt, sched = tiny_parts
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, tok, opt, sched, {"step": step}, keep=0)
+    messages = []
+    assert select_resume_checkpoint(tmp_path, messages.append) == tmp_path / "checkpoint-3"
+    assert messages == []
+    (tmp_path / "checkpoint-3" / "rng.safetensors").unlink()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert select_resume_checkpoint(tmp_path, messages.append) == tmp_path / "checkpoint-1"
+    assert messages == [
+        "resume: skipping damaged checkpoint-3 (rng.safetensors is missing); "
+        "checkpoint-2 (trainer_state.json has 2 bytes, the manifest says "
+        f"{len(__import__('json').dumps({'step': 2}, indent=1))}); resuming from checkpoint-1"
+    ]
+    (tmp_path / "checkpoint-1" / "manifest.json").unlink()
+    with pytest.raises(TrainingError, match=r"has no intact checkpoint to resume from: checkpoint-3") as e:
+        select_resume_checkpoint(tmp_path, messages.append)
+    assert "\n" not in str(e.value) and "checkpoint-1 (no manifest.json" in str(e.value)
+    assert select_resume_checkpoint(tmp_path / "empty") is None
+
+
+def test_no_source_file_loads_pickles():
+    """Audit: nothing in preftune unpickles (torch.load only with weights_only=True, no pickle.load)."""
+    import re
+    from pathlib import Path
+
+    import preftune
+
+    unsafe = []
+    for path in Path(preftune.__file__).parent.rglob("*.py"):
+        text = path.read_text()
+        for m in re.finditer(r"torch\.load\(([^)]*)\)|pickle\.loads?\(|Unpickler\(", text):
+            if m.group(0).startswith("torch.load(") and "weights_only=True" in m.group(1):
+                continue
+            unsafe.append(f"{path.name}: {m.group(0)}")
+    assert unsafe == []

@@ -116,9 +116,9 @@ def reference_scores(root, pairs) -> dict[str, torch.Tensor]:
 
 def train_steps(root, params, optimizer, scheduler, pairs, refs, steps, micro_batches, fail_at=None):
     """DPO steps on pairs [4s, 4s + 4): this rank's share, in ``micro_batches`` micro-batches."""
+    from preftune.data.collate import collate_pairs
     from preftune.distributed import clip_grad_norm_, no_sync, rank, world_size
     from preftune.losses import dpo
-    from preftune.data.collate import collate_pairs
 
     history = []
     world, r = world_size(), rank()

@@ -201,3 +201,96 @@ def test_float32_agrees_with_float64_and_batch_order_is_irrelevant():
         torch.testing.assert_close(out32.losses.double(), out64.losses, rtol=1e-4, atol=1e-5)
         outp = fn(pc[perm], pr[perm], rc[:, perm], rr[:, perm])
         torch.testing.assert_close(outp.losses, out64.losses[perm], rtol=0, atol=0)
+
+
+# -- per-pair weights, the released code's pairing, validation weights -----------------------------
+
+
+def released_code_loss(pc, pr, rc, rr, beta=0.1, eps=0.1, swap=True):
+    """Transliteration (written from its description) of the MRPO authors' released two-reference loss.
+
+    Per pair: margins of both references from the unclipped log-probs; the weight computed from the
+    second reference's margin multiplies the primary reference's term (``swap=True``, as released);
+    the second reference is clipped into the adaptive CTRO band around the primary; the virtual
+    reference is the weighted harmonic mix in probability space; then DPO's sigmoid loss.
+    ``swap=False`` attaches each weight to its own reference, as the paper states.
+    """
+    out = []
+    for i in range(len(pc)):
+        c1, r1, c2, r2 = float(rc[0, i]), float(rr[0, i]), float(rc[1, i]), float(rr[1, i])
+        m1, m2 = abs(c1 - r1), abs(c2 - r2)
+        w_from_1, w_from_2 = m1 / (m1 + m2), m2 / (m1 + m2)
+        w_primary, w_second = (w_from_2, w_from_1) if swap else (w_from_1, w_from_2)
+        bw, bl = abs((c1 + c2) / 2), abs((r1 + r2) / 2)
+        eps_w = eps * bw / (bw + bl)
+        eps_l = eps - eps_w
+        c2 = min(max(c2, c1 - eps_w * abs(c1)), c1 + eps_w * abs(c1))
+        r2 = min(max(r2, r1 - eps_l * abs(r1)), r1 + eps_l * abs(r1))
+        vc = -math.log(w_primary * math.exp(-c1) + w_second * math.exp(-c2))
+        vr = -math.log(w_primary * math.exp(-r1) + w_second * math.exp(-r2))
+        z = beta * ((float(pc[i]) - vc) - (float(pr[i]) - vr))
+        out.append(-log_sigmoid(z))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.3])
+def test_adaptive_released_matches_the_released_code_and_adaptive_is_it_swapped(eps):
+    pc, pr, rc, rr = refs_batch(2, 16, seed=21)
+    released = L.mrpo(pc, pr, rc, rr, weights="adaptive_released", clip_eps=eps).losses
+    adaptive = L.mrpo(pc, pr, rc, rr, weights="adaptive", clip_eps=eps).losses
+    torch.testing.assert_close(released, released_code_loss(pc, pr, rc, rr, eps=eps), rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(
+        adaptive, released_code_loss(pc, pr, rc, rr, eps=eps, swap=False), rtol=1e-12, atol=1e-13
+    )
+    # the pairing matters: with unequal margins the two differ (wide band so clipping does not hide it)
+    assert (released - adaptive).abs().max() > 1e-3
+    # ... and the released pairing is exactly adaptive with per-pair weights swapped
+    alpha = L.arwc_weights(rc, rr)
+    swapped = L.mrpo(pc, pr, rc, rr, weights=alpha.flip(0), clip_eps=eps).losses
+    torch.testing.assert_close(swapped, released, rtol=0, atol=1e-14)
+
+
+def test_adaptive_released_needs_exactly_two_references():
+    pc, pr, rc, rr = refs_batch(3, 4, seed=22)
+    with pytest.raises(ValueError, match="exactly 2 references"):
+        L.mrpo(pc, pr, rc, rr, weights="adaptive_released")
+
+
+@pytest.mark.parametrize("fn", [L.mrpo, L.mdpo])
+def test_per_pair_weights_equal_each_pair_with_its_own_fixed_weights(fn):
+    pc, pr, rc, rr = refs_batch(3, 6, seed=23)
+    g = torch.Generator().manual_seed(3)
+    w = torch.rand(3, 6, generator=g, dtype=torch.float64) * 4
+    w[1, 2] = 0.0  # a zero weight in one column only
+    batched = fn(pc, pr, rc, rr, weights=w).losses
+    for i in range(6):
+        one = fn(pc[i : i + 1], pr[i : i + 1], rc[:, i : i + 1], rr[:, i : i + 1], weights=w[:, i].tolist())
+        torch.testing.assert_close(batched[i : i + 1], one.losses, rtol=1e-13, atol=1e-14)
+
+
+def test_per_pair_weights_are_validated_per_column():
+    pc, pr, rc, rr = refs_batch(2, 4, seed=24)
+    with pytest.raises(ValueError, match=r"\[K, B\] = \[2, 4\]"):
+        L.mrpo(pc, pr, rc, rr, weights=torch.ones(2, 3))
+    bad = torch.ones(2, 4, dtype=torch.float64)
+    bad[:, 2] = 0.0
+    with pytest.raises(ValueError, match="pair 2"):
+        L.mrpo(pc, pr, rc, rr, weights=bad)
+    with pytest.raises(ValueError, match="validation"):
+        L.mrpo(pc, pr, rc, rr, weights="validation")
+
+
+def test_validation_weights_are_a_softmax_of_accuracies():
+    from preftune.losses.aggregation import validation_weights
+
+    # reference 0 prefers chosen on 4/4 pairs, reference 1 on 2/4 (+ one tie = 2.5/4), reference 2 on 1/4
+    rc = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-1.0, -9.0, -3.0, -4.0], [-9.0, -9.0, -9.0, -1.0]])
+    rr = torch.tensor([[-5.0, -5.0, -5.0, -5.0], [-5.0, -5.0, -3.0, -9.0], [-5.0, -5.0, -5.0, -5.0]])
+    weights, acc = validation_weights(rc, rr, temperature=0.2)
+    assert acc.tolist() == [1.0, 0.625, 0.25]
+    e = [math.exp(a / 0.2) for a in (1.0, 0.625, 0.25)]
+    assert weights.tolist() == pytest.approx([x / sum(e) for x in e], rel=1e-12)
+    hot, _ = validation_weights(rc, rr, temperature=1e-3)
+    assert hot.tolist() == pytest.approx([1.0, 0.0, 0.0], abs=1e-12)
+    with pytest.raises(ValueError, match="temperature"):
+        validation_weights(rc, rr, temperature=0.0)

@@ -125,3 +125,32 @@ def prepare_data(
         if not view.tokenized[split]:
             raise ConfigError(f"{split}: no usable rows in {sources[split][0]}")
     return PreparedData(list(loaded), views, reference_views, unpaired, report)
+
+
+VALIDATION_SPLIT = "validation"
+
+
+def carve_validation(data: PreparedData, fraction: float, seed: int) -> list[int]:
+    """Move a seeded ``fraction`` of the training examples into a ``"validation"`` split, in place.
+
+    The same examples leave the training split of every view (so index i still names one pair
+    everywhere) and are never trained on. The choice depends only on ``seed`` and the number of
+    training examples. Returns the data-file rows of the validation examples.
+    """
+    import torch
+
+    n = len(data.views[0].tokenized["train"])
+    n_val = max(1, round(fraction * n))
+    if n_val >= n:
+        raise ConfigError(
+            f"mrpo.validation_fraction={fraction}: {n_val} validation rows would leave no training rows of {n}"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:n_val])
+    for view in data.views:
+        items = view.tokenized["train"]
+        view.tokenized[VALIDATION_SPLIT] = [it for i, it in enumerate(items) if i in held]
+        view.tokenized["train"] = [it for i, it in enumerate(items) if i not in held]
+    if VALIDATION_SPLIT not in data.splits:
+        data.splits.insert(data.splits.index("train") + 1, VALIDATION_SPLIT)
+    return [it.row for it in data.views[0].tokenized[VALIDATION_SPLIT]]

@@ -21,6 +21,8 @@ __all__ = [
     "ClipMode",
     "WeightSpec",
     "arwc_weights",
+    "released_weights",
+    "validation_weights",
     "ctro_clip",
     "reference_weights",
     "virtual_reference",
@@ -29,7 +31,9 @@ __all__ = [
 
 ReferenceMode = Literal["single", "mrpo", "mdpo"]
 ClipMode = Literal["adaptive", "fixed", "none"]
-WeightSpec = Literal["adaptive"] | Sequence[float] | Tensor
+#: ``"adaptive"`` (ARWC), ``"adaptive_released"`` (ARWC paired as in the authors' released code), K
+#: fixed numbers, or a Tensor: ``[K]`` fixed or ``[K, B]`` per-pair weights (normalised per pair).
+WeightSpec = Literal["adaptive", "adaptive_released"] | Sequence[float] | Tensor
 
 
 def arwc_weights(refs_chosen: Tensor, refs_rejected: Tensor) -> Tensor:
@@ -52,15 +56,73 @@ def arwc_weights(refs_chosen: Tensor, refs_rejected: Tensor) -> Tensor:
     return torch.where(total > 0, margins / torch.where(total > 0, total, torch.ones_like(total)), uniform)
 
 
+def released_weights(refs_chosen: Tensor, refs_rejected: Tensor) -> Tensor:
+    """ARWC as paired by the MRPO authors' released two-reference code: ``[K=2, B]`` weights.
+
+    The released code multiplies the *primary* reference's term by the weight computed from the second
+    reference's margin (and vice versa): ``α_0 = |m_1|/(|m_0|+|m_1|)``, ``α_1 = |m_0|/(|m_0|+|m_1|)``,
+    i.e. :func:`arwc_weights` with its two rows swapped. The paper (and ``"adaptive"``) attaches each
+    weight to its own reference. Defined for exactly two references, as the released code is.
+    """
+    if refs_chosen.shape[0] != 2:
+        raise ValueError(
+            f"weights='adaptive_released' is defined for exactly 2 references (the released code's), "
+            f"got K = {refs_chosen.shape[0]}"
+        )
+    return arwc_weights(refs_chosen, refs_rejected).flip(0)
+
+
+def validation_weights(
+    refs_chosen: Tensor, refs_rejected: Tensor, temperature: float = 0.1
+) -> tuple[Tensor, Tensor]:
+    """Fixed reference weights from a validation split: ``α = softmax_k(acc_k / T)``.
+
+    ``acc_k`` is reference k's preference accuracy on the validation pairs, the fraction with
+    ``logp_k(y_w|x) > logp_k(y_l|x)`` (a tie counts one half). The weights are computed once, before
+    training, on rows that are never trained on, so no pair sets its own weight (unlike ARWC).
+
+    Args:
+        refs_chosen, refs_rejected: ``[K, N]`` reference log-probs of the N validation pairs.
+        temperature: T > 0; T → 0 puts all weight on the most accurate reference(s), T → ∞ is uniform.
+
+    Returns:
+        ``(weights [K], accuracies [K])`` in float64.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if refs_chosen.shape != refs_rejected.shape or refs_chosen.dim() != 2 or refs_chosen.shape[1] == 0:
+        raise ValueError(
+            f"validation log-probs must be two equal [K, N] stacks with N >= 1, got "
+            f"{tuple(refs_chosen.shape)} and {tuple(refs_rejected.shape)}"
+        )
+    c, r = refs_chosen.detach().double(), refs_rejected.detach().double()
+    accuracy = ((c > r).double() + 0.5 * (c == r).double()).mean(dim=1)
+    return torch.softmax(accuracy / temperature, dim=0), accuracy
+
+
 def reference_weights(weights: WeightSpec, refs_chosen: Tensor, refs_rejected: Tensor) -> Tensor:
-    """``[K, B]`` weights α from ``"adaptive"`` (ARWC) or a fixed list of K non-negative numbers."""
+    """``[K, B]`` weights α: ``"adaptive"`` (ARWC), ``"adaptive_released"``, K fixed non-negative numbers,
+    or a ``[K, B]`` tensor of per-pair weights; fixed and per-pair weights are normalised per pair."""
     if isinstance(weights, str):
-        if weights != "adaptive":
-            raise ValueError(f"weights must be 'adaptive' or a list of K numbers, got {weights!r}")
-        return arwc_weights(refs_chosen, refs_rejected)
+        if weights == "adaptive":
+            return arwc_weights(refs_chosen, refs_rejected)
+        if weights == "adaptive_released":
+            return released_weights(refs_chosen, refs_rejected)
+        hint = (
+            " ('validation' weights are computed by the trainer before training; pass them as K numbers)"
+            if weights == "validation"
+            else ""
+        )
+        raise ValueError(
+            f"weights must be 'adaptive', 'adaptive_released', K numbers or [K, B] per-pair weights, "
+            f"got {weights!r}{hint}"
+        )
     k, b = refs_chosen.shape
     if isinstance(weights, Tensor):
-        w = weights.detach().to(device=refs_chosen.device, dtype=refs_chosen.dtype).flatten()
+        w = weights.detach().to(device=refs_chosen.device, dtype=refs_chosen.dtype)
+        if w.dim() == 2:
+            return _per_pair(w, k, b)
+        w = w.flatten()
     else:  # straight to the compute dtype: a float32 detour would round 0.2
         w = torch.tensor([float(x) for x in weights], dtype=refs_chosen.dtype, device=refs_chosen.device)
     if w.numel() != k:
@@ -68,6 +130,21 @@ def reference_weights(weights: WeightSpec, refs_chosen: Tensor, refs_rejected: T
     if bool((w < 0).any()) or not bool(torch.isfinite(w).all()) or float(w.sum()) <= 0:
         raise ValueError(f"reference weights must be finite, non-negative and not all zero, got {w.tolist()}")
     return (w / w.sum()).unsqueeze(1).expand(k, b)
+
+
+def _per_pair(w: Tensor, k: int, b: int) -> Tensor:
+    """Per-pair weights ``[K, B]``, each column normalised to sum 1 (validated column by column)."""
+    if w.shape != (k, b):
+        raise ValueError(f"per-pair reference weights must be [K, B] = [{k}, {b}], got {tuple(w.shape)}")
+    total = w.sum(dim=0, keepdim=True)
+    bad = (w < 0).any(dim=0) | ~torch.isfinite(w).all(dim=0) | (total[0] <= 0)
+    if bool(bad.any()):
+        col = int(bad.nonzero()[0])
+        raise ValueError(
+            f"per-pair reference weights must be finite, non-negative and not all zero in every column; "
+            f"pair {col} has {w[:, col].tolist()}"
+        )
+    return w / total
 
 
 def ctro_clip(
@@ -133,7 +210,8 @@ def virtual_reference(
 
     Args:
         refs_chosen, refs_rejected: ``[K, B]`` (or ``[B]`` for ``K = 1``) reference log-probs.
-        weights: ``"adaptive"`` or K fixed non-negative numbers (normalised).
+        weights: ``"adaptive"``, ``"adaptive_released"``, K fixed non-negative numbers or ``[K, B]``
+            per-pair weights (normalised per pair).
         clip_eps, clip: see :func:`ctro_clip`.
 
     Returns:

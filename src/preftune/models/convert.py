@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
+from preftune.extras import require
+
 
 def read_gguf_chat_template(gguf_path: str | Path) -> str | None:
     """The `tokenizer.chat_template` metadata string of a GGUF file, or None."""
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
+    field = require("gguf", "presets").GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
     if field is None:
         return None
     value = field.contents()
@@ -40,6 +40,8 @@ def convert_gguf_checkpoint(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers import __version__ as transformers_version
+
+    gguf = require("gguf", "presets")  # transformers reads GGUF files through it
 
     say = progress or (lambda message: None)
     gguf_path = Path(gguf_path)
@@ -85,8 +87,6 @@ def convert_gguf_checkpoint(
         tokenizer.chat_template = template
     tokenizer.save_pretrained(out_dir)
     timings["tokenizer_seconds"] = round(time.perf_counter() - started, 1)
-
-    import gguf
 
     return {
         "architecture": architecture,

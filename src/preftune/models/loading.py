@@ -119,6 +119,10 @@ def resolve_causal_lm(name: str, key: str) -> Path:
     try:
         path = Path(resolve_model(name))
         check_causal_lm_config(path)
+        if path.is_dir() and not any(
+            next(path.glob(p), None) for p in ("*.safetensors", "*.bin", "*.index.json")
+        ):
+            raise ValueError(f"{str(path)!r} has a config.json but no weights (*.safetensors or *.bin)")
     except (ValueError, ImportError) as e:  # not a causal LM / a file / a preset's package missing
         raise ConfigError(f"{key}: {e}") from e
     return path

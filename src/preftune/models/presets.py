@@ -36,12 +36,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from preftune.extras import MissingDependency
+
 MANIFEST_NAME = "preftune-manifest.json"
 MANIFEST_FORMAT = 1
 STORED_DTYPE = "float32"
 
 
-class MissingPackageError(ImportError):
+class MissingPackageError(MissingDependency):
     """A preset needs a package that is not installed; the message holds the pip command."""
 
 

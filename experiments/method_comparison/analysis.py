@@ -1,0 +1,307 @@
+"""Selection on the validation split, bootstrap CIs, paired differences and RESULTS.md for the study.
+
+Everything is computed from ``results.jsonl`` (one line per finished run), so RESULTS.md can be
+regenerated at any time from whatever runs exist: ``python analysis.py RESULTS_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+METRICS = (
+    ("exact_match", "exact match"),
+    ("reached_answer", "reached an answer"),
+    ("preference_accuracy", "pref. acc. (vs initial)"),
+    ("likelihood_accuracy", "likelihood acc."),
+    ("divergence", "divergence (log-ratio)"),
+)
+DIFF_METRICS = ("exact_match", "preference_accuracy")
+
+
+def load(path: Path) -> list[dict]:
+    """The records of results.jsonl (a half-written last line, from an interrupted run, is ignored)."""
+    if not Path(path).exists():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def selected_eps(path: Path, arm: str, grid) -> float | None:
+    """The ε of ``arm`` with the best validation preference accuracy (ties: the smaller ε); None until
+    every ε of the grid has a finished sweep run. Reads only sweep records (validation split)."""
+    sweep = {r["eps"]: r for r in load(path) if r["kind"] == "sweep" and r["arm"] == arm}
+    if any(e not in sweep for e in grid):
+        return None
+    assert all(r["split"] == "validation" for r in sweep.values())
+    score = {e: float(np.mean(sweep[e]["per_row"]["preference_accuracy"])) for e in grid}
+    return max(sorted(grid), key=lambda e: score[e])
+
+
+def bootstrap_ci(
+    matrix: np.ndarray, n: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile CI of the mean of ``matrix`` [seeds, problems], resampling seeds and problems."""
+    s, p = matrix.shape
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, s, (n, s))
+    cols = rng.integers(0, p, (n, p))
+    means = matrix[rows[:, :, None], cols[:, None, :]].mean(axis=(1, 2))
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def _matrix(records: list[dict], metric: str) -> tuple[np.ndarray, list[int], list[int]]:
+    """[seeds, problems] of one arm and regime, columns in row-id order (the same rows for every arm)."""
+    records = sorted(records, key=lambda r: r["seed"])
+    rows = records[0]["per_row"]["rows"]
+    for r in records:
+        if r["per_row"]["rows"] != rows:
+            raise ValueError(f"{r['run']} was measured on other rows than {records[0]['run']}")
+    return np.array([r["per_row"][metric] for r in records], dtype=float), [r["seed"] for r in records], rows
+
+
+def summarise(records: list[dict], n_boot: int) -> dict:
+    """Per (regime, arm): point estimates and CIs; paired differences against DPO on shared seeds."""
+    main = [r for r in records if r["kind"] == "main"]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in main:
+        groups.setdefault((r["regime"], r["arm"]), []).append(r)
+    out: dict = {}
+    for (regime, arm), recs in groups.items():
+        entry = {"seeds": sorted(r["seed"] for r in recs), "eps": recs[0]["eps"], "metrics": {}, "diff": {}}
+        for metric, _ in METRICS:
+            if metric not in recs[0]["per_row"]:
+                continue
+            m, _, rows = _matrix(recs, metric)
+            entry["metrics"][metric] = (float(m.mean()), *bootstrap_ci(m, n_boot))
+            entry["rows"] = rows
+        train = [r["train"] for r in recs]
+        for key in ("clip_fraction", "alpha_0", "alpha_1", "alpha_2"):
+            vals = [t[key] for t in train if key in t]
+            if vals:
+                entry[key] = float(np.mean(vals))
+        entry["seconds"] = float(np.sum([r["seconds"] for r in recs]))
+        out[regime, arm] = entry
+    for (regime, arm), entry in out.items():
+        base = groups.get((regime, "dpo"))
+        if arm == "dpo" or not base:
+            continue
+        mine = groups[regime, arm]
+        shared = sorted({r["seed"] for r in mine} & {r["seed"] for r in base})
+        if not shared:
+            continue
+        for metric in DIFF_METRICS:
+            if metric not in mine[0]["per_row"]:
+                continue
+            a, _, _ = _matrix([r for r in mine if r["seed"] in shared], metric)
+            b, _, _ = _matrix([r for r in base if r["seed"] in shared], metric)
+            d = a - b
+            entry["diff"][metric] = (float(d.mean()), *bootstrap_ci(d, n_boot))
+    return out
+
+
+def _ci(v) -> str:
+    return "—" if v is None else f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+
+def _diff(v) -> str:
+    return "—" if v is None else f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]"
+
+
+def verdict(diff) -> str:
+    if diff is None:
+        return "not run yet"
+    _, lo, hi = diff
+    return (
+        "holds (CI above 0)"
+        if lo > 0
+        else "does not hold (CI below 0)"
+        if hi < 0
+        else "inconclusive (CI spans 0)"
+    )
+
+
+def write_plots(summary: dict, regimes: list[str], arms: list[str], out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    files = []
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for regime, marker in zip(regimes, "os^"):
+        for arm in arms:
+            e = summary.get((regime, arm))
+            if not e or "divergence" not in e["metrics"]:
+                continue
+            y = e["metrics"].get("exact_match", e["metrics"]["preference_accuracy"])[0]
+            ax.scatter(e["metrics"]["divergence"][0], y, marker=marker)
+            ax.annotate(f"{arm} ({regime})", (e["metrics"]["divergence"][0], y), fontsize=7)
+    ax.set_xlabel("divergence from the initial policy (mean log-ratio, held-out chosen)")
+    ax.set_ylabel("greedy exact match (held-out)")
+    ax.set_title("accuracy vs divergence per arm")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_divergence.png", dpi=110)
+    plt.close(fig)
+    files.append("accuracy_vs_divergence.png")
+    for regime in regimes:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, metric in zip(axes, ("exact_match", "preference_accuracy")):
+            names, mids, errs = [], [], [[], []]
+            for arm in arms:
+                v = summary.get((regime, arm), {}).get("metrics", {}).get(metric)
+                if v is None:
+                    continue
+                names.append(arm)
+                mids.append(v[0])
+                errs[0].append(v[0] - v[1])
+                errs[1].append(v[2] - v[0])
+            ax.bar(range(len(names)), mids, yerr=errs, capsize=3)
+            ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+            ax.set_title(f"{regime}: {metric} (95% CI)")
+        fig.tight_layout()
+        fig.savefig(out / f"bars_{regime}.png", dpi=110)
+        plt.close(fig)
+        files.append(f"bars_{regime}.png")
+    return files
+
+
+CLAIMS = (
+    ("MRPO (adaptive) beats DPO, scarce data (paper)", "scarce", "mrpo_adaptive", "exact_match"),
+    ("MRPO (adaptive) beats DPO, more data (paper)", "larger", "mrpo_adaptive", "exact_match"),
+    ("RPO beats DPO (paper)", "scarce", "rpo", "exact_match"),
+    ("MallowsPO-θ beats DPO (paper)", "scarce", "mallows_theta", "exact_match"),
+    ("MallowsPO-ϕ beats DPO (paper)", "scarce", "mallows_phi", "exact_match"),
+    ("validation-weighted MRPO (2 refs) beats DPO (follow-up)", "scarce", "mrpo_val2", "exact_match"),
+    ("validation-weighted MRPO (3 refs) beats DPO (follow-up)", "scarce", "mrpo_val3", "exact_match"),
+    (
+        "DPO with the domain reference beats DPO (follow-up: the right reference)",
+        "scarce",
+        "dpo_domain",
+        "exact_match",
+    ),
+)
+
+
+def write_results(out: Path, arms, study) -> Path:
+    """RESULTS.md (table, selection, claims, plots) from whatever results exist; missing arms marked."""
+    out = Path(out)
+    records = load(out / "results.jsonl")
+    summary = summarise(records, study.bootstrap)
+    regimes = list(study.regimes)
+    names = [a.name for a in arms]
+    lines = [
+        "# Method comparison: results",
+        "",
+        f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {len(records)} finished runs "
+        f"in `results.jsonl`{' (QUICK smoke run: tiny random models, numbers mean nothing)' if study.quick else ''}.",
+        "",
+    ]
+    machines = sorted({(r["machine"]["host"], r["machine"]["cpus"]) for r in records})
+    total = sum(r["seconds"] for r in records)
+    lines += [
+        f"Machine(s): {', '.join(f'{h} ({c} CPUs)' for h, c in machines) or '—'}; summed run time "
+        f"{total / 3600:.2f} h. Command: `python experiments/method_comparison/run.py"
+        f"{' --quick' if study.quick else ''}`.",
+        "",
+        "Held-out metrics on the same test problems for every arm (mean over seeds and problems, 95% "
+        "bootstrap CI over problems and seeds); Δ = paired difference against DPO (same seeds, same "
+        "problems). Preference accuracy uses the *initial policy* as the yardstick for every arm.",
+        "",
+    ]
+    for regime in regimes:
+        lines += [
+            f"## {regime} ({study.regimes[regime]} training pairs, seeds {list(study.seeds[regime])})",
+            "",
+            "| arm | seeds | ε | "
+            + " | ".join(label for _, label in METRICS)
+            + " | Δ exact match | Δ pref. acc. | clip fraction | mean weights |",
+            "|" + "---|" * (len(METRICS) + 7),
+        ]
+        for name in names:
+            e = summary.get((regime, name))
+            if e is None:
+                lines.append(f"| {name} | **missing (not run yet)** |" + " |" * (len(METRICS) + 5))
+                continue
+            weights = [e[k] for k in ("alpha_0", "alpha_1", "alpha_2") if k in e]
+            cells = [
+                name,
+                ",".join(map(str, e["seeds"])),
+                "—" if e["eps"] is None else f"{e['eps']:g}",
+                *[_ci(e["metrics"].get(m)) for m, _ in METRICS],
+                _diff(e["diff"].get("exact_match")),
+                _diff(e["diff"].get("preference_accuracy")),
+                f"{e['clip_fraction']:.3f}" if "clip_fraction" in e else "—",
+                ", ".join(f"{w:.3f}" for w in weights) or "—",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += [
+        "## ε chosen on the validation split",
+        "",
+        "| arm | " + " | ".join(f"ε={e:g}" for e in study.eps_grid) + " | chosen |",
+        "|---|" + "---|" * (len(study.eps_grid) + 1),
+    ]
+    for a in arms:
+        if not a.sweep_eps:
+            continue
+        sweep = {r["eps"]: r for r in records if r["kind"] == "sweep" and r["arm"] == a.name}
+        cells = [
+            f"{np.mean(sweep[e]['per_row']['preference_accuracy']):.3f}" if e in sweep else "missing"
+            for e in study.eps_grid
+        ]
+        chosen = selected_eps(out / "results.jsonl", a.name, study.eps_grid)
+        lines.append(
+            f"| {a.name} | " + " | ".join(cells) + f" | {'—' if chosen is None else f'{chosen:g}'} |"
+        )
+    lines += [
+        "",
+        "(validation preference accuracy against the initial policy; the test split is never read here)",
+        "",
+    ]
+    lines += [
+        "## Claims (greedy exact match, paired Δ against DPO)",
+        "",
+        "| claim | Δ [95% CI] | reading |",
+        "|---|---|---|",
+    ]
+    for text, regime, arm, metric in CLAIMS:
+        d = summary.get((regime, arm), {}).get("diff", {}).get(metric)
+        lines.append(f"| {text} | {_diff(d)} | {verdict(d)} |")
+    rel = summary.get(("scarce", "mrpo_released"), {}).get("metrics", {}).get("exact_match")
+    ada = summary.get(("scarce", "mrpo_adaptive"), {}).get("metrics", {}).get("exact_match")
+    lines += [
+        "",
+        f"Released vs paper pairing (scarce, exact match): adaptive {_ci(ada)}, adaptive_released {_ci(rel)}.",
+        "",
+    ]
+    plots = write_plots(summary, regimes, names, out)
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    path = out / "RESULTS.md"
+    path.write_text("\n".join(lines))
+    (out / "summary.json").write_text(
+        json.dumps({f"{r}/{a}": e for (r, a), e in summary.items()}, indent=1, default=float)
+    )
+    return path
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import run
+
+    study = run.QUICK if "--quick" in sys.argv else run.FULL
+    target = Path(next(a for a in sys.argv[1:] if not a.startswith("--")))
+    print(write_results(target, run.ARMS, study))

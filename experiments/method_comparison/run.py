@@ -1,0 +1,566 @@
+"""When do MRPO, MallowsPO and RPO beat DPO? The side-by-side study, resumable, in one command.
+
+    python experiments/method_comparison/run.py [--quick] [--out DIR] [--arms a,b] [--max-runs N]
+
+Every run (arm x regime x seed, plus the ε sweep) writes ``<out>/runs/<run id>/done.json`` when it
+finishes and appends one line to ``<out>/results.jsonl``; a rerun skips finished runs, so an
+interrupted study continues where it stopped. ``RESULTS.md`` and the plots are regenerated from
+whatever results exist after every run (missing arms are marked). See README.md next to this file.
+
+Splits (all fixed before anything trains, from the bundled arithmetic pairs):
+
+* test: the first ``test_rows`` problems of the bundled test file; every arm is measured on exactly
+  these rows, and nothing is ever selected on them;
+* validation: the last ``val_rows`` pairs of the bundled training file (never trained on); the ε of
+  the MRPO/MDPO arms is chosen there (the sweep runs never load the test file);
+* training: per (regime, seed), ``pairs`` pairs drawn with that seed from the rest of the training file.
+  Every arm of a (regime, seed) trains on the same pairs, so differences are paired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import analysis  # noqa: E402
+
+POLICY = "smollm2-135m-instruct"
+GEMMA = "gemma3-270m"
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    method: str
+    references: tuple[str, ...]  # "policy", "gemma", "domain"
+    weights: str | None = None  # mrpo.weights
+    sweep_eps: bool = False  # ε chosen on the validation split
+    note: str = ""
+
+
+ARMS: tuple[Arm, ...] = (
+    Arm("dpo", "dpo", ("policy",), note="DPO, the initial policy as reference"),
+    Arm("dpo_gemma", "dpo", ("gemma",), note="DPO, Gemma-3-270M as the only reference"),
+    Arm("dpo_domain", "dpo", ("domain",), note="DPO, the SFT'd domain reference only"),
+    Arm("mdpo", "mdpo", ("policy", "gemma"), sweep_eps=True, note="multi-DPO baseline (ARWC)"),
+    Arm("mrpo_adaptive", "mrpo", ("policy", "gemma"), "adaptive", True, "MRPO, ARWC (paper pairing)"),
+    Arm("mrpo_released", "mrpo", ("policy", "gemma"), "adaptive_released", True, "MRPO, released pairing"),
+    Arm("mrpo_val2", "mrpo", ("policy", "gemma"), "validation", True, "MRPO, validation weights, 2 refs"),
+    Arm(
+        "mrpo_val3",
+        "mrpo",
+        ("policy", "gemma", "domain"),
+        "validation",
+        True,
+        "MRPO, validation weights, 3 refs",
+    ),
+    Arm("mallows_theta", "mallows_theta", ("policy",), note="MallowsPO-θ"),
+    Arm("mallows_phi", "mallows_phi", ("policy",), note="MallowsPO-ϕ"),
+    Arm("rpo", "rpo", ("policy",), note="RPO"),
+    Arm("mrpo_rpo", "mrpo+rpo", ("policy", "gemma"), "adaptive", True, "MRPO (ARWC) + RPO"),
+)
+ARM_NAMES = tuple(a.name for a in ARMS)
+
+
+@dataclass(frozen=True)
+class Study:
+    regimes: dict[str, int]  # name -> training pairs
+    seeds: dict[str, tuple[int, ...]]  # regime -> seeds
+    test_rows: int
+    val_rows: int
+    epochs: float
+    batch_size: int
+    learning_rate: float
+    beta: float
+    eps_grid: tuple[float, ...]
+    max_new_tokens: int
+    gen_batch: int
+    sft_steps: int
+    sft_lr: float
+    bootstrap: int
+    quick: bool
+    lora: dict = field(default_factory=lambda: {"enabled": True, "r": 16, "alpha": 32, "dropout": 0.0})
+
+
+FULL = Study(
+    regimes={"scarce": 64, "larger": 512},
+    seeds={"scarce": (0, 1, 2), "larger": (0,)},
+    test_rows=64,
+    val_rows=64,
+    epochs=1.0,
+    batch_size=4,
+    learning_rate=2e-4,
+    beta=0.1,
+    eps_grid=(0.1, 0.3, 1.0),
+    max_new_tokens=96,
+    gen_batch=32,
+    sft_steps=32,
+    sft_lr=2e-4,
+    bootstrap=2000,
+    quick=False,
+)
+QUICK = Study(
+    regimes={"scarce": 8, "larger": 12},
+    seeds={"scarce": (0, 1), "larger": (0,)},
+    test_rows=4,
+    val_rows=4,
+    epochs=1.0,
+    batch_size=4,
+    learning_rate=1e-3,
+    beta=0.1,
+    eps_grid=(0.1, 1.0),
+    max_new_tokens=6,
+    gen_batch=4,
+    sft_steps=2,
+    sft_lr=1e-3,
+    bootstrap=200,
+    quick=True,
+    lora={"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0},
+)
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+
+def _bundled(split: str) -> list[str]:
+    from preftune.data.arithmetic import arithmetic_path
+
+    return arithmetic_path(split).read_text().splitlines()
+
+
+def write_splits(study: Study, data: Path) -> dict:
+    """Test, validation and per-(regime, seed) training files; returns their row ids (bundled lines)."""
+    data.mkdir(parents=True, exist_ok=True)
+    train_lines, test_lines = _bundled("train"), _bundled("test")
+    test = list(range(study.test_rows))
+    val = list(range(len(train_lines) - study.val_rows, len(train_lines)))
+    pool = list(range(len(train_lines) - study.val_rows))
+    out = {"test": test, "validation": val, "train": {}}
+    (data / "test.jsonl").write_text("".join(test_lines[i] + "\n" for i in test))
+    (data / "validation.jsonl").write_text("".join(train_lines[i] + "\n" for i in val))
+    for regime, n in study.regimes.items():
+        for seed in study.seeds[regime]:
+            rows = sorted(random.Random(1000 * seed + n).sample(pool, n))
+            (data / f"train-{regime}-s{seed}.jsonl").write_text("".join(train_lines[i] + "\n" for i in rows))
+            out["train"][f"{regime}-s{seed}"] = rows
+    (data / "splits.json").write_text(json.dumps(out))
+    return out
+
+
+# -- models -------------------------------------------------------------------------------------------
+
+
+def resolve_models(study: Study, out: Path, arms: tuple[Arm, ...] = ARMS) -> dict[str, str]:
+    """Policy and Gemma as local directories (presets for the full run, tiny random models for --quick)."""
+    if study.quick:
+        from preftune.testing import save_tiny_model
+
+        models = out / "tiny-models"
+        policy, gemma = models / "policy", models / "gemma"
+        if not (policy / "config.json").exists():
+            save_tiny_model(policy, vocab_size=512, seed=0)
+            save_tiny_model(gemma, vocab_size=384, seed=1, hidden_size=48)
+        return {"policy": str(policy), "gemma": str(gemma)}
+    from preftune.models import resolve_model
+
+    models = {"policy": str(resolve_model(POLICY))}
+    if any("gemma" in a.references for a in arms):  # resolved only when a chosen arm needs it
+        models["gemma"] = str(resolve_model(GEMMA))
+    return models
+
+
+def sft_domain_reference(study: Study, policy: str, train_file: Path, target: Path, seed: int) -> str:
+    """The domain reference: the policy after a short SFT (LoRA, merged) on the training chosen answers.
+
+    A plain loop: mean token NLL of the chosen completion given the prompt, AdamW, ``sft_steps``
+    steps of ``batch_size`` pairs cycling through the training split. Written once per training split.
+    """
+    if (target / "config.json").exists():
+        return str(target)
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from preftune.data.collate import collate_sequences
+    from preftune.data.loading import load_examples
+    from preftune.data.tokenize import tokenize_dataset
+    from preftune.models.loading import load_causal_lm
+    from preftune.scoring import score_batch
+
+    torch.manual_seed(seed)
+    model, tokenizer = load_causal_lm(policy)
+    lora = LoraConfig(r=study.lora["r"], lora_alpha=study.lora["alpha"], target_modules="all-linear")
+    model = get_peft_model(model, lora)
+    items, _ = tokenize_dataset(load_examples(str(train_file)), tokenizer, max_length=256, progress=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=study.sft_lr)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    model.train()
+    for step in range(study.sft_steps):
+        idx = [order[(step * study.batch_size + j) % len(order)] for j in range(study.batch_size)]
+        batch = collate_sequences([items[i].prompt_ids for i in idx], [items[i].chosen_ids for i in idx], pad)
+        scores = score_batch(model, **batch)
+        loss = -(scores.logps / scores.n_tokens.clamp(min=1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    merged = model.merge_and_unload()
+    tmp = target.with_name(target.name + ".tmp")
+    merged.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return str(target)
+
+
+# -- one run ------------------------------------------------------------------------------------------
+
+
+def run_config(
+    study: Study, arm: Arm, models: dict, train_file: Path, eval_file: Path, run_dir: Path, eps, seed
+):
+    refs = [models[r] if r != "policy" else "policy" for r in arm.references]
+    cfg = {
+        "model": models["policy"],
+        "method": arm.method,
+        "references": refs,
+        "beta": study.beta,
+        "data": {"train": str(train_file), "eval": str(eval_file)},
+        "max_length": 256,
+        "batch_size": study.batch_size,
+        "epochs": study.epochs,
+        "learning_rate": study.learning_rate,
+        "lr_scheduler": "cosine",
+        "warmup_ratio": 0.1,
+        "lora": study.lora,
+        "logging_steps": 1,
+        "eval_steps": 0,
+        "save_steps": 0,
+        "seed": seed,
+        "output_dir": str(run_dir / "train"),
+        "overwrite_output_dir": True,
+        "cache_dir": str(run_dir.parents[1] / "cache"),
+        "progress": False,
+        "report_to": [],
+    }
+    if arm.method.startswith(("mrpo", "mdpo")):
+        cfg["mrpo"] = {"clip_eps": eps}
+        if arm.weights:
+            cfg["mrpo"]["weights"] = arm.weights
+    return cfg
+
+
+_DONE_RE = re.compile(r"answer is\s*:?\s*\**\s*\$?\s*-?\d[\d,]*\s*\**\s*\.(?!\d)", re.IGNORECASE)
+
+
+def greedy_answers(model, tokenizer, prompts: list, *, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Batched greedy decoding with the KV cache; a row stops once it has stated "The answer is N."."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    from preftune.data import add_special_tokens_for
+    from preftune.generation import prompt_text
+
+    class AnswerStated(StoppingCriteria):
+        def __init__(self, start: int):
+            self.start = start
+
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
+            return torch.tensor([bool(_DONE_RE.search(t)) for t in texts], device=input_ids.device)
+
+    texts = [prompt_text(p, tokenizer) for p in prompts]
+    # as in training: a real chat template writes its own special tokens
+    special = add_special_tokens_for(tokenizer, conversational=not isinstance(prompts[0], str))
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.eval()
+    out: list[str] = []
+    try:
+        with torch.no_grad():
+            for s in range(0, len(texts), batch_size):
+                enc = tokenizer(
+                    texts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=special
+                )
+                start = enc["input_ids"].shape[1]
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_cache=True,
+                    pad_token_id=pad,
+                    stopping_criteria=StoppingCriteriaList([AnswerStated(start)]),
+                )
+                out += tokenizer.batch_decode(gen[:, start:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def measure(trainer, study: Study, eval_records: list[dict], split_ids: list[int], generate: bool) -> dict:
+    """Per-row held-out metrics of the trained policy against the initial policy (adapters disabled).
+
+    ``rows`` are the bundled data's row ids (``split_ids``[line - 1] of the evaluated file).
+    """
+    import torch
+
+    from preftune.data.arithmetic import extract_answer
+    from preftune.scoring import score_dataset
+
+    view, model = trainer.data.views[0], trainer.model
+    lines = [it.row for it in view.tokenized["eval"]]  # 1-based line numbers of the JSONL file
+    logps = {}
+    for name in ("trained", "initial"):
+        ctx = model.disable_adapter() if name == "initial" else torch.no_grad()
+        with ctx, torch.no_grad():
+            model.eval()
+            for side in ("chosen", "rejected"):
+                p, c = view.sequences("eval", side)
+                logps[name, side] = score_dataset(
+                    model, p, c, pad_token_id=view.pad_token_id, with_entropy=False
+                ).logps.double()
+    rc = logps["trained", "chosen"] - logps["initial", "chosen"]
+    rr = logps["trained", "rejected"] - logps["initial", "rejected"]
+    per_row = {
+        "rows": [split_ids[i - 1] for i in lines],
+        "preference_accuracy": ((rc > rr).double() + 0.5 * (rc == rr).double()).tolist(),
+        "likelihood_accuracy": (logps["trained", "chosen"] > logps["trained", "rejected"]).double().tolist(),
+        "divergence": rc.tolist(),
+    }
+    if generate:
+        records = [eval_records[i - 1] for i in lines]
+        texts = greedy_answers(
+            model,
+            trainer.tokenizer,
+            [r["prompt"] for r in records],
+            max_new_tokens=study.max_new_tokens,
+            batch_size=study.gen_batch,
+        )
+        got = [extract_answer(t) for t in texts]
+        per_row["exact_match"] = [
+            float(g is not None and g == int(r["answer"])) for g, r in zip(got, records)
+        ]
+        per_row["reached_answer"] = [float(g is not None) for g in got]
+        per_row["generations"] = texts
+    return per_row
+
+
+def training_summary(metrics_path: Path, arm: Arm) -> dict:
+    """Mean CTRO clip fraction and reference weights over the training steps (MRPO/MDPO arms)."""
+    rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if "loss" in r]
+    prefix = arm.method.split("+")[0]
+    out: dict = {"final_loss": rows[-1]["loss"] if rows else None, "steps": len(rows)}
+    if prefix in ("mrpo", "mdpo") and rows:
+        keys = sorted(k for k in rows[0] if k.startswith(f"{prefix}/"))
+        for k in keys:
+            out[k.split("/", 1)[1]] = sum(r.get(k, 0.0) for r in rows) / len(rows)
+    return out
+
+
+def train_and_measure(
+    study, arm, models, train_file, eval_file, eval_records, split_ids, run_dir, eps, seed, generate
+):
+    from preftune.config import load_config
+    from preftune.trainer import Trainer
+
+    cfg = load_config(run_config(study, arm, models, train_file, eval_file, run_dir, eps, seed))
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    per_row = measure(trainer, study, eval_records, split_ids, generate)
+    summary = training_summary(result.metrics_path, arm)
+    if trainer.validation is not None:
+        summary["validation_weights"] = trainer.validation["weights"]
+        summary["validation_accuracies"] = trainer.validation["accuracies"]
+    return per_row, summary
+
+
+# -- the study ----------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    return {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _finished(run_dir: Path) -> dict | None:
+    marker = run_dir / "done.json"
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def _record(out: Path, run_dir: Path, record: dict) -> None:
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    (run_dir / "done.json").write_text(json.dumps(record))
+
+
+def plan(study: Study, arms: tuple[Arm, ...], regimes: list[str] | None = None) -> list[dict]:
+    """Every run in order: the ε sweep (validation only, on the first regime's first seed) first, then
+    the main runs of ``regimes`` (default all), regime by regime."""
+    runs = []
+    sweep_regime = next(iter(study.regimes))
+    for arm in arms:
+        if arm.sweep_eps:
+            for eps in study.eps_grid:
+                runs.append(
+                    {
+                        "kind": "sweep",
+                        "arm": arm,
+                        "regime": sweep_regime,
+                        "seed": study.seeds[sweep_regime][0],
+                        "eps": eps,
+                    }
+                )
+    for regime in regimes or study.regimes:
+        for seed in study.seeds[regime]:
+            for arm in arms:
+                runs.append({"kind": "main", "arm": arm, "regime": regime, "seed": seed, "eps": None})
+    return runs
+
+
+def run_study(
+    quick: bool = False,
+    out: str | Path | None = None,
+    arms: list[str] | None = None,
+    max_runs: int | None = None,
+    study: Study | None = None,
+    regimes: list[str] | None = None,
+) -> Path:
+    """Run every unfinished run of the study (``study`` overrides FULL/QUICK, for tests)."""
+    study = study or (QUICK if quick else FULL)
+    import torch
+
+    threads = torch.get_num_threads()
+    if study.quick:  # tiny models gain nothing from threads, and lose a lot to them on a shared CPU
+        torch.set_num_threads(1)
+    try:
+        return _run_study(study, out, arms, max_runs, regimes)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_study(
+    study: Study,
+    out: str | Path | None,
+    arms: list[str] | None,
+    max_runs: int | None,
+    regimes: list[str] | None,
+) -> Path:
+    quick = study.quick
+    out = Path(out or HERE / ("results-quick" if quick else "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    chosen = tuple(a for a in ARMS if arms is None or a.name in arms)
+    unknown = set(arms or ()) - set(ARM_NAMES)
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {sorted(unknown)}; valid: {', '.join(ARM_NAMES)}")
+    splits = write_splits(study, out / "data")
+    (out / "study.json").write_text(
+        json.dumps(
+            {"study": {**study.__dict__, "regimes": study.regimes}, "arms": [a.__dict__ for a in ARMS]},
+            default=str,
+        )
+    )
+    models = resolve_models(study, out, chosen)
+    test_records = [json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()]
+    val_records = [json.loads(x) for x in (out / "data" / "validation.jsonl").read_text().splitlines()]
+    done_now = 0
+    for run in plan(study, chosen, regimes):
+        arm, regime, seed = run["arm"], run["regime"], run["seed"]
+        eps = run["eps"]
+        if run["kind"] == "main" and arm.sweep_eps:
+            eps = analysis.selected_eps(out / "results.jsonl", arm.name, study.eps_grid)
+            if eps is None:
+                print(f"skip {arm.name}: its ε sweep has not finished", flush=True)
+                continue
+        run_id = f"{run['kind']}-{arm.name}-{regime}-s{seed}" + (f"-eps{eps:g}" if eps is not None else "")
+        run_dir = out / "runs" / run_id
+        if _finished(run_dir):
+            continue
+        if max_runs is not None and done_now >= max_runs:
+            break
+        run_dir.mkdir(parents=True, exist_ok=True)
+        train_file = out / "data" / f"train-{regime}-s{seed}.jsonl"
+        run_models = dict(models)
+        if "domain" in arm.references:
+            run_models["domain"] = sft_domain_reference(
+                study, models["policy"], train_file, out / "sft" / f"{regime}-s{seed}", seed
+            )
+        sweep = run["kind"] == "sweep"
+        eval_file = out / "data" / ("validation.jsonl" if sweep else "test.jsonl")
+        print(f"run {run_id}", flush=True)
+        started = time.perf_counter()
+        per_row, summary = train_and_measure(
+            study,
+            arm,
+            run_models,
+            train_file,
+            eval_file,
+            val_records if sweep else test_records,
+            splits["validation"] if sweep else splits["test"],
+            run_dir,
+            eps,
+            seed,
+            generate=not sweep,
+        )
+        record = {
+            "kind": run["kind"],
+            "run": run_id,
+            "arm": arm.name,
+            "regime": regime,
+            "pairs": study.regimes[regime],
+            "seed": seed,
+            "eps": eps,
+            "split": "validation" if sweep else "test",
+            "split_rows": splits["validation"] if sweep else splits["test"],
+            "train_rows": splits["train"][f"{regime}-s{seed}"],
+            "per_row": per_row,
+            "train": summary,
+            "seconds": round(time.perf_counter() - started, 1),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": machine(),
+            "quick": study.quick,
+        }
+        _record(out, run_dir, record)
+        for path in (run_dir / "train").iterdir():  # models and checkpoints: ~0.5 GB a run at full size
+            if path.is_dir():
+                shutil.rmtree(path)
+        done_now += 1
+        analysis.write_results(out, ARMS, study)
+    analysis.write_results(out, ARMS, study)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random models, a handful of rows")
+    parser.add_argument("--out", help="results directory (default: results/ or results-quick/ here)")
+    parser.add_argument("--arms", help=f"comma-separated subset of: {', '.join(ARM_NAMES)}")
+    parser.add_argument("--max-runs", type=int, help="stop after this many new runs")
+    parser.add_argument("--regimes", help="comma-separated subset of the data regimes (default: all)")
+    args = parser.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a] if args.arms else None
+    regimes = [r for r in args.regimes.split(",") if r] if args.regimes else None
+    if regimes and set(regimes) - set(FULL.regimes):
+        parser.error(f"--regimes: valid regimes are {', '.join(FULL.regimes)}")
+    out = run_study(args.quick, args.out, arms, args.max_runs, regimes=regimes)
+    print(f"results: {out / 'RESULTS.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

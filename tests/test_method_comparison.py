@@ -1,0 +1,146 @@
+"""experiments/method_comparison: what the full study relies on, on tiny random models (--quick)."""
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+HERE = Path(__file__).resolve().parents[1] / "experiments" / "method_comparison"
+
+
+def _load(name):
+    sys.path.insert(0, str(HERE))
+    spec = importlib.util.spec_from_file_location(f"method_comparison_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load("run")
+analysis = _load("analysis")
+
+
+def _check_study(out: Path, study, arms: list[str]) -> list[dict]:
+    records = analysis.load(out / "results.jsonl")
+    splits = json.loads((out / "data" / "splits.json").read_text())
+    test_ids, val_ids = set(splits["test"]), set(splits["validation"])
+    assert not test_ids & set(splits["validation"])
+    main = [r for r in records if r["kind"] == "main"]
+    sweep = [r for r in records if r["kind"] == "sweep"]
+    # every arm trained in every regime and seed, finite losses
+    expected = {(a, reg, s) for a in arms for reg in study.regimes for s in study.seeds[reg]}
+    assert {(r["arm"], r["regime"], r["seed"]) for r in main} == expected
+    assert all(np.isfinite(r["train"]["final_loss"]) and r["train"]["steps"] >= 1 for r in main)
+    # the SAME held-out test rows for every arm; never trained on
+    rows = {tuple(r["per_row"]["rows"]) for r in main}
+    assert rows == {tuple(splits["test"])}
+    for r in main:
+        assert not set(r["train_rows"]) & (test_ids | val_ids)
+        assert len(r["per_row"]["exact_match"]) == len(r["per_row"]["rows"]) == study.test_rows
+    # selection read the validation split only: sweep runs saw validation rows and never loaded test
+    assert sweep and all(r["split"] == "validation" and set(r["per_row"]["rows"]) <= val_ids for r in sweep)
+    for r in sweep:
+        cfg = (out / "runs" / r["run"] / "train" / "config.yaml").read_text()
+        assert "validation.jsonl" in cfg and "test.jsonl" not in cfg
+    for r in main:
+        if r["eps"] is not None:
+            assert r["eps"] == analysis.selected_eps(out / "results.jsonl", r["arm"], study.eps_grid)
+    # CIs cover the point estimates; paired differences against DPO exist for the other arms
+    summary = analysis.summarise(records, study.bootstrap)
+    for (regime, arm), e in summary.items():
+        for metric, (point, lo, hi) in e["metrics"].items():
+            assert lo <= point <= hi, (regime, arm, metric)
+        if arm != "dpo":
+            assert set(e["diff"]) == {"exact_match", "preference_accuracy"}
+    text = (out / "RESULTS.md").read_text()
+    assert "missing (not run yet)" in text or set(arms) == set(run.ARM_NAMES)
+    return records
+
+
+def _small(study, **kw):
+    return dataclasses.replace(study, **kw)
+
+
+def test_quick_subset_trains_measures_selects_on_validation_and_resumes(tmp_path):
+    study = _small(
+        run.QUICK, regimes={"scarce": 8}, seeds={"scarce": (0,)}, eps_grid=(0.1, 1.0), bootstrap=100
+    )
+    arms = ["dpo", "mrpo_val2"]
+    out = run.run_study(out=tmp_path / "study", arms=arms, study=study)
+    records = _check_study(out, study, arms)
+    mrpo = next(r for r in records if r["kind"] == "main" and r["arm"] == "mrpo_val2")
+    assert "clip_fraction" in mrpo["train"] and len(mrpo["train"]["validation_weights"]) == 2
+    # resume: a rerun trains nothing and appends nothing
+    before = (out / "results.jsonl").read_text()
+    run.run_study(out=out, arms=arms, study=study)
+    assert (out / "results.jsonl").read_text() == before
+    # a missing marker reruns just that run
+    (out / "runs" / mrpo["run"] / "done.json").unlink()
+    run.run_study(out=out, arms=arms, study=study, max_runs=1)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == len(before.splitlines()) + 1 and json.loads(lines[-1])["run"] == mrpo["run"]
+
+
+@pytest.mark.slow
+def test_quick_study_every_arm(tmp_path):
+    out = run.run_study(quick=True, out=tmp_path / "study")
+    _check_study(out, run.QUICK, list(run.ARM_NAMES))
+
+
+def _record(kind, arm, seed, values, rows, split="test", eps=None, regime="scarce"):
+    return {
+        "kind": kind,
+        "run": f"{kind}-{arm}-{seed}-{eps}",
+        "arm": arm,
+        "regime": regime,
+        "seed": seed,
+        "eps": eps,
+        "split": split,
+        "per_row": {"rows": rows, **{m: list(values) for m, _ in analysis.METRICS}},
+        "train": {},
+        "seconds": 1.0,
+        "machine": {"host": "h", "cpus": 2},
+    }
+
+
+def test_bootstrap_paired_differences_and_selection_by_hand(tmp_path):
+    rows = list(range(40))
+    rng = np.random.default_rng(0)
+    recs = []
+    for seed in (0, 1, 2):
+        base = rng.integers(0, 2, 40).astype(float)
+        recs.append(_record("main", "dpo", seed, base, rows))
+        better = base.copy()
+        better[:10] = 1.0  # the arm solves the first 10 problems too
+        recs.append(_record("main", "rpo", seed, better, rows))
+    summary = analysis.summarise(recs, 500)
+    dpo, rpo = summary["scarce", "dpo"], summary["scarce", "rpo"]
+    point = np.mean([r["per_row"]["exact_match"] for r in recs if r["arm"] == "rpo"])
+    assert rpo["metrics"]["exact_match"][0] == pytest.approx(point)
+    lo, hi = rpo["metrics"]["exact_match"][1:]
+    assert lo < point < hi and hi - lo < 0.4
+    d = rpo["diff"]["exact_match"]
+    assert d[0] == pytest.approx(rpo["metrics"]["exact_match"][0] - dpo["metrics"]["exact_match"][0])
+    assert d[1] >= 0 and analysis.verdict(d).startswith(("holds", "inconclusive"))
+    # rows that differ between arms are an error, not a silent mismatch
+    with pytest.raises(ValueError, match="other rows"):
+        analysis.summarise([*recs, _record("main", "dpo", 3, np.zeros(40), rows[::-1])], 10)
+
+    # ε selection: best validation preference accuracy, ties to the smaller ε; test records ignored
+    path = tmp_path / "results.jsonl"
+    sweep = [
+        _record("sweep", "mrpo_adaptive", 0, [0.5, 0.5], [7, 8], "validation", 0.1),
+        _record("sweep", "mrpo_adaptive", 0, [1.0, 0.5], [7, 8], "validation", 0.3),
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in sweep))
+    assert analysis.selected_eps(path, "mrpo_adaptive", (0.1, 0.3, 1.0)) is None  # 1.0 not run yet
+    sweep.append(_record("sweep", "mrpo_adaptive", 0, [1.0, 0.5], [7, 8], "validation", 1.0))
+    # a (hypothetical) test-split record with a perfect score must not influence the choice
+    sweep.append(_record("main", "mrpo_adaptive", 0, [1.0, 1.0], [1, 2], "test", 1.0))
+    path.write_text("".join(json.dumps(r) + "\n" for r in sweep) + '{"half a line')
+    assert analysis.selected_eps(path, "mrpo_adaptive", (0.1, 0.3, 1.0)) == 0.3
