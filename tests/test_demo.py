@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from preftune.demo import QUICK, _table, demo_config
+from preftune.demo import QUICK, _answer_phrase, _eval_rows, _table, demo_config
 
 
 def _have(module: str) -> bool:
@@ -27,10 +27,13 @@ def test_demo_quick_runs_end_to_end(tmp_path, monkeypatch):
     for when in ("before", "after"):
         assert 0 <= evaluation[when]["exact_match"] <= 1
         assert 0 <= evaluation[when]["likelihood_accuracy"] <= 1
-    assert evaluation["before"]["preference_accuracy"] == 0.5
+    assert evaluation["before"]["preference_accuracy"] == 0.5  # measured at step 0: ties count 1/2
+    for when in ("before", "after"):  # every row the README quotes is computed
+        assert 0 <= evaluation[when]["answer_phrase"] <= 1
+        assert 0 <= evaluation[when]["preference_accuracy_virtual_reference"] <= 1
     for name in ("report.md", "loss.png", "margins.png", "accuracy.png", "before_after.png"):
         assert (run / name).is_file(), name
-    assert (run / "final" / "config.json").is_file()
+    assert (run / "final-adapter" / "adapter_config.json").is_file() and not (run / "final").exists()
 
 
 def test_demo_config_uses_two_references_with_mrpo_only(tmp_path):
@@ -49,3 +52,39 @@ def test_demo_table_shows_before_and_after():
         {"preference_accuracy": 0.875, "likelihood_accuracy": 0.5, "exact_match": 0.125},
     )
     assert "0.500   0.875" in text and "n/a   0.125" in text
+
+
+def test_demo_table_carries_every_readme_row():
+    before = {
+        "preference_accuracy": 0.5,
+        "preference_accuracy_virtual_reference": 0.5,
+        "answer_phrase": 0.875,
+    }
+    after = {
+        "preference_accuracy": 0.708,
+        "preference_accuracy_virtual_reference": 0.688,
+        "answer_phrase": 0.646,
+    }
+    text = _table({**before, "n": 48}, {**after, "n": 48})
+    assert "virtual reference" in text and "0.500   0.688" in text
+    assert '"The answer is N"' in text and "0.875   0.646" in text
+    assert "48 new problems" in text
+    # a method without a virtual reference has no such row
+    assert "virtual" not in _table({"preference_accuracy": 0.5}, {"preference_accuracy": 0.6})
+
+
+def test_answer_phrase_counts_answers_that_state_a_number():
+    details = [{"predicted": 4}, {"predicted": None}, {"predicted": 0}, {"predicted": None}]
+    assert _answer_phrase(details) == 0.5
+
+
+def test_eval_rows_are_the_step_0_and_last_evaluations(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [
+        {"step": 0, "eval_loss": 0.69, "eval_primary/rewards/accuracies": 0.5},
+        {"step": 1, "loss": 0.6},
+        {"step": 2, "eval_loss": 0.5, "eval_primary/rewards/accuracies": 0.75},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first, last = _eval_rows(path)
+    assert first["step"] == 0 and last["eval_primary/rewards/accuracies"] == 0.75

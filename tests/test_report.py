@@ -152,7 +152,7 @@ def test_single_run_figures_and_no_evaluation(tmp_path):
     figures = make_figures([run])
     assert set(figures) == {"loss.png", "margins.png", "accuracy.png"}
     labels = legend_labels(figures["loss.png"])
-    assert labels == ["mrpo β=0.1", "train (EMA)", "train (raw)", "eval"]
+    assert labels == ["mrpo β=0.1", "train (smoothed)", "train (each step)", "eval (held-out)"]
     text = write_report(run.path).read_text()
     assert "Before vs after" not in text and not (run.path / "before_after.png").exists()
 
@@ -204,13 +204,13 @@ def test_cli_single_and_compare(tmp_path, monkeypatch, capsys):
     run_a = make_run(tmp_path, "a", method="dpo")
     run_b = make_run(tmp_path, "b", evaluation=False)
     assert main([str(run_a), "--label", "my run"]) == 0
-    printed = capsys.readouterr().out.split()
+    printed = capsys.readouterr().out.split("\n\n")[0].split()  # the files, before the summary
     assert str(run_a / "report.md") in printed and str(run_a / "loss.png") in printed
     assert "# Training report: my run" in (run_a / "report.md").read_text()
 
     monkeypatch.chdir(tmp_path)
     assert main([str(run_a), str(run_b)]) == 0
-    printed = capsys.readouterr().out.split()
+    printed = capsys.readouterr().out.split("\n\n")[0].split()  # the files, before the summary
     compare = tmp_path / "report-compare"
     assert {p.split("/")[-1] for p in printed} == {
         "loss.png",
@@ -245,3 +245,112 @@ def test_ema_is_debiased_and_tracks_constant():
     assert report.ema([2.0, 2.0, 2.0], 0.1) == pytest.approx([2.0, 2.0, 2.0])
     smoothed = np.array(report.ema(list(np.sin(np.arange(300))), 2 / 11))
     assert smoothed.std() < 0.5 * np.sin(np.arange(300)).std()
+
+
+def make_short_run(root, name, *, steps=6, eval_every=2, method="dpo"):
+    """A short run as the trainer now logs it: an evaluation at step 0 (before training) and every
+    ``eval_every`` steps, with ``eval_n``."""
+    run_dir = root / name
+    run_dir.mkdir()
+    lines = []
+    for step in range(0, steps + 1):
+        if step:
+            lines.append(train_line(step, speed=3.0))
+        if step % eval_every == 0 or step == steps:
+            lines.append(
+                {
+                    "step": step,
+                    "epoch": step / steps,
+                    "eval_loss": 0.69 - 0.05 * step,
+                    "eval_rewards/accuracies": 0.5 + 0.05 * step,
+                    "eval_primary/rewards/accuracies": 0.5 + 0.05 * step,
+                    "eval_primary/rewards/margins": 0.1 * step,
+                    "eval_logps/accuracies": 0.6 + 0.02 * step,
+                    "eval_n": 8,
+                }
+            )
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (run_dir / "config.yaml").write_text(f"method: {method}\nmodel: tiny\nbeta: 0.1\n")
+    return run_dir
+
+
+def _line_data(fig, label):
+    (ax,) = fig.axes
+    return [line for line in ax.get_lines() if line.get_label() == label]
+
+
+def test_plots_carry_the_eval_series_smoothed_train_and_human_labels(tmp_path):
+    run = load_run(make_short_run(tmp_path, "short"))
+    figures = make_figures([run])
+    for name, key in (("loss.png", "eval_loss"), ("accuracy.png", "eval_rewards/accuracies")):
+        fig = figures[name]
+        (eval_line,) = _line_data(fig, "eval (held-out)")
+        steps, values = eval_line.get_data()
+        assert list(steps) == [0, 2, 4, 6]  # the evaluation before training is the first point
+        assert list(values) == pytest.approx([row[key] for row in run.eval])
+        # a smoothed train line over faint raw points
+        (smoothed,) = _line_data(fig, "train (smoothed)")
+        assert len(smoothed.get_xdata()) == 6
+        raw = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "None"]
+        assert raw and raw[0].get_alpha() < 0.5
+        ax = fig.axes[0]
+        assert "/" not in ax.get_ylabel() and ax.get_xlabel() == "step"  # no raw metric keys
+    assert figures["accuracy.png"].axes[0].get_ylabel() == "preference accuracy (fraction of pairs)"
+
+
+def test_short_runs_get_integer_step_ticks(tmp_path):
+    run = load_run(make_short_run(tmp_path, "three", steps=3, eval_every=1))
+    ax = make_figures([run])["loss.png"].axes[0]
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)  # no 0.5 or 1.25 steps
+
+
+def test_before_after_panel_for_every_run_from_its_evaluations(tmp_path):
+    run_dir = make_short_run(tmp_path, "short")
+    run = load_run(run_dir)
+    assert report.before_after(run)["before"]["preference_accuracy"] == 0.5
+    assert report.before_after(run)["after"]["preference_accuracy"] == pytest.approx(0.8)
+    fig = make_figures([run])["before_after.png"]
+    heights = sorted(round(p.get_height(), 4) for ax in fig.axes for p in ax.patches)
+    assert 0.5 in heights and 0.8 in heights and 0.6 in heights and 0.72 in heights
+    text = write_report(run_dir).read_text()
+    section = text.split("## Before vs after training", 1)[1].split("##", 1)[0]
+    assert "| preference accuracy | 0.5 | 0.8 |" in section
+    assert_valid_png(run_dir / "before_after.png")
+
+
+def test_comparison_page_has_a_summary_table_with_before_and_after(tmp_path, capsys):
+    a = make_short_run(tmp_path, "a", method="dpo")
+    b = make_short_run(tmp_path, "b", method="mrpo", steps=4)
+    assert main([str(a), str(b), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    # the console ends with the comparison: each run's held-out numbers before → after
+    summary = printed.split("held-out results, before → after training:", 1)[1]
+    rows = [line for line in summary.splitlines() if line.startswith(("dpo", "mrpo"))]
+    assert len(rows) == 2 and "0.5 → 0.8" in rows[0] and "0.5 → 0.7" in rows[1]
+    assert printed.rstrip().endswith(str(tmp_path / "cmp" / "report.md"))
+    text = (tmp_path / "cmp" / "report.md").read_text()
+    assert "| run | method |" in text and "| dpo β=0.1 |" in text and "| mrpo β=0.1 |" in text
+    assert "pref. acc. before" in text and "likelihood acc. after" in text
+    for name in ("loss.png", "accuracy.png", "before_after.png"):
+        assert_valid_png(tmp_path / "cmp" / name)
+
+
+def test_report_lists_every_eval_call_with_n(tmp_path):
+    from preftune.rundir import RunDir
+
+    run_dir = make_short_run(tmp_path, "short")
+    rd = RunDir(run_dir)
+    first = rd.new_eval_result("held-out")
+    first.write_text(
+        json.dumps({"data": "held-out.jsonl", "n": 8, "metrics": {"eval_loss": 0.5, "eval_n": 8}})
+    )
+    second = rd.new_eval_result("held-out")
+    assert second != first  # a second call in the same second gets its own file
+    second.write_text(
+        json.dumps({"data": "other.jsonl", "n": 4, "metrics": {"eval_loss": 0.25, "eval_n": 4}})
+    )
+    text = write_report(run_dir, plots=False).read_text()
+    section = text.split("## Held-out evaluation", 1)[1]
+    assert first.name in section and second.name in section
+    assert "| n (held-out pairs) | 8 | 4 |" in section and "| `eval_loss` | 0.5 | 0.25 |" in section

@@ -263,3 +263,67 @@ class TensorCache:
             self.meta_path(key), lambda tmp: tmp.write_text(json.dumps(record, indent=1, default=str))
         )
         return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Listing and cleaning (``preftune cache ls|clear``)
+
+CACHE_KINDS = {
+    "models": "presets converted from GGUF (rebuilt on next use, ~1 min each)",
+    "references": "reference log-probs and entropies per (model, data) (recomputed on next run)",
+    "embeddings": "RPO prompt embeddings (recomputed on next run)",
+    "fingerprints": "digests of model weight files (recomputed on next run)",
+}
+
+
+def _tree_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def cache_usage(root: str | os.PathLike | None = None) -> list[dict]:
+    """One row per folder of the cache: kind, path, number of entries, bytes, what it holds."""
+    root = Path(root) if root else default_cache_dir()
+    rows = []
+    if not root.is_dir():
+        return rows
+    for path in sorted(root.iterdir()):
+        entries = (
+            [p for p in path.iterdir() if not p.name.endswith(".meta.json")] if path.is_dir() else [path]
+        )
+        rows.append(
+            {
+                "kind": path.name,
+                "path": str(path),
+                "entries": len(entries),
+                "bytes": _tree_bytes(path),
+                "meaning": CACHE_KINDS.get(path.name, ""),
+            }
+        )
+    return rows
+
+
+def clear_cache(kinds: Sequence[str] = (), root: str | os.PathLike | None = None) -> list[tuple[Path, int]]:
+    """Remove the named cache folders (all of them when ``kinds`` is empty); returns (path, bytes freed).
+
+    Everything in the cache is derived data: a removed entry is recomputed when next needed.
+    """
+    import shutil
+
+    root = Path(root) if root else default_cache_dir()
+    unknown = [k for k in kinds if k not in CACHE_KINDS]
+    if unknown:
+        raise ValueError(f"unknown cache kind {unknown[0]!r}; kinds: {', '.join(CACHE_KINDS)}")
+    targets = [root / k for k in kinds] if kinds else (sorted(root.iterdir()) if root.is_dir() else [])
+    removed = []
+    for path in targets:
+        if not path.exists():
+            continue
+        size = _tree_bytes(path)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append((path, size))
+    return removed

@@ -140,6 +140,48 @@ def save_model(model: nn.Module, tokenizer, directory: Path, *, merge_lora: bool
     tokenizer.save_pretrained(directory)
 
 
+def _stored_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype the base checkpoint was saved in (its config.json), or None if it does not say."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    source = getattr(config, "_name_or_path", None)
+    if source and (Path(source) / "config.json").is_file():
+        stored = json.loads((Path(source) / "config.json").read_text())
+        name = stored.get("dtype") or stored.get("torch_dtype") or name
+    if isinstance(name, torch.dtype):
+        return name
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def save_final(model: nn.Module, tokenizer, output_dir: Path, *, save_merged: bool = False) -> Path:
+    """Write the trained model at the end of a run; returns the directory to load it from.
+
+    Full-model runs: ``final/``. LoRA runs: the adapter alone in ``final-adapter/`` (a few MB; load it
+    with peft on top of the base model, or ``preftune eval`` the run directory), plus, only with
+    ``save_merged``, the merged model in ``final/``, cast to the dtype the base checkpoint was stored in
+    (not the float32 used for training), so it is no larger than the model it came from.
+    """
+    run = RunDir(output_dir)
+    if not hasattr(model, "peft_config"):
+        write_atomically(run.final, lambda tmp: save_model(model, tokenizer, tmp))
+        return run.final
+    write_atomically(run.final_adapter, lambda tmp: save_model(model, tokenizer, tmp))
+    if not save_merged:
+        return run.final_adapter
+
+    def merged(tmp: Path) -> None:
+        import copy
+
+        plain = copy.deepcopy(model).merge_and_unload()
+        dtype = _stored_dtype(plain.get_base_model() if hasattr(plain, "get_base_model") else plain)
+        if dtype is not None and dtype.is_floating_point:
+            plain = plain.to(dtype)
+        save_model(plain, tokenizer, tmp)
+
+    write_atomically(run.final, merged)
+    return run.final
+
+
 def write_atomically(final: Path, write: Callable[[Path], None]) -> None:
     """Write a directory under a temporary name, then rename: the old one survives any failure."""
     tmp = final.with_name(final.name + ".tmp")

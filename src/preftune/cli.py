@@ -1,26 +1,38 @@
-"""Command line: ``preftune train | precompute | eval | demo | report``."""
+"""Command line: ``preftune train | precompute | eval | demo | report | config | presets | cache``."""
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
-USAGE = """preftune <command> ...
+from . import __version__
 
-  train CONFIG.yaml [key=value ...]      train; writes a run directory (output_dir)
-  precompute CONFIG.yaml [key=value ...] score references / entropies / embeddings ahead of training
-  eval RUN_DIR|CONFIG.yaml [--data FILE] held-out preference metrics of a checkpoint
+USAGE = """usage: preftune <command> [options]    (preftune <command> --help for each command's options)
+
+  train CONFIG.yaml [KEY=VALUE ...]      train; writes a run directory (output_dir)
+  precompute CONFIG.yaml [KEY=VALUE ...] score references / entropies / embeddings ahead of training
+  eval RUN_DIR|CONFIG.yaml [--data FILE] held-out preference metrics (and answers) of a trained run
   demo [--method M] [--quick]            MRPO on SmolLM2-135M with a Gemma-3 reference, before/after report
   report RUN_DIR [RUN_DIR ...]           plots and report.md for one run, or several runs compared
   config                                 every config key with its default and meaning
+  presets                                the built-in models: size, where cached, whether converted
+  cache ls | cache clear [KIND ...]      what the cache holds, and removing it
+
+options:
+  -h, --help     this message
+  -V, --version  the installed preftune version
 
 exit codes: 0 done, 1 the run failed (one line says why; unexpected errors leave error.log in the run
 directory), 2 bad config or data (nothing was written), 3 a NaN/Inf loss or gradient stopped training,
 130 interrupted (Ctrl-C; the line names the checkpoint and the resume=true command)
 """
+
+COMMANDS = ("train", "precompute", "eval", "demo", "report", "config", "presets", "cache")
 
 
 def _one_line(error: BaseException) -> str:
@@ -28,11 +40,127 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+def _config_parser(prog: str) -> argparse.ArgumentParser:
+    what = {
+        "train": "Train as CONFIG.yaml says; writes the run directory named by its output_dir.",
+        "precompute": "Score the references (and MallowsPO entropies, RPO embeddings) into the cache, "
+        "so that a later `preftune train` with the same config starts training at once.",
+    }[prog]
+    parser = argparse.ArgumentParser(
+        prog=f"preftune {prog}",
+        usage=f"preftune {prog} CONFIG.yaml [KEY=VALUE ...]",
+        description=what,
+        epilog="Every config key, its default and meaning: preftune config (or docs/config.md).",
+    )
+    parser.add_argument("config", metavar="CONFIG.yaml", nargs="?", help="YAML config file")
+    parser.add_argument(
+        "overrides",
+        metavar="KEY=VALUE",
+        nargs="*",
+        default=[],
+        help="optional config overrides applied after the file, e.g. beta=0.2 mrpo.clip_eps=0.05",
+    )
+    return parser
+
+
 def _config_args(argv: list[str], prog: str):
-    parser = argparse.ArgumentParser(prog=f"preftune {prog}")
-    parser.add_argument("config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. beta=0.2 mrpo.clip_eps=0.05")
-    return parser.parse_args(argv)
+    parser = _config_parser(prog)
+    args = parser.parse_args(argv)
+    if args.config is None:
+        parser.error("a config file is required (CONFIG.yaml); see examples/ for some")
+    return args
+
+
+def _simple_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"preftune {prog}", description=description)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _presets(argv: list[str]) -> int:
+    parser = _simple_parser("presets", "List the built-in model presets (usable as `model:` by name).")
+    parser.add_argument(
+        "--cache-dir", help="cache root to look in (default: $PREFTUNE_CACHE or ~/.cache/preftune)"
+    )
+    args = parser.parse_args(argv)
+    from .models.presets import list_presets
+
+    rows = list_presets(args.cache_dir)
+    width = max(len(r["name"]) for r in rows)
+    print(f"{'preset':<{width}}  {'converted':<9}  {'size':>8}  cached at")
+    for r in rows:
+        size = _human_bytes(r["bytes"]) if r["converted"] else "—"
+        print(f"{r['name']:<{width}}  {'yes' if r['converted'] else 'no':<9}  {size:>8}  {r['path']}")
+        print(f"{'':<{width}}  {r['description']}")
+    print("\na preset is converted on first use (about a minute); `preftune cache clear models` removes them")
+    return 0
+
+
+def _cache(argv: list[str]) -> int:
+    from .cache import CACHE_KINDS, cache_usage, clear_cache
+
+    parser = _simple_parser(
+        "cache",
+        "Show or clean preftune's cache. Everything in it is derived data (converted presets, reference "
+        "scores, embeddings), recomputed when next needed.",
+    )
+    parser.add_argument("--cache-dir", help="cache root (default: $PREFTUNE_CACHE or ~/.cache/preftune)")
+    sub = parser.add_subparsers(dest="action", metavar="{ls,clear}", required=True)
+    sub.add_parser("ls", help="list the cache's folders with their sizes", description="List the cache.")
+    clear = sub.add_parser(
+        "clear",
+        help="remove cache folders",
+        description="Remove cache folders (all of them without KIND).",
+    )
+    clear.add_argument(
+        "kinds",
+        metavar="KIND",
+        nargs="*",
+        help=f"what to remove: {', '.join(CACHE_KINDS)} (default: everything)",
+    )
+    args = parser.parse_args(argv)
+    from .cache import default_cache_dir
+
+    root = args.cache_dir or default_cache_dir()
+    if args.action == "ls":
+        rows = cache_usage(root)
+        print(f"cache: {root}")
+        if not rows:
+            print("(empty)")
+            return 0
+        width = max(len(r["kind"]) for r in rows)
+        for r in rows:
+            print(
+                f"  {r['kind']:<{width}}  {_human_bytes(r['bytes']):>8}  {r['entries']:>4} entries  {r['meaning']}"
+            )
+        print(f"  {'total':<{width}}  {_human_bytes(sum(r['bytes'] for r in rows)):>8}")
+        return 0
+    try:
+        removed = clear_cache(args.kinds, root)
+    except ValueError as e:
+        clear.error(str(e))
+    for path, size in removed:
+        print(f"removed {path} ({_human_bytes(size)})")
+    print(f"freed {_human_bytes(sum(s for _, s in removed))}" if removed else f"nothing to remove in {root}")
+    return 0
+
+
+def _quiet_third_party_warnings() -> None:
+    """Hide libraries' deprecation notices (e.g. transformers' is_gradient_checkpointing FutureWarning):
+    they are about library internals, not about anything the user can change. ``python -W default``
+    or PYTHONWARNINGS shows them again."""
+    if sys.warnoptions:
+        return
+    for category in (FutureWarning, DeprecationWarning):
+        for module in ("transformers", "peft", "accelerate", "torch", "datasets", "huggingface_hub", "trl"):
+            warnings.filterwarnings("ignore", category=category, module=rf"{module}(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def _output_dir(command: str, rest: list[str]) -> Path | None:
@@ -99,7 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"preftune {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.5)
+        hint = f" Did you mean `preftune {close[0]}`?" if close else ""
+        print(f"preftune: unknown command {command!r}.{hint}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    _quiet_third_party_warnings()
     from .config import ConfigError
     from .data import DataError
     from .extras import MissingDependency
@@ -143,7 +280,9 @@ def _run(command: str, rest: list[str]) -> int:
 
         args = _config_args(rest, "train")
         result = train(args.config, args.overrides)
-        print(f"run directory: {result.output_dir}\nfinal model:   {result.final_model_dir}")
+        from .evaluation import train_summary
+
+        print(train_summary(result))
         return 0
     if command == "precompute":
         from .evaluation import precompute
@@ -166,8 +305,13 @@ def _run(command: str, rest: list[str]) -> int:
     if command == "config":
         from .config import describe
 
+        _simple_parser("config", "Print every config key with its default and meaning.").parse_args(rest)
         print(describe())
         return 0
+    if command == "presets":
+        return _presets(rest)
+    if command == "cache":
+        return _cache(rest)
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -336,10 +336,19 @@ class TrainConfig:
     )
     resume: bool = _f(False, "Continue from the latest checkpoint in output_dir.")
     logging_steps: int = _f(10, "Log metrics every N optimiser steps.", range=AT_LEAST_ONE)
-    eval_steps: int = _f(0, "Evaluate every N steps (0 = only at the end).", range=NON_NEGATIVE)
+    eval_steps: int = _f(
+        0,
+        "Evaluate on data.eval before training (step 0), every N steps and at the end (0 = before and end).",
+        range=NON_NEGATIVE,
+    )
     save_steps: int = _f(0, "Checkpoint every N steps (0 = only at the end).", range=NON_NEGATIVE)
     save_total_limit: int = _f(
         2, "Keep at most this many step checkpoints (the final model is always kept).", range=NON_NEGATIVE
+    )
+    save_merged: bool = _f(
+        False,
+        "LoRA runs: also save the merged model to final/ (in the model's dtype). Default: the adapter alone "
+        "(final-adapter/, a few MB); full-model runs always save final/.",
     )
     precision: str = _f(
         "auto",

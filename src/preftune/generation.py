@@ -1,8 +1,61 @@
-"""Greedy generation and exact-match scoring, as ``preftune eval --prompts`` and the demo use them."""
+"""Greedy generation and answer matching, as ``preftune eval --prompts`` and the demo use them.
+
+Generation is batched greedy decoding (left padding, KV cache), each row stopping at EOS. Answers
+are checked by one of :data:`MATCH_MODES`:
+
+* ``exact``: the normalised output equals the normalised answer (lower case, punctuation, articles
+  and extra spaces removed; SQuAD-style);
+* ``contains`` (default): the normalised answer appears in the normalised output as whole words
+  ("Paris" in "The capital of France is Paris.");
+* ``regex``: the answer is a regular expression searched in the output (case-insensitive);
+* ``numeric``: the integer of the output's last "The answer is N" equals the answer (the bundled
+  arithmetic data's format).
+"""
 
 from __future__ import annotations
 
+import re
+import string
+
 import torch
+
+MATCH_MODES = ("contains", "exact", "regex", "numeric")
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize_answer(text) -> str:
+    """Lower case, no punctuation, no articles, single spaces."""
+    text = str(text).lower()
+    text = "".join(" " if ch in string.punctuation else ch for ch in text)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def extract_prediction(output: str, mode: str):
+    """What the output states as its answer under ``mode`` (the whole normalised text, or N)."""
+    if mode == "numeric":
+        from .data.arithmetic import extract_answer
+
+        return extract_answer(output)
+    return normalize_answer(output) if mode in ("exact", "contains") else output.strip()
+
+
+def answer_matches(output: str, answer, mode: str = "contains") -> bool:
+    """Whether ``output`` gives ``answer`` under ``mode`` (see the module docstring)."""
+    if mode not in MATCH_MODES:
+        raise ValueError(f"match mode must be one of {', '.join(MATCH_MODES)}, got {mode!r}")
+    if mode == "numeric":
+        from .data.arithmetic import extract_answer
+
+        try:
+            return extract_answer(output) == int(answer)
+        except (TypeError, ValueError):
+            return False
+    if mode == "regex":
+        return re.search(str(answer), output, flags=re.IGNORECASE) is not None
+    got, want = normalize_answer(output), normalize_answer(answer)
+    if mode == "exact":
+        return got == want
+    return bool(want) and f" {want} " in f" {got} "
 
 
 def prompt_text(prompt, tokenizer, chat_template: str | None = None) -> str:
@@ -53,7 +106,12 @@ def generate(
             chunk = texts[start : start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
             out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,  # KV cache: each new token costs one position, not the whole prefix
+                eos_token_id=tokenizer.eos_token_id,  # rows stop at EOS (finished rows are padded)
+                pad_token_id=tokenizer.pad_token_id,
             )
             outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
@@ -63,15 +121,29 @@ def generate(
 
 
 def exact_match(model, tokenizer, items: list[dict], **kwargs) -> tuple[float, list[dict]]:
-    """Fraction of items whose greedy answer equals ``item["answer"]``, and the per-item details."""
-    from .data.arithmetic import extract_answer
+    """Fraction of items whose greedy "The answer is N" equals ``item["answer"]`` (numeric mode)."""
+    return answer_match(model, tokenizer, items, mode="numeric", **kwargs)
 
+
+def answer_match(
+    model, tokenizer, items: list[dict], *, mode: str = "contains", **kwargs
+) -> tuple[float, list[dict]]:
+    """Fraction of items whose greedy output matches ``item["answer"]`` under ``mode``, and per item
+    its prompt, answer, prediction, verdict and the full output."""
+    if mode not in MATCH_MODES:
+        raise ValueError(f"match mode must be one of {', '.join(MATCH_MODES)}, got {mode!r}")
     outputs = generate(model, tokenizer, [it["prompt"] for it in items], **kwargs)
     details = []
     for it, text in zip(items, outputs):
-        got = extract_answer(text)
         details.append(
-            {"answer": it["answer"], "predicted": got, "correct": got == it["answer"], "output": text}
+            {
+                "prompt": it["prompt"],
+                "answer": it["answer"],
+                "predicted": extract_prediction(text, mode),
+                "correct": answer_matches(text, it["answer"], mode),
+                "reached_answer_phrase": extract_prediction(text, "numeric") is not None,
+                "output": text,
+            }
         )
     score = sum(d["correct"] for d in details) / max(1, len(details))
     return score, details

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .extras import MissingDependency, require
+from .losses.output import preference_accuracy
 from .rundir import RunDir
 
 
@@ -139,7 +140,10 @@ class HeldOutMetrics:
                     "eval_rewards/chosen": float(c.mean()),
                     "eval_rewards/rejected": float(r.mean()),
                     "eval_rewards/margins": float(c.mean() - r.mean()),
-                    "eval_rewards/accuracies": float((c > r).float().mean())
+                    "eval_rewards/accuracies": float(preference_accuracy(c, r))
+                    if c.shape == r.shape
+                    else float("nan"),
+                    "eval_rewards/accuracies_strict": float((c > r).float().mean())
                     if c.shape == r.shape
                     else float("nan"),
                 }
@@ -149,7 +153,8 @@ class HeldOutMetrics:
             result.update(
                 {
                     "eval_primary/rewards/margins": float((c - r).mean()),
-                    "eval_primary/rewards/accuracies": float((c > r).float().mean()),
+                    "eval_primary/rewards/accuracies": float(preference_accuracy(c, r)),
+                    "eval_primary/rewards/accuracies_strict": float((c > r).float().mean()),
                 }
             )
         return result

@@ -200,6 +200,7 @@ def precompute_references(
     log=print,
     tails: bool = False,
     timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
+    split_labels: dict[str, str] | None = None,
 ) -> PrecomputedReferences:
     """Score every (reference, split, side) once, reusing cached results when the inputs match.
 
@@ -244,7 +245,7 @@ def precompute_references(
                 )
                 bar = tqdm(
                     total=len(mine) * len(sides),
-                    desc=f"reference {k} ({view.name}) {split}",
+                    desc=f"reference {k} ({view.name}) {(split_labels or {}).get(split, split)}",
                     disable=not progress,
                     unit="seq",
                 )
@@ -280,7 +281,10 @@ def precompute_references(
                         f"the reference scores just written to {cache.path(key)} cannot be read"
                     )
             else:
-                log(f"reference {k} ({view.name}) {split}: cached scores reused ({cache.path(key).name})")
+                label = (split_labels or {}).get(
+                    split, split
+                )  # e.g. `preftune eval`'s data in the train slot
+                log(f"reference {k} ({view.name}) {label}: cached scores reused ({cache.path(key).name})")
             for name, value in entry.items():
                 out[split].setdefault(name, []).append(value)
         if model is not None and model is not policy:

@@ -76,6 +76,34 @@ PREFERRED_METRICS = (
 # Bookkeeping keys that are not metrics.
 INDEX_KEYS = frozenset({"step", "epoch"})
 
+# What each held-out number means, in one line (shown under `train`, `eval` and in report.md).
+METRIC_MEANINGS = {
+    "eval_loss": "the method's loss on held-out pairs (lower is better)",
+    "eval_rewards/accuracies": "pairs whose implicit reward (vs the method's reference) ranks chosen first; "
+    "ties count 1/2, 0.5 = no preference",
+    "eval_rewards/accuracies_strict": "the same, ties counted 0 (TRL's number)",
+    "eval_rewards/margins": "mean β·(reward chosen − reward rejected) vs the method's reference; "
+    "> 0 prefers chosen",
+    "eval_rewards/chosen": "mean β·log π/π_ref of the chosen answers",
+    "eval_rewards/rejected": "mean β·log π/π_ref of the rejected answers",
+    "eval_primary/rewards/accuracies": "pairs ranked chosen-first by the reward vs the initial policy alone "
+    "(0.5 before training)",
+    "eval_primary/rewards/accuracies_strict": "the same, ties counted 0",
+    "eval_primary/rewards/margins": "mean β·margin vs the initial policy (0 before training)",
+    "eval_logps/accuracies": "pairs where the policy itself gives the chosen answer the higher log-prob "
+    "(no reference)",
+    "eval_answer_match": "prompts whose greedy answer matches (see match mode)",
+    "eval_answer_phrase": 'prompts whose greedy answer reaches "The answer is N"',
+    "eval_prompts_n": "prompts answered",
+}
+
+# Axis labels for metric keys.
+AXIS_LABELS = {
+    "loss": "loss (lower is better)",
+    "rewards/margins": "reward margin, chosen − rejected",
+    "rewards/accuracies": "preference accuracy (fraction of pairs)",
+}
+
 EVALUATION_METRICS = (
     ("preference_accuracy", "preference accuracy"),
     ("reward_margin", "reward margin"),
@@ -103,7 +131,12 @@ class Run:
     eval: list[dict[str, Any]] = field(default_factory=list)
     evaluation: dict[str, Any] | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    held_out: dict[str, float] | None = None
+    held_out_results: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def held_out(self) -> dict[str, float] | None:
+        """The metrics of the latest ``preftune eval`` result, or None."""
+        return self.held_out_results[-1]["metrics"] if self.held_out_results else None
 
     @property
     def last_step(self) -> int | None:
@@ -183,6 +216,30 @@ def _read_evaluation(path: Path) -> dict[str, Any] | None:
     return evaluation
 
 
+def _read_held_out_results(path: Path) -> list[dict[str, Any]]:
+    """Every ``preftune eval`` result of the run, oldest first: the per-call ``eval-KEY-TIME.json``
+    files, after a legacy ``eval.json``. Each: name, created, data, model, n, metrics."""
+    results = []
+    legacy = _read_held_out(path / EVAL_METRICS_FILE)
+    if legacy:
+        results.append({"name": EVAL_METRICS_FILE, "metrics": legacy, "n": legacy.get("eval_n")})
+    for file in rundir.RunDir(path).eval_results():
+        try:
+            record = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            logger.warning("%s is not valid JSON (%s); ignoring it", file, error)
+            continue
+        metrics = record.get("metrics") if isinstance(record, dict) else None
+        if not isinstance(metrics, dict):
+            logger.warning("%s has no 'metrics' object; ignoring it", file)
+            continue
+        metrics = {
+            k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        results.append({**record, "name": file.name, "metrics": metrics})
+    return results
+
+
 def _read_held_out(path: Path) -> dict[str, float] | None:
     if not path.is_file():
         return None
@@ -257,7 +314,7 @@ def load_run(run_dir: str | Path, *, label: str | None = None) -> Run:
         eval=evals,
         evaluation=_read_evaluation(path / EVALUATION_FILE),
         config=config,
-        held_out=_read_held_out(path / EVAL_METRICS_FILE),
+        held_out_results=_read_held_out_results(path),
     )
 
 
@@ -311,9 +368,11 @@ def ema(values: Sequence[float], alpha: float) -> list[float]:
 
 
 def _smoothing_alpha(n_points: int) -> float | None:
-    """Light smoothing: an EMA spanning ~1/30 of the curve; none for short curves."""
-    span = n_points // 30
-    return 2.0 / (span + 1) if span >= 2 else None
+    """An EMA spanning ~1/10 of the curve (at least 2 points); none for curves under 4 points."""
+    if n_points < 4:
+        return None
+    span = max(2, n_points // 10)
+    return 2.0 / (span + 1)
 
 
 def _new_figure(title: str, ylabel: str) -> tuple[Figure, Any]:
@@ -325,6 +384,9 @@ def _new_figure(title: str, ylabel: str) -> tuple[Figure, Any]:
     ax.set_xlabel("step", fontsize=11)
     ax.set_ylabel(ylabel, fontsize=11)
     ax.grid(True, alpha=0.3)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers: no 1.25 ticks
     return fig, ax
 
 
@@ -357,8 +419,8 @@ def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fig
                 ax.plot(steps, values, color=color, linewidth=1.8, marker=marker, markersize=3)
             else:
                 any_smoothed = True
-                ax.plot(steps, values, color=color, linewidth=0.8, alpha=0.25)
-                ax.plot(steps, ema(values, alpha), color=color, linewidth=1.8)
+                ax.plot(steps, values, color=color, linestyle="none", marker="o", markersize=3, alpha=0.3)
+                ax.plot(steps, ema(values, alpha), color=color, linewidth=1.8, label="train (smoothed)")
         if eval_steps:
             any_eval = True
             ax.plot(
@@ -371,6 +433,7 @@ def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fig
                 markersize=6,
                 markeredgecolor="black",
                 markeredgewidth=0.6,
+                label="eval (held-out)",
             )
         handles.append(Line2D([], [], color=color, linewidth=2.5))
         labels.append(run.label)
@@ -378,9 +441,9 @@ def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fig
     gray = "0.35"
     if any_smoothed:
         handles.append(Line2D([], [], color=gray, linewidth=1.8))
-        labels.append("train (EMA)")
-        handles.append(Line2D([], [], color=gray, linewidth=0.8, alpha=0.35))
-        labels.append("train (raw)")
+        labels.append("train (smoothed)")
+        handles.append(Line2D([], [], color=gray, linestyle="none", marker="o", markersize=3, alpha=0.4))
+        labels.append("train (each step)")
     elif any(steps for (steps, _), _ in series):
         handles.append(Line2D([], [], color=gray, linewidth=1.8))
         labels.append("train")
@@ -397,7 +460,7 @@ def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fig
                 markeredgewidth=0.6,
             )
         )
-        labels.append("eval")
+        labels.append("eval (held-out)")
     if key == "rewards/margins":
         ax.axhline(0.0, color="black", linewidth=0.8, alpha=0.6)
     if key == "rewards/accuracies":
@@ -408,21 +471,45 @@ def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fig
     return fig
 
 
+def before_after(run: Run) -> dict[str, dict[str, Any]]:
+    """``{"before": {...}, "after": {...}}``: the demo's evaluation.json, else the run's first held-out
+    evaluation (step 0, before training) and its last; ``{}`` without two evaluations."""
+    if run.evaluation:
+        return run.evaluation
+    if len(run.eval) < 2 or run.eval[0]["step"] != 0:
+        return {}
+
+    def side(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "preference_accuracy": row.get("eval_primary/rewards/accuracies"),
+            "likelihood_accuracy": row.get("eval_logps/accuracies"),
+            "reward_margin": row.get("eval_primary/rewards/margins"),
+            "loss": row.get("eval_loss"),
+            "n": row.get("eval_n"),
+        }
+
+    return {"before": side(run.eval[0]), "after": side(run.eval[-1]), "after_step": run.eval[-1]["step"]}
+
+
 def _before_after_figure(runs: Sequence[Run]) -> Figure | None:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
-    evaluated = [(run, color) for run, color in zip(runs, _colors(len(runs))) if run.evaluation]
+    evaluated = [(run, color) for run, color in zip(runs, _colors(len(runs))) if before_after(run)]
     if not evaluated:
         return None
 
     def value(run: Run, side: str, key: str) -> float | None:
-        block = run.evaluation.get(side) if run.evaluation else None
+        block = before_after(run).get(side)
         return _as_float(block.get(key)) if isinstance(block, dict) else None
 
     panels = [
         (key, title)
-        for key, title in (("preference_accuracy", "preference accuracy"), ("exact_match", "exact match"))
+        for key, title in (
+            ("preference_accuracy", "preference accuracy\n(reward vs initial policy)"),
+            ("likelihood_accuracy", "likelihood accuracy\n(log π chosen > rejected)"),
+            ("exact_match", "exact match"),
+        )
         if any(value(run, side, key) is not None for run, _ in evaluated for side in ("before", "after"))
     ]
     if not panels:
@@ -479,12 +566,15 @@ def make_figures(runs: Sequence[Run]) -> dict[str, Figure]:
     """
     require("matplotlib", "plots")  # every figure builder below imports it
     builders = {
-        LOSS_PLOT: lambda: _curve_figure(runs, "loss", "Loss", "loss"),
+        LOSS_PLOT: lambda: _curve_figure(runs, "loss", "Loss", AXIS_LABELS["loss"]),
         MARGINS_PLOT: lambda: _curve_figure(
-            runs, "rewards/margins", "Reward margin (chosen − rejected)", "rewards/margins"
+            runs, "rewards/margins", "Reward margin (chosen − rejected)", AXIS_LABELS["rewards/margins"]
         ),
         ACCURACY_PLOT: lambda: _curve_figure(
-            runs, "rewards/accuracies", "Preference accuracy (margin > 0)", "rewards/accuracies"
+            runs,
+            "rewards/accuracies",
+            "Preference accuracy (margin > 0; ties count 1/2)",
+            AXIS_LABELS["rewards/accuracies"],
         ),
         BEFORE_AFTER_PLOT: lambda: _before_after_figure(runs),
     }
@@ -599,10 +689,11 @@ def _final_metrics_section(run: Run) -> str:
 
 
 def _before_after_section(run: Run) -> str | None:
-    if not run.evaluation:
+    evaluation = before_after(run)
+    if not evaluation:
         return None
-    before = run.evaluation.get("before") or {}
-    after = run.evaluation.get("after") or {}
+    before = evaluation.get("before") or {}
+    after = evaluation.get("after") or {}
     rows = []
     for key, title in EVALUATION_METRICS:
         if before.get(key) is None and after.get(key) is None:
@@ -611,6 +702,8 @@ def _before_after_section(run: Run) -> str | None:
         rows.append((title, _format_value(before.get(key)), _format_value(after.get(key)), change))
     extra = sorted((set(before) | set(after)) - {key for key, _ in EVALUATION_METRICS})
     for key in extra:
+        if before.get(key) is None and after.get(key) is None:
+            continue
         rows.append(
             (
                 key,
@@ -623,11 +716,19 @@ def _before_after_section(run: Run) -> str | None:
 
 
 def _held_out_section(run: Run) -> str | None:
-    if not run.held_out:
+    results = run.held_out_results
+    if not results:
         return None
-    rows = [(f"`{k}`", _format_value(v)) for k, v in run.held_out.items()]
-    note = f"Written by `preftune eval` ({EVAL_METRICS_FILE})."
-    return f"## Held-out evaluation\n\n{note}\n\n" + _table(["metric", "value"], rows)
+    keys = list(dict.fromkeys(k for r in results for k in r["metrics"] if k != "eval_n"))
+    header = ["metric", *(f"`{r['name']}`" for r in results), "meaning"]
+    rows = [["n (held-out pairs)", *(_format_value(r.get("n")) for r in results), ""]]
+    rows += [["data", *(_format_value(r.get("data")) for r in results), ""]]
+    rows += [
+        [f"`{k}`", *(_format_value(r["metrics"].get(k)) for r in results), METRIC_MEANINGS.get(k, "")]
+        for k in keys
+    ]
+    note = "Written by `preftune eval`, one column per call (oldest first)."
+    return f"## Held-out evaluation\n\n{note}\n\n" + _table(header, rows)
 
 
 _PLOT_TITLES = {
@@ -704,17 +805,25 @@ def write_comparison(runs: Sequence[Run], out_dir: str | Path, plot_names: Seque
         "# Run comparison",
         "Final logged values (train / eval).\n\n" + _table(["run", *(name for name, _ in columns)], rows),
     ]
-    evaluated = [run for run in runs if run.evaluation]
+    evaluated = [run for run in runs if before_after(run)]
     if evaluated:
         eval_rows = []
         for run in evaluated:
-            before = run.evaluation.get("before") or {}
-            after = run.evaluation.get("after") or {}
+            before = before_after(run).get("before") or {}
+            after = before_after(run).get("after") or {}
             cells = [run.label.replace("|", "\\|")]
-            for key in ("preference_accuracy", "exact_match"):
+            for key in ("preference_accuracy", "likelihood_accuracy", "exact_match"):
                 cells += [_format_value(before.get(key)), _format_value(after.get(key))]
             eval_rows.append(cells)
-        header = ["run", "pref. acc. before", "pref. acc. after", "exact match before", "exact match after"]
+        header = [
+            "run",
+            "pref. acc. before",
+            "pref. acc. after",
+            "likelihood acc. before",
+            "likelihood acc. after",
+            "exact match before",
+            "exact match after",
+        ]
         sections.append("## Before vs after training\n\n" + _table(header, eval_rows))
     held_out = [run for run in runs if run.held_out]
     if held_out:
@@ -784,7 +893,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for path in written:
         print(path)
+    runs = _load_runs(args.run_dirs, args.label)
+    print("\n" + console_summary(runs))
+    print(f"\nreport: {written[-1]}")
     return 0
+
+
+def console_summary(runs: Sequence[Run]) -> str:
+    """What ``preftune report`` prints last: per run, its steps and held-out numbers before → after."""
+
+    def pair(run: Run, key: str) -> str:
+        sides = before_after(run)
+        b = (sides.get("before") or {}).get(key)
+        a = (sides.get("after") or {}).get(key)
+        if a is None and key == "preference_accuracy":
+            a = run.final("eval_primary/rewards/accuracies")
+        return f"{_format_value(b)} → {_format_value(a)}" if b is not None else _format_value(a)
+
+    header = ["run", "steps", "held-out pref. accuracy", "likelihood accuracy", "eval loss", "n"]
+    rows = []
+    for run in runs:
+        loss_before = run.eval[0].get("eval_loss") if run.eval and run.eval[0]["step"] == 0 else None
+        loss_after = run.final("eval_loss")
+        loss = (
+            f"{_format_value(loss_before)} → {_format_value(loss_after)}"
+            if loss_before is not None
+            else (_format_value(loss_after))
+        )
+        n = (before_after(run).get("after") or {}).get("n") or run.final("eval_n")
+        rows.append(
+            [
+                run.label,
+                _format_value(run.last_step),
+                pair(run, "preference_accuracy"),
+                pair(run, "likelihood_accuracy"),
+                loss,
+                _format_value(n),
+            ]
+        )
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "held-out results, before → after training:\n" + "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ or nowhere::
     metrics.jsonl        one JSON object per logged step, TRL's metric names
     tensorboard/         TensorBoard events (report_to: [tensorboard])
     checkpoint-N/        model/, trainer_state.json, optimizer.*, scheduler.*, rng.* (see checkpointing)
-    final/               the trained model (LoRA merged), loadable with plain transformers
-    final-adapter/       the LoRA adapter alone (LoRA runs)
-    eval.json            held-out metrics written by ``preftune eval``
+    final/               the trained model, loadable with plain transformers (LoRA runs: only
+                         with save_merged: true, merged in the model's dtype)
+    final-adapter/       the LoRA adapter alone (LoRA runs; a few MB)
+    eval-KEY-TIME.json   held-out metrics of one ``preftune eval`` call (KEY: its data, TIME: UTC)
+    eval-KEY-TIME.generations.jsonl   the greedy answers of ``eval --prompts``, one per line
+    eval.json            held-out metrics of earlier versions' ``preftune eval`` (read, not written)
     evaluation.json      before/after training comparison written by ``preftune demo``
     generations.json     the demo's greedy generations before and after training
     data/                the demo's copy of the data it trained and evaluated on
@@ -22,6 +25,8 @@ or nowhere::
 
 from __future__ import annotations
 
+import re
+import time
 from pathlib import Path
 
 CONFIG = "config.yaml"
@@ -34,6 +39,8 @@ CHECKPOINT_STATE = "trainer_state.json"
 FINAL = "final"
 FINAL_ADAPTER = "final-adapter"
 EVAL_METRICS = "eval.json"
+EVAL_RESULT_PREFIX = "eval-"
+EVAL_GENERATIONS_SUFFIX = ".generations.jsonl"
 BEFORE_AFTER = "evaluation.json"
 GENERATIONS = "generations.json"
 DATA = "data"
@@ -81,6 +88,30 @@ class RunDir:
     @property
     def eval_metrics(self) -> Path:
         return self.root / EVAL_METRICS
+
+    def new_eval_result(self, key: str) -> Path:
+        """A fresh ``eval-KEY-TIME.json`` for one ``preftune eval`` call: never an existing file, so
+        evaluating again (other data, another checkpoint, or the same) keeps every earlier result."""
+        key = re.sub(r"[^A-Za-z0-9._]+", "_", key).strip("_") or "data"
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        path, n = self.root / f"{EVAL_RESULT_PREFIX}{key}-{stamp}.json", 2
+        while path.exists():
+            path, n = self.root / f"{EVAL_RESULT_PREFIX}{key}-{stamp}-{n}.json", n + 1
+        return path
+
+    @staticmethod
+    def eval_generations(result: Path) -> Path:
+        """The generations file saved next to an ``eval-KEY-TIME.json``."""
+        return result.with_name(result.name[: -len(".json")] + EVAL_GENERATIONS_SUFFIX)
+
+    def eval_results(self) -> list[Path]:
+        """Every ``eval-KEY-TIME.json`` of the run, oldest first."""
+        found = [
+            p
+            for p in self.root.glob(f"{EVAL_RESULT_PREFIX}*.json")
+            if p.is_file() and not p.name.endswith(EVAL_GENERATIONS_SUFFIX)
+        ]
+        return sorted(found, key=lambda p: (p.stat().st_mtime, p.name))
 
     @property
     def before_after(self) -> Path:

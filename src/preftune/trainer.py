@@ -36,11 +36,10 @@ from .checkpointing import (
     load_sharded_checkpoint,
     prepare_output_dir,
     save_checkpoint,
-    save_model,
+    save_final,
     save_sharded_checkpoint,
     select_resume_checkpoint,
     set_seed,
-    write_atomically,
 )
 from .config import ConfigError, TrainConfig, load_config, save_config
 from .data.check import check_data
@@ -84,6 +83,8 @@ class RunResult:
 
 class Trainer:
     """Holds the prepared run; ``fit()`` trains, ``evaluate()`` measures held-out preference metrics."""
+
+    split_labels: dict[str, str] | None = None  # how messages name a split (`preftune eval` renames)
 
     def __init__(self, cfg: TrainConfig, *, accelerator=None):
         from accelerate import Accelerator
@@ -211,6 +212,7 @@ class Trainer:
             progress=cfg.progress and acc.is_local_main_process,
             log=lambda m: log(m, acc),
             tails=self.loss_fn.adapter.needs_tails,
+            split_labels=self.split_labels,
         )
 
     def _resolve_share_prompt(self) -> bool | None:
@@ -424,6 +426,8 @@ class Trainer:
             disable=not (cfg.progress and acc.is_local_main_process),
             dynamic_ncols=True,
         )
+        if start == 0 and "eval" in self.data.splits:  # the "before" point of every eval curve
+            metrics_log.write(0, {"epoch": 0.0, **self.evaluate(scorer)})
         window: dict[str, list[float]] = {}
         window_tokens, window_start = 0, time.perf_counter()
         last: dict[str, float] = {}
@@ -499,8 +503,8 @@ class Trainer:
         self._checkpoint(total, optimizer, scheduler)
         final = self.run_dir.final
         self.stage = "final save"
-        if self.fsdp:  # gathered to rank 0 and saved as one transformers directory (LoRA merged)
-            lora = hasattr(self.model, "peft_config")
+        lora = hasattr(self.model, "peft_config")
+        if self.fsdp:  # gathered to rank 0 and saved as transformers directories (LoRA: merged + adapter)
             D.save_consolidated(
                 scorer,
                 final,
@@ -509,15 +513,12 @@ class Trainer:
                 adapter_directory=self.run_dir.final_adapter if lora else None,
                 timeout_s=cfg.dist_timeout_s,
             )
-        elif acc.is_main_process:
-            write_atomically(
-                final,
-                lambda tmp: save_model(acc.unwrap_model(scorer).model, self.tokenizer, tmp, merge_lora=True),
-            )
-            if hasattr(self.model, "peft_config"):
-                write_atomically(
-                    self.run_dir.final_adapter, lambda tmp: save_model(self.model, self.tokenizer, tmp)
-                )
+        else:
+            if acc.is_main_process:
+                model = acc.unwrap_model(scorer).model
+                save_final(model, self.tokenizer, self.output_dir, save_merged=cfg.save_merged)
+            if lora and not cfg.save_merged:  # LoRA runs keep the adapter alone unless asked
+                final = self.run_dir.final_adapter
         metrics_log.close()
         acc.wait_for_everyone()
         log(f"done: {total} steps; model in {final}", acc)
@@ -615,12 +616,13 @@ class Trainer:
         n = len(self.data.views[0].tokenized[split])
         bs = self.cfg.batch_size
         metrics = HeldOutMetrics(self.cfg.beta, self.unpaired, self.references is not None)
-        for start in range(0, n, bs):
+        progress = self.cfg.progress and self.accelerator.is_local_main_process
+        for start in tqdm(range(0, n, bs), desc=f"evaluate ({n} pairs)", disable=not progress, leave=False):
             index = list(range(start, min(n, start + bs)))
             out, _, policy, refs = self._micro_batch(scorer, split, index, grad=False)
             metrics.add(out, policy, refs)
         scorer.train(was_training)
-        return metrics.result()
+        return {**metrics.result(), "eval_n": n}
 
     def reference_logps(self, split: str) -> dict[str, torch.Tensor]:
         """Every example's reference log-probs of ``split``, per side [K, N] (reference 0 first)."""

@@ -134,7 +134,7 @@ def run_kill_case(kill_setup, point: str, n: int, name: str) -> None:
     code = cli.main(["train", str(config), "resume=true"])
     assert code == 0
     assert_same_run(out, reference)
-    assert_each_step_once(out, KILL_STEPS, eval_steps=(3, KILL_STEPS))
+    assert_each_step_once(out, KILL_STEPS, eval_steps=(0, 3, KILL_STEPS))  # 0: the evaluation before training
     assert not (out / ".lock").exists()
 
 
@@ -338,7 +338,7 @@ def test_a_second_trainer_on_a_busy_directory_is_refused_at_once(kill_setup, tmp
             first.kill()
             first.wait()
     assert_same_run(out, reference)
-    assert_each_step_once(out, KILL_STEPS, eval_steps=(3, KILL_STEPS))
+    assert_each_step_once(out, KILL_STEPS, eval_steps=(0, 3, KILL_STEPS))  # 0: the evaluation before training
     assert not (out / ".lock").exists()
 
 
@@ -356,4 +356,4 @@ def test_a_dead_trainers_lock_is_taken_over_with_a_warning(base_config, tmp_path
     assert cli.main(["train", str(config)]) == 0
     assert f"taking over the lock of {out} left by pid {dead.pid}" in capsys.readouterr().out
     assert not (out / ".lock").exists()
-    assert_each_step_once(out, 2, eval_steps=(2,))
+    assert_each_step_once(out, 2, eval_steps=(0, 2))  # 0: the evaluation before training

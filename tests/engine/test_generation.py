@@ -1,6 +1,8 @@
 """Greedy generation and exact match: batching (left padding) must not change any answer."""
 
-from preftune.generation import exact_match, generate
+import pytest
+
+from preftune.generation import answer_match, answer_matches, exact_match, generate
 from preftune.models import load_causal_lm
 
 
@@ -27,3 +29,62 @@ def test_exact_match_counts_correct_answers(tiny_model_dir, monkeypatch):
     score, details = exact_match(model, tok, items)
     assert score == 1 / 3
     assert [d["predicted"] for d in details] == [4, 8, None]
+
+
+@pytest.mark.parametrize(
+    ("mode", "output", "answer", "expected"),
+    [
+        ("contains", "The capital of France is Paris.", "Paris", True),
+        ("contains", "Parisian food is good", "Paris", False),  # whole words only
+        ("contains", "the answer is 14", "4", False),
+        ("exact", "Paris.", "paris", True),
+        ("exact", "The capital of France is Paris.", "Paris", False),
+        ("exact", "  The   Eiffel tower!", "eiffel Tower", True),  # articles, case, spaces, punctuation
+        ("regex", "It is 3.14159", r"3\.14\d*", True),
+        ("regex", "It is three", r"\d+", False),
+        ("numeric", "2 + 2 = 4. The answer is 4.", 4, True),
+        ("numeric", "2 + 2 = 4. The answer is 4.", "4", True),
+        ("numeric", "The capital is Paris", "Paris", False),
+        ("numeric", "4", 4, False),  # only "The answer is N" counts
+    ],
+)
+def test_answer_matching_modes(mode, output, answer, expected):
+    assert answer_matches(output, answer, mode) is expected
+
+
+def test_unknown_match_mode_is_an_error():
+    with pytest.raises(ValueError, match="contains, exact, regex, numeric"):
+        answer_matches("x", "x", "fuzzy")
+
+
+def test_answer_match_scores_general_text(tiny_model_dir, monkeypatch):
+    from preftune import generation
+
+    model, tok = load_causal_lm(str(tiny_model_dir))
+    items = [
+        {"prompt": "What is the capital of France?", "answer": "Paris"},
+        {"prompt": "And of Italy?", "answer": "Rome"},
+    ]
+    monkeypatch.setattr(generation, "generate", lambda *a, **k: ["The capital of France is Paris.", "Milan"])
+    score, details = answer_match(model, tok, items, mode="contains")
+    assert score == 0.5 and [d["correct"] for d in details] == [True, False]
+    assert (
+        details[0]["output"] == "The capital of France is Paris."
+        and details[0]["prompt"] == items[0]["prompt"]
+    )
+
+
+def test_generation_is_greedy_with_kv_cache_and_stops_at_eos(tiny_model_dir):
+    model, tok = load_causal_lm(str(tiny_model_dir))
+    seen = {}
+    original = model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return original(**kwargs)
+
+    model.generate = spy
+    generate(model, tok, ["hello", "a longer prompt here"], max_new_tokens=3, batch_size=2)
+    assert seen["do_sample"] is False and seen["use_cache"] is True
+    assert seen["eos_token_id"] == tok.eos_token_id
+    assert seen["input_ids"].shape[0] == 2  # one batched call

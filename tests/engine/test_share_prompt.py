@@ -23,7 +23,7 @@ def _metrics(path, key):
     [
         {"method": "dpo"},
         {"method": "mrpo+mallows_theta+rpo"},
-        {"method": "dpo", "lora": {"enabled": True, "r": 4, "dropout": 0.0}},
+        {"method": "dpo", "lora": {"enabled": True, "r": 4, "dropout": 0.0}, "save_merged": True},
     ],
     ids=["dpo", "mrpo+mallows_theta+rpo", "dpo-lora"],
 )

@@ -1,6 +1,5 @@
 """End to end on a tiny random model: every method trains, and the engine's invariances hold."""
 
-import json
 import math
 
 import pytest
@@ -72,11 +71,15 @@ def test_lora_trains_adapters_and_reference_is_the_base(base_config):
     from peft import PeftConfig
     from transformers import AutoModelForCausalLM
 
-    result = train(base_config(lora={"enabled": True, "r": 4, "alpha": 8}, max_steps=3, learning_rate=1e-2))
+    result = train(
+        base_config(
+            lora={"enabled": True, "r": 4, "alpha": 8}, max_steps=3, learning_rate=1e-2, save_merged=True
+        )
+    )
     assert PeftConfig.from_pretrained(result.output_dir / "final-adapter").r == 4
     merged = AutoModelForCausalLM.from_pretrained(result.final_model_dir)  # merged: plain transformers
     assert not hasattr(merged, "peft_config")
-    first = json.loads(open(result.metrics_path).readline())
+    first = metric_rows(result.metrics_path, "loss")[0]  # the first training row (step 0 is an eval row)
     # Before the first update the policy equals the reference (base with adapters off): zero rewards.
     assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/margins"]) < 1e-5
 

@@ -7,6 +7,7 @@ it (for CSV the header is line 1); Parquet, ``save_to_disk`` folders and hub dat
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import hashlib
@@ -238,29 +239,67 @@ def _read_folder(path: str, source: str, split: str, max_rows: int | None) -> _R
     return _rows_from_dataset(dataset, max_rows)
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a connection within ``timeout`` seconds (one try, no retries)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_mode():
+    """Make datasets and huggingface_hub use their caches only, for one load (no network retries)."""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
 def _read_hub(name: str, split: str, max_rows: int | None) -> _RawRows:
+    """A hub dataset; offline (HF_HUB_OFFLINE=1, or the hub unreachable) only from the local cache,
+    failing at once with one line instead of retrying the network."""
     import datasets
 
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+    ) or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    unreachable = not offline and not _hub_reachable()
     try:
-        dataset = datasets.load_dataset(name, split=split)
+        with _offline_mode() if offline or unreachable else contextlib.nullcontext():
+            dataset = datasets.load_dataset(name, split=split)
     except Exception as error:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in (
-            "1",
-            "true",
-            "yes",
-            "on",
-        ) or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-        hint = (
-            " The hub is unreachable in offline mode (HF_HUB_OFFLINE=1): use a local file or folder."
-            if offline
-            else ""
-        )
+        if offline or unreachable:
+            why = "offline mode (HF_HUB_OFFLINE=1)" if offline else "the hub is unreachable (no network)"
+            raise DataError(
+                f"not a local file or folder, and not in the local datasets cache; {why}: "
+                "use a local file or folder, or load the dataset once with network access",
+                source=name,
+            ) from error
         raise DataError(
             f"not a local file or folder, and loading it as a hub dataset failed "
-            f"({type(error).__name__}: {error}).{hint}",
+            f"({type(error).__name__}: {_one_line(error)})",
             source=name,
         ) from error
     return _rows_from_dataset(dataset, max_rows)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _read_source(source: str, split: str, max_rows: int | None) -> _RawRows:

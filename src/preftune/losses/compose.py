@@ -30,6 +30,7 @@ from .output import (
     as_float,
     as_ref_stack,
     compute_dtype,
+    preference_accuracy,
     reward_metrics,
     safe_mean,
     sft_term,
@@ -357,7 +358,11 @@ def unpaired_preference_loss(
             metrics["logps/rejected"] = pr.detach().mean()
         if n_c and n_r:
             metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-            metrics["rewards/accuracies"] = (r_c.detach()[:, None] > r_r.detach()[None, :]).to(dtype).mean()
+            every_c, every_r = beta * r_c.detach()[:, None], beta * r_r.detach()[None, :]
+            metrics["rewards/accuracies"] = preference_accuracy(every_c, every_r).to(dtype)
+            metrics["rewards/accuracies_strict"] = preference_accuracy(every_c, every_r, strict=True).to(
+                dtype
+            )
 
     if n_c == 0 or n_r == 0:
         # Nothing to contrast: a zero loss that is still connected to every input that needs grad.

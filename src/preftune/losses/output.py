@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["LossOutput"]
+__all__ = ["LossOutput", "TIE_TOLERANCE", "preference_accuracy"]
+
+# Two implicit rewards (β-scaled) closer than this are a tie, counted 1/2 by ``rewards/accuracies``.
+# A policy equal to its reference has every reward 0 up to float noise (~1e-6 in float32 at β = 0.1):
+# the strict ``>`` of TRL turns that noise into 0.25 or 0.75, the tie rule gives 0.5 as it should.
+TIE_TOLERANCE = 1e-4
 
 
 @dataclass
@@ -28,8 +33,8 @@ class LossOutput:
         losses: Per-pair losses ``[B]`` (per row ``i`` for the RPO pairings, per chosen item for unpaired
             RPO), with the optional SFT term already added.
         metrics: Detached 0-dim tensors named as TRL logs them (``rewards/chosen``,
-            ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
-            ``logps/rejected``) plus method-specific extras (``mrpo/alpha_0`` ...).
+            ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies`` (ties count 1/2),
+            ``rewards/accuracies_strict`` (TRL's), ``logps/chosen``, ``logps/rejected``) plus method-specific extras (``mrpo/alpha_0`` ...).
         chosen_rewards: Detached ``β·r(y_w)`` per pair ``[B]`` (per chosen item for unpaired RPO).
         rejected_rewards: Detached ``β·r(y_l)`` per pair ``[B]`` (per rejected item for unpaired RPO).
     """
@@ -71,6 +76,22 @@ def safe_mean(x: Tensor) -> Tensor:
     return x.mean() if x.numel() > 0 else x.sum()
 
 
+def preference_accuracy(
+    chosen: Tensor, rejected: Tensor, *, strict: bool = False, tol: float = TIE_TOLERANCE
+) -> Tensor:
+    """Mean of 1 where ``chosen > rejected``, 0 where below and 1/2 for ties (``|difference| < tol``).
+
+    ``strict=True`` is TRL's comparison (``chosen > rejected``, ties count 0). Shapes broadcast, so
+    ``chosen[:, None]`` against ``rejected[None, :]`` compares every pair.
+    """
+    dtype = compute_dtype(chosen, rejected)
+    diff = chosen.detach().to(dtype) - rejected.detach().to(dtype)
+    wins = (diff > 0).to(dtype)
+    if strict:
+        return wins.mean()
+    return torch.where(diff.abs() < tol, torch.full_like(wins, 0.5), wins).mean()
+
+
 def reward_metrics(
     beta: float,
     chosen_rewards: Tensor,
@@ -78,7 +99,11 @@ def reward_metrics(
     policy_chosen: Tensor,
     policy_rejected: Tensor,
 ) -> dict[str, Tensor]:
-    """TRL-named metrics from per-pair implicit rewards ``r`` (unscaled) and policy log-probs."""
+    """TRL-named metrics from per-pair implicit rewards ``r`` (unscaled) and policy log-probs.
+
+    ``rewards/accuracies`` counts ties (β-scaled margin below :data:`TIE_TOLERANCE`) as 1/2;
+    ``rewards/accuracies_strict`` is TRL's number (ties count 0).
+    """
     with torch.no_grad():
         rc = beta * chosen_rewards.detach()
         rr = beta * rejected_rewards.detach()
@@ -86,7 +111,8 @@ def reward_metrics(
             "rewards/chosen": rc.mean(),
             "rewards/rejected": rr.mean(),
             "rewards/margins": (rc - rr).mean(),
-            "rewards/accuracies": (rc > rr).to(rc.dtype).mean(),
+            "rewards/accuracies": preference_accuracy(rc, rr).to(rc.dtype),
+            "rewards/accuracies_strict": (rc > rr).to(rc.dtype).mean(),
             "logps/chosen": policy_chosen.detach().mean(),
             "logps/rejected": policy_rejected.detach().mean(),
         }

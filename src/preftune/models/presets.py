@@ -428,3 +428,26 @@ def resolve_model(
         f"{name!r} is neither a preset nor an existing directory (the path {str(path.absolute())!r} does not "
         f"exist). Presets: {', '.join(sorted(PRESETS))}. Nothing is downloaded: pass a local directory."
     )
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
+def list_presets(cache_dir: str | Path | None = None) -> list[dict]:
+    """Every preset: name, description, where it is (or would be) cached, whether it is converted and
+    its size on disk (a converted preset has its manifest; hashes are not re-checked here)."""
+    rows = []
+    for name, preset in PRESETS.items():
+        where = preset_dir(name, cache_dir)
+        converted = (where / MANIFEST_NAME).is_file()
+        rows.append(
+            {
+                "name": name,
+                "description": preset.description,
+                "path": str(where),
+                "converted": converted,
+                "bytes": _dir_bytes(where) if converted else 0,
+            }
+        )
+    return rows
