@@ -33,12 +33,18 @@ STEPS = 3
 TIMEOUT_S = 20  # dist_timeout_s of the failing run: the other rank must end within it
 RUNS = {  # max_grad_norm below every step's gradient norm
     "dpo_full": {"method": "dpo", "max_grad_norm": 0.5},
-    "dpo_lora": {"method": "dpo", "lora": {"enabled": True, "r": 4, "alpha": 8}, "max_grad_norm": 0.05},
+    "dpo_lora": {  # save_merged: final/ holds the merged weights compared across runs
+        "method": "dpo",
+        "lora": {"enabled": True, "r": 4, "alpha": 8},
+        "max_grad_norm": 0.05,
+        "save_merged": True,
+    },
     "lora_online": {  # the LoRA base (adapters disabled) scored every step through the sharded root
         "method": "dpo",
         "lora": {"enabled": True, "r": 4, "alpha": 8},
         "reference_mode": "online",
         "max_grad_norm": 0.05,
+        "save_merged": True,
     },
     "mrpo": {"method": "mrpo", "max_grad_norm": 0.5},  # references: the policy, another tokenizer's model
     "rpo_global": {"method": "rpo", "rpo": {"contrast_scope": "global"}, "max_grad_norm": 0.2},

@@ -79,7 +79,7 @@ def test_nan_stops_the_run_with_exit_code_3_step_and_hint(base_config, tmp_path,
         "lower learning_rate" in err and f"{out / 'checkpoint-2'} is intact" in err and "resume=true" in err
     )
     assert not (out / "final").exists() and not (out / "checkpoint-3").exists()
-    assert [r["step"] for r in strict_rows(out / "metrics.jsonl")] == [1, 2]
+    assert [r["step"] for r in strict_rows(out / "metrics.jsonl") if "loss" in r] == [1, 2]
     assert not (out / ".lock").exists()
 
 
@@ -150,7 +150,7 @@ def test_overwrite_clears_the_old_run_so_nothing_of_it_survives(base_config, tmp
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     for gone in ("eval.json", "report.md", "loss.png", "error.log", "tensorboard"):
         assert not (out / gone).exists(), gone
-    assert_each_step_once(out, 2, eval_steps=(2,))
+    assert_each_step_once(out, 2, eval_steps=(0, 2))  # 0: the evaluation before training
     fresh = train(base_config(max_steps=2, save_steps=1, output_dir=str(tmp_path / "fresh")))
     a, b = final_weights(new.output_dir), final_weights(fresh.output_dir)
     assert all(a[k].equal(b[k]) for k in a)  # final/ is the new run's model
@@ -192,7 +192,7 @@ def test_resume_without_a_checkpoint_starts_the_metrics_afresh(base_config, tmp_
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n{"step": 2, "loss": 0.68}\n')
     train(base_config(resume=True, output_dir=str(out)))
-    assert_each_step_once(out, 2, eval_steps=(2,))
+    assert_each_step_once(out, 2, eval_steps=(0, 2))  # 0: the evaluation before training
 
 
 def test_resuming_a_finished_run_changes_nothing_and_says_so(base_config, tmp_path, capsys):
@@ -204,7 +204,7 @@ def test_resuming_a_finished_run_changes_nothing_and_says_so(base_config, tmp_pa
     )
     assert code == 0 and "already finished" in stdout, stdout + err
     assert snapshot(out) == before
-    assert len(metric_rows(out, "eval_loss")) == 1
+    assert [r["step"] for r in metric_rows(out, "eval_loss")] == [0, 2]  # not re-appended
 
 
 # ------------------------------------------------------------------------------------- locks
@@ -278,7 +278,7 @@ def test_ctrl_c_prints_one_line_with_the_last_checkpoint_and_the_resume_command(
     assert "Traceback" not in err and not (out / ".lock").exists()
     monkeypatch.setattr(MetricsLog, "write", real)
     assert cli.main(["train", cfg, "beta=0.2", "resume=true"]) == 0
-    assert_each_step_once(out, 4, eval_steps=(4,))
+    assert_each_step_once(out, 4, eval_steps=(0, 4))
 
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
