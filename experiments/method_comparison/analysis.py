@@ -7,7 +7,6 @@ regenerated at any time from whatever runs exist: ``python analysis.py RESULTS_D
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -296,12 +295,3 @@ def write_results(out: Path, arms, study) -> Path:
         json.dumps({f"{r}/{a}": e for (r, a), e in summary.items()}, indent=1, default=float)
     )
     return path
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import run
-
-    study = run.QUICK if "--quick" in sys.argv else run.FULL
-    target = Path(next(a for a in sys.argv[1:] if not a.startswith("--")))
-    print(write_results(target, run.ARMS, study))

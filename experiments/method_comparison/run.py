@@ -552,7 +552,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", help=f"comma-separated subset of: {', '.join(ARM_NAMES)}")
     parser.add_argument("--max-runs", type=int, help="stop after this many new runs")
     parser.add_argument("--regimes", help="comma-separated subset of the data regimes (default: all)")
+    parser.add_argument(
+        "--results-only",
+        action="store_true",
+        help="rewrite RESULTS.md from --out's results.jsonl; train nothing",
+    )
     args = parser.parse_args(argv)
+    if args.results_only:
+        if not args.out:
+            parser.error("--results-only needs --out DIR")
+        study = QUICK if args.quick else FULL
+        print(analysis.write_results(Path(args.out), ARMS, study))
+        return 0
     arms = [a for a in args.arms.split(",") if a] if args.arms else None
     regimes = [r for r in args.regimes.split(",") if r] if args.regimes else None
     if regimes and set(regimes) - set(FULL.regimes):
