@@ -18,24 +18,11 @@ from ..metrics import log
 from ..models.loading import config_dtype, resolve_causal_lm
 from ..models.presets import default_cache_dir
 from ..references import ModelView
+from .check import resolve_source
 from .loading import load_examples
 from .records import Columns, LoadedData
 from .store import TokenStore, build_token_store, store_key
 from .tokenize import tokenize_dataset
-
-
-def resolve_data_source(source: str) -> str:
-    """`builtin:arithmetic-train` / `builtin:arithmetic-test` name the bundled arithmetic pairs."""
-    if source.startswith("builtin:"):
-        name = source.split(":", 1)[1]
-        if name in ("arithmetic-train", "arithmetic-test"):
-            from .arithmetic import arithmetic_path
-
-            return str(arithmetic_path(name.split("-")[1]))
-        raise ConfigError(
-            f"unknown builtin dataset {source!r} (have builtin:arithmetic-train, builtin:arithmetic-test)"
-        )
-    return source
 
 
 @dataclass
@@ -90,7 +77,7 @@ def prepare_data(
         if split in loaded:
             continue
         loaded[split] = load_examples(
-            resolve_data_source(source),
+            resolve_source(source, f"data.{split}"),
             unpaired=unpaired,
             columns=columns,
             on_error=cfg.data.on_error,
