@@ -121,7 +121,7 @@ class LossAdapter:
 
         def ld(values, side):
             x = values[side]
-            if self.needs_tails:
+            if self.needs_tails and self.ld_alpha is not None:
                 x = L.ld_logps(x, values[f"{side}_tail"].to(x.dtype), self.ld_alpha)
             return x
 
@@ -154,6 +154,7 @@ class LossAdapter:
         kwargs["link_options"] = {**kwargs["link_options"], "delta": delta}
         if torch.is_grad_enabled():
             first = loss(kwargs)
+            assert first.chosen_rewards is not None and first.rejected_rewards is not None  # paired losses
             rewards = torch.cat([first.chosen_rewards.reshape(-1), first.rejected_rewards.reshape(-1)])
             batch_mean = _process_mean(rewards.double().mean())
             count = int(self.state["bco_count"])

@@ -18,12 +18,14 @@ response's pair, i.e. to row ``i`` of the contrast matrix.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
 from .aggregation import ClipMode, ReferenceMode, WeightSpec, aggregate_references
 from .components import lookup
-from .family import F_DIVERGENCES, f_divergence_score
+from .family import F_DIVERGENCES, FDivergence, f_divergence_score
 from .links import Link, apply_link
 from .output import (
     LossOutput,
@@ -213,8 +215,9 @@ def preference_loss(
             raise ValueError("link='mallows_phi' needs dispersion φ [B]")
         phi = _row_vector(dispersion, "dispersion", batch, dtype, device)
 
-    rewards_c = f_divergence_score(pc - agg.chosen, f_divergence, f_alpha)  # [K', B]
-    rewards_r = f_divergence_score(pr - agg.rejected, f_divergence, f_alpha)
+    divergence = cast(FDivergence, f_divergence)  # checked against the registry's names upstream
+    rewards_c = f_divergence_score(pc - agg.chosen, divergence, f_alpha)  # [K', B]
+    rewards_r = f_divergence_score(pr - agg.rejected, divergence, f_alpha)
     weight = _pair_weights(pairing, batch, prompt_embeddings, tau, dtype, device)
     losses = None
     per_link: dict[str, Tensor] = {}
@@ -225,7 +228,7 @@ def preference_loss(
                 weight=weight,
                 gamma=gamma,
                 scale=c,
-                link=component.value,
+                link=cast(Link, component.value),
                 beta=beta,
                 label_smoothing=label_smoothing,
                 phi=phi,

@@ -25,7 +25,7 @@ Notation: ``r = logp_θ(y) − logp_ref(y)`` (unscaled implicit reward), ``ψ`` 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -1062,7 +1062,7 @@ def _register_family() -> None:
             )
         )
     aot_paper = "Melnyk et al. 2024, Distributional Preference Alignment of LLMs via Optimal Transport (arXiv:2406.05882)"
-    batch = [
+    batch: list[tuple[str, Callable[..., Tensor], str, str, str, bool]] = [
         (
             "aot",
             _aot,

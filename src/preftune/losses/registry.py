@@ -183,7 +183,7 @@ class MethodSpec:
         return tuple(dict.fromkeys(o for c in self.parts for o in c.options))
 
     @property
-    def loss_kwargs(self) -> dict[str, str]:
+    def loss_kwargs(self) -> dict[str, str | tuple[str, ...]]:
         """Slot settings for :func:`preference_loss` (or, unpaired, :func:`unpaired_preference_loss`)."""
         link: str | tuple[str, ...] = (
             self.link.value if not self.extra_links else tuple(c.value for c in self.links)
