@@ -102,5 +102,7 @@ def test_kto_evaluates_held_out_items(base_config, unpaired_file, tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["train", str(path)]) == 0
-    (row,) = metric_rows(tmp_path / "run", having="eval_loss")
-    assert math.isfinite(row["eval_loss"]) and math.isfinite(row["eval_rewards/chosen"])
+    rows = metric_rows(tmp_path / "run", having="eval_loss")
+    assert [r["step"] for r in rows][0] == 0 and len(rows) == 2  # before training and at the end
+    for row in rows:
+        assert math.isfinite(row["eval_loss"]) and math.isfinite(row["eval_rewards/chosen"])
