@@ -172,7 +172,8 @@ class Trainer:
 
     def _already_finished(self) -> bool:
         """resume=true on a run whose last checkpoint is its last step and whose final model exists."""
-        if self.resume_from is None or not self.run_dir.final.is_dir():
+        saved = self.run_dir.final.is_dir() or self.run_dir.final_adapter.is_dir()  # LoRA: the adapter alone
+        if self.resume_from is None or not saved:
             return False
         step = json.loads((self.resume_from / CHECKPOINT_STATE).read_text()).get("step", 0)
         return step >= self.total_steps()

@@ -195,12 +195,14 @@ def test_resume_without_a_checkpoint_starts_the_metrics_afresh(base_config, tmp_
     assert_each_step_once(out, 2, eval_steps=(0, 2))  # 0: the evaluation before training
 
 
-def test_resuming_a_finished_run_changes_nothing_and_says_so(base_config, tmp_path, capsys):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])  # LoRA runs keep final-adapter/ only
+def test_resuming_a_finished_run_changes_nothing_and_says_so(base_config, tmp_path, capsys, lora):
     out = tmp_path / "run"
-    train(base_config(output_dir=str(out)))
+    extra = {"lora": {"enabled": True, "r": 4, "alpha": 8}} if lora else {}
+    train(base_config(output_dir=str(out), **extra))
     before = snapshot(out)
     code, stdout, err = cli_train(
-        capsys, write_config(tmp_path, base_config(output_dir=str(out))), "resume=true"
+        capsys, write_config(tmp_path, base_config(output_dir=str(out), **extra)), "resume=true"
     )
     assert code == 0 and "already finished" in stdout, stdout + err
     assert snapshot(out) == before
