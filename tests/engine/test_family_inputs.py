@@ -18,15 +18,7 @@ from preftune.references import ModelView
 from preftune.scoring import score_batch
 from preftune.testing import tiny_llama
 
-
-def _batch(vocab, n=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    prompts, comps = [], []
-    for _ in range(n):
-        lp, lc = torch.randint(1, 9, (2,), generator=g).tolist()
-        prompts.append(torch.randint(0, vocab, (lp,), generator=g).tolist())
-        comps.append(torch.randint(0, vocab, (lc,), generator=g).tolist())
-    return prompts, comps
+from .test_scoring import random_batch
 
 
 def _full_logits_reference(model, prompts, comps, tail_from):
@@ -49,7 +41,7 @@ def _full_logits_reference(model, prompts, comps, tail_from):
 @pytest.mark.parametrize("chunk", [0, 5])
 def test_wpo_sums_and_ld_tails_equal_the_full_logit_computation(fused, chunk, monkeypatch):
     model = tiny_llama(300, seed=3).eval()
-    prompts, comps = _batch(300)
+    prompts, comps = random_batch(300)
     tail_from = [min(len(c), 3) - 1 for c in comps]  # includes 0 (whole completion is tail)
     if not fused:  # force the autograd path: a head that is not a plain nn.Linear
         monkeypatch.setattr("preftune.scoring._fusable", lambda head: False)
@@ -64,7 +56,7 @@ def test_wpo_sums_and_ld_tails_equal_the_full_logit_computation(fused, chunk, mo
 
 def test_tails_carry_gradient_and_match_on_shared_prompt_rows():
     model = tiny_llama(300, seed=4).eval()
-    prompts, comps = _batch(300, n=6, seed=1)
+    prompts, comps = random_batch(300, seed=1, n=6)
     prompts = prompts[:3]
     chosen, rejected = comps[:3], comps[3:]
     shared = [min(len(a), len(b)) for a, b in zip(chosen, rejected)]
