@@ -86,6 +86,37 @@ def test_quick_subset_trains_measures_selects_on_validation_and_resumes(tmp_path
     assert len(lines) == len(before.splitlines()) + 1 and json.loads(lines[-1])["run"] == mrpo["run"]
 
 
+def test_two_processes_share_the_study_without_running_anything_twice(tmp_path):
+    """--workers: each run is claimed by one process; a main run waits for the ε sweep the other runs."""
+    import os
+    import subprocess
+
+    out = tmp_path / "study"
+    child = (
+        "import dataclasses, sys; sys.path.insert(0, sys.argv[1]); import run; "
+        "study = dataclasses.replace(run.QUICK, regimes={'scarce': 8}, seeds={'scarce': (0,)}, "
+        "eps_grid=(0.1, 1.0), bootstrap=50); "
+        "run.run_study(out=sys.argv[2], arms=['dpo', 'mrpo_val2'], study=study, threads=1, poll_s=0.5)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", child, str(HERE), str(out)], env=env) for _ in range(2)
+    ]
+    try:
+        assert [p.wait(timeout=600) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            p.kill()
+    records = analysis.load(out / "results.jsonl")
+    ids = [r["run"] for r in records]
+    assert len(ids) == len(set(ids)) == 4  # two sweep runs, two main runs: each exactly once
+    main = {r["arm"]: r for r in records if r["kind"] == "main"}
+    assert main["mrpo_val2"]["eps"] == analysis.selected_eps(out / "results.jsonl", "mrpo_val2", (0.1, 1.0))
+    # every arm was measured on the same rows against the same cached initial policy
+    assert main["dpo"]["per_row"]["rows"] == main["mrpo_val2"]["per_row"]["rows"]
+    assert (out / "initial" / "test.json").exists() and (out / "initial" / "validation.json").exists()
+
+
 @pytest.mark.slow
 def test_quick_study_every_arm(tmp_path):
     out = run.run_study(quick=True, out=tmp_path / "study")

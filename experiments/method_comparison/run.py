@@ -20,12 +20,14 @@ Splits (all fixed before anything trains, from the bundled arithmetic pairs):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import random
 import re
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -95,7 +97,7 @@ class Study:
 
 
 FULL = Study(
-    regimes={"scarce": 64, "larger": 512},
+    regimes={"scarce": 64, "larger": 256},
     seeds={"scarce": (0, 1, 2), "larger": (0,)},
     test_rows=64,
     val_rows=64,
@@ -187,8 +189,13 @@ def sft_domain_reference(study: Study, policy: str, train_file: Path, target: Pa
     A plain loop: mean token NLL of the chosen completion given the prompt, AdamW, ``sft_steps``
     steps of ``batch_size`` pairs cycling through the training split. Written once per training split.
     """
-    if (target / "config.json").exists():
-        return str(target)
+    with _locked(target.with_name(target.name + ".lock")):  # one process trains it, the others wait
+        if not (target / "config.json").exists():
+            _sft(study, policy, train_file, target, seed)
+    return str(target)
+
+
+def _sft(study: Study, policy: str, train_file: Path, target: Path, seed: int) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -218,10 +225,10 @@ def sft_domain_reference(study: Study, policy: str, train_file: Path, target: Pa
         opt.step()
     merged = model.merge_and_unload()
     tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
     merged.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     tmp.rename(target)
-    return str(target)
 
 
 # -- one run ------------------------------------------------------------------------------------------
@@ -308,34 +315,82 @@ def greedy_answers(model, tokenizer, prompts: list, *, max_new_tokens: int, batc
     return out
 
 
-def measure(trainer, study: Study, eval_records: list[dict], split_ids: list[int], generate: bool) -> dict:
+def pair_logps(model, view, split: str, batch_pairs: int = 16):
+    """(chosen, rejected) log-probs [N] of every pair of ``split``, float64, without gradient.
+
+    One row per pair with the prompt shared by both completions (the training path's shared-prompt
+    batches) where the probe says it gives this model's exact numbers; plain rows otherwise."""
+    import torch
+
+    from preftune.data.collate import collate_shared_prompt_pairs
+    from preftune.scoring import score_batch, score_dataset, shared_prompt_support
+
+    prompts, chosen = view.sequences(split, "chosen")
+    _, rejected = view.sequences(split, "rejected")
+    model.eval()
+    with torch.no_grad():
+        if shared_prompt_support(
+            model, max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
+        ):
+            return tuple(
+                score_dataset(
+                    model, prompts, side, pad_token_id=view.pad_token_id, with_entropy=False
+                ).logps.double()
+                for side in (chosen, rejected)
+            )
+        out_c, out_r = [], []
+        for s in range(0, len(prompts), batch_pairs):
+            sl = slice(s, s + batch_pairs)
+            batch = collate_shared_prompt_pairs(prompts[sl], chosen[sl], rejected[sl], view.pad_token_id)
+            logps = score_batch(model, **batch).logps.double()
+            n = len(prompts[sl])
+            out_c.append(logps[:n])
+            out_r.append(logps[n:])
+    return torch.cat(out_c), torch.cat(out_r)
+
+
+def initial_logps(trainer, cache: Path) -> tuple:
+    """The initial policy's (chosen, rejected) log-probs on the eval split, computed once per study.
+
+    The same for every arm (same model, same rows): the first run that needs them writes ``cache``."""
+    import torch
+
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        return torch.tensor(saved["chosen"], dtype=torch.float64), torch.tensor(
+            saved["rejected"], dtype=torch.float64
+        )
+    with trainer.model.disable_adapter():
+        chosen, rejected = pair_logps(trainer.model, trainer.data.views[0], "eval")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"chosen": chosen.tolist(), "rejected": rejected.tolist()}))
+    tmp.replace(cache)
+    return chosen, rejected
+
+
+def measure(
+    trainer, study: Study, eval_records: list[dict], split_ids: list[int], generate: bool, initial: Path
+) -> dict:
     """Per-row held-out metrics of the trained policy against the initial policy (adapters disabled).
 
-    ``rows`` are the bundled data's row ids (``split_ids``[line - 1] of the evaluated file).
+    ``rows`` are the bundled data's row ids (``split_ids``[line - 1] of the evaluated file);
+    ``initial`` caches the initial policy's log-probs of this split for every run.
     """
     import torch
 
     from preftune.data.arithmetic import extract_answer
-    from preftune.scoring import score_dataset
 
     view, model = trainer.data.views[0], trainer.model
     lines = [it.row for it in view.tokenized["eval"]]  # 1-based line numbers of the JSONL file
-    logps = {}
-    for name in ("trained", "initial"):
-        ctx = model.disable_adapter() if name == "initial" else torch.no_grad()
-        with ctx, torch.no_grad():
-            model.eval()
-            for side in ("chosen", "rejected"):
-                p, c = view.sequences("eval", side)
-                logps[name, side] = score_dataset(
-                    model, p, c, pad_token_id=view.pad_token_id, with_entropy=False
-                ).logps.double()
-    rc = logps["trained", "chosen"] - logps["initial", "chosen"]
-    rr = logps["trained", "rejected"] - logps["initial", "rejected"]
+    init_c, init_r = initial_logps(trainer, initial)
+    with torch.no_grad():
+        chosen, rejected = pair_logps(model, view, "eval")
+    rc, rr = chosen - init_c, rejected - init_r
     per_row = {
         "rows": [split_ids[i - 1] for i in lines],
         "preference_accuracy": ((rc > rr).double() + 0.5 * (rc == rr).double()).tolist(),
-        "likelihood_accuracy": (logps["trained", "chosen"] > logps["trained", "rejected"]).double().tolist(),
+        "likelihood_accuracy": (chosen > rejected).double().tolist(),
         "divergence": rc.tolist(),
     }
     if generate:
@@ -377,8 +432,13 @@ def train_and_measure(
 
     cfg = load_config(run_config(study, arm, models, train_file, eval_file, run_dir, eps, seed))
     trainer = Trainer(cfg)
+    # The held-out split is tokenized (and its reference scores cached) like any eval split, but the
+    # trainer's own aggregate evaluation before and after training is skipped: measure() scores the
+    # same rows per row, once, and the initial policy's side once per study.
+    trainer.data.splits.remove("eval")
     result = trainer.fit()
-    per_row = measure(trainer, study, eval_records, split_ids, generate)
+    initial = run_dir.parents[1] / "initial" / f"{eval_file.stem}.json"
+    per_row = measure(trainer, study, eval_records, split_ids, generate, initial)
     summary = training_summary(result.metrics_path, arm)
     if trainer.validation is not None:
         summary["validation_weights"] = trainer.validation["weights"]
@@ -403,10 +463,34 @@ def _finished(run_dir: Path) -> dict | None:
     return json.loads(marker.read_text()) if marker.exists() else None
 
 
+@contextlib.contextmanager
+def _locked(path: Path, blocking: bool = True):
+    """An exclusive ``flock`` on ``path``; yields False (without waiting) if another process holds it
+    and ``blocking`` is False. The kernel releases it when its process dies: no stale claims."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _record(out: Path, run_dir: Path, record: dict) -> None:
-    with open(out / "results.jsonl", "a") as f:
+    with _locked(out / ".results.lock"), open(out / "results.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     (run_dir / "done.json").write_text(json.dumps(record))
+
+
+def _write_results(out: Path, study: Study) -> None:
+    with _locked(out / ".results.lock"):
+        analysis.write_results(out, ARMS, study)
 
 
 def plan(study: Study, arms: tuple[Arm, ...], regimes: list[str] | None = None) -> list[dict]:
@@ -440,18 +524,38 @@ def run_study(
     max_runs: int | None = None,
     study: Study | None = None,
     regimes: list[str] | None = None,
+    threads: int | None = None,
+    poll_s: float = 15.0,
 ) -> Path:
-    """Run every unfinished run of the study (``study`` overrides FULL/QUICK, for tests)."""
+    """Run every unfinished run of the study (``study`` overrides FULL/QUICK, for tests).
+
+    Several processes may run it on the same ``out`` at once (``--workers``): each claims a run with a
+    lock before starting it, and a main run whose ε sweep another process is still running waits."""
     study = study or (QUICK if quick else FULL)
     import torch
 
-    threads = torch.get_num_threads()
-    if study.quick:  # tiny models gain nothing from threads, and lose a lot to them on a shared CPU
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    elif study.quick:  # tiny models gain nothing from threads, and lose a lot to them on a shared CPU
         torch.set_num_threads(1)
     try:
-        return _run_study(study, out, arms, max_runs, regimes)
+        return _run_study(study, out, arms, max_runs, regimes, poll_s)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+def _setup(study: Study, out: Path, chosen: tuple[Arm, ...]) -> tuple[dict, dict]:
+    """Splits, study.json and the model directories (one process at a time)."""
+    with _locked(out / ".setup.lock"):
+        splits = write_splits(study, out / "data")
+        (out / "study.json").write_text(
+            json.dumps(
+                {"study": {**study.__dict__, "regimes": study.regimes}, "arms": [a.__dict__ for a in ARMS]},
+                default=str,
+            )
+        )
+        return splits, resolve_models(study, out, chosen)
 
 
 def _run_study(
@@ -460,6 +564,7 @@ def _run_study(
     arms: list[str] | None,
     max_runs: int | None,
     regimes: list[str] | None,
+    poll_s: float,
 ) -> Path:
     quick = study.quick
     out = Path(out or HERE / ("results-quick" if quick else "results"))
@@ -468,90 +573,134 @@ def _run_study(
     unknown = set(arms or ()) - set(ARM_NAMES)
     if unknown:
         raise SystemExit(f"unknown arm(s) {sorted(unknown)}; valid: {', '.join(ARM_NAMES)}")
-    splits = write_splits(study, out / "data")
-    (out / "study.json").write_text(
-        json.dumps(
-            {"study": {**study.__dict__, "regimes": study.regimes}, "arms": [a.__dict__ for a in ARMS]},
-            default=str,
-        )
-    )
-    models = resolve_models(study, out, chosen)
+    splits, models = _setup(study, out, chosen)
     test_records = [json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()]
     val_records = [json.loads(x) for x in (out / "data" / "validation.jsonl").read_text().splitlines()]
     done_now = 0
-    for run in plan(study, chosen, regimes):
-        arm, regime, seed = run["arm"], run["regime"], run["seed"]
-        eps = run["eps"]
-        if run["kind"] == "main" and arm.sweep_eps:
-            eps = analysis.selected_eps(out / "results.jsonl", arm.name, study.eps_grid)
-            if eps is None:
-                print(f"skip {arm.name}: its ε sweep has not finished", flush=True)
-                continue
-        run_id = f"{run['kind']}-{arm.name}-{regime}-s{seed}" + (f"-eps{eps:g}" if eps is not None else "")
-        run_dir = out / "runs" / run_id
-        if _finished(run_dir):
-            continue
-        if max_runs is not None and done_now >= max_runs:
-            break
-        run_dir.mkdir(parents=True, exist_ok=True)
-        train_file = out / "data" / f"train-{regime}-s{seed}.jsonl"
-        run_models = dict(models)
-        if "domain" in arm.references:
-            run_models["domain"] = sft_domain_reference(
-                study, models["policy"], train_file, out / "sft" / f"{regime}-s{seed}", seed
+    while True:
+        busy = waiting = progressed = False  # busy: claimed by another process; waiting: on an ε sweep
+        for run in plan(study, chosen, regimes):
+            arm, regime, seed = run["arm"], run["regime"], run["seed"]
+            eps = run["eps"]
+            if run["kind"] == "main" and arm.sweep_eps:
+                eps = analysis.selected_eps(out / "results.jsonl", arm.name, study.eps_grid)
+                if eps is None:
+                    waiting = True
+                    continue
+            run_id = f"{run['kind']}-{arm.name}-{regime}-s{seed}" + (
+                f"-eps{eps:g}" if eps is not None else ""
             )
-        sweep = run["kind"] == "sweep"
-        eval_file = out / "data" / ("validation.jsonl" if sweep else "test.jsonl")
-        print(f"run {run_id}", flush=True)
-        started = time.perf_counter()
-        per_row, summary = train_and_measure(
-            study,
-            arm,
-            run_models,
-            train_file,
-            eval_file,
-            val_records if sweep else test_records,
-            splits["validation"] if sweep else splits["test"],
-            run_dir,
-            eps,
-            seed,
-            generate=not sweep,
-        )
-        record = {
-            "kind": run["kind"],
-            "run": run_id,
-            "arm": arm.name,
-            "regime": regime,
-            "pairs": study.regimes[regime],
-            "seed": seed,
-            "eps": eps,
-            "split": "validation" if sweep else "test",
-            "split_rows": splits["validation"] if sweep else splits["test"],
-            "train_rows": splits["train"][f"{regime}-s{seed}"],
-            "per_row": per_row,
-            "train": summary,
-            "seconds": round(time.perf_counter() - started, 1),
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "machine": machine(),
-            "quick": study.quick,
-        }
-        _record(out, run_dir, record)
-        for path in (run_dir / "train").iterdir():  # models and checkpoints: ~0.5 GB a run at full size
-            if path.is_dir():
-                shutil.rmtree(path)
-        done_now += 1
-        analysis.write_results(out, ARMS, study)
-    analysis.write_results(out, ARMS, study)
+            run_dir = out / "runs" / run_id
+            if _finished(run_dir):
+                continue
+            if max_runs is not None and done_now >= max_runs:
+                _write_results(out, study)
+                return out
+            with _locked(out / "runs" / f"{run_id}.claim", blocking=False) as mine:
+                if not mine:
+                    busy = True
+                    continue
+                if _finished(run_dir):  # another process finished it while this one looked
+                    continue
+                _one_run(
+                    study, out, run, arm, eps, run_id, run_dir, models, splits, test_records, val_records
+                )
+            done_now += 1
+            progressed = True
+            _write_results(out, study)
+        if not busy:
+            if waiting:
+                print("some main runs wait for an ε sweep that did not finish; rerun to continue", flush=True)
+            break
+        if not progressed:  # the rest is claimed by other processes: look again shortly
+            time.sleep(poll_s)
+    _write_results(out, study)
     return out
 
 
+def _one_run(study, out, run, arm, eps, run_id, run_dir, models, splits, test_records, val_records) -> None:
+    regime, seed = run["regime"], run["seed"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_file = out / "data" / f"train-{regime}-s{seed}.jsonl"
+    run_models = dict(models)
+    if "domain" in arm.references:
+        run_models["domain"] = sft_domain_reference(
+            study, models["policy"], train_file, out / "sft" / f"{regime}-s{seed}", seed
+        )
+    sweep = run["kind"] == "sweep"
+    eval_file = out / "data" / ("validation.jsonl" if sweep else "test.jsonl")
+    print(f"run {run_id} (pid {os.getpid()})", flush=True)
+    started = time.perf_counter()
+    per_row, summary = train_and_measure(
+        study,
+        arm,
+        run_models,
+        train_file,
+        eval_file,
+        val_records if sweep else test_records,
+        splits["validation"] if sweep else splits["test"],
+        run_dir,
+        eps,
+        seed,
+        generate=not sweep,
+    )
+    import torch
+
+    record = {
+        "kind": run["kind"],
+        "run": run_id,
+        "arm": arm.name,
+        "regime": regime,
+        "pairs": study.regimes[regime],
+        "seed": seed,
+        "eps": eps,
+        "split": "validation" if sweep else "test",
+        "split_rows": splits["validation"] if sweep else splits["test"],
+        "train_rows": splits["train"][f"{regime}-s{seed}"],
+        "per_row": per_row,
+        "train": summary,
+        "seconds": round(time.perf_counter() - started, 1),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {**machine(), "torch_threads": torch.get_num_threads()},
+        "quick": study.quick,
+    }
+    _record(out, run_dir, record)
+    for path in (run_dir / "train").iterdir():  # models and checkpoints: ~0.5 GB a run at full size
+        if path.is_dir():
+            shutil.rmtree(path)
+
+
+def _launch_workers(argv: list[str], workers: int) -> int:
+    """``workers`` copies of this command, each with an equal share of the CPUs; the first failure's code."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--workers", "1", "--threads", str(threads)]
+    procs = [subprocess.Popen(cmd) for _ in range(workers)]
+    try:
+        codes = [p.wait() for p in procs]
+    except BaseException:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
+        raise
+    return next((c for c in codes if c), 0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny random models, a handful of rows")
     parser.add_argument("--out", help="results directory (default: results/ or results-quick/ here)")
     parser.add_argument("--arms", help=f"comma-separated subset of: {', '.join(ARM_NAMES)}")
-    parser.add_argument("--max-runs", type=int, help="stop after this many new runs")
+    parser.add_argument("--max-runs", type=int, help="stop after this many new runs (per process)")
     parser.add_argument("--regimes", help="comma-separated subset of the data regimes (default: all)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes running the study side by side, each with CPUs/N torch threads (default 1)",
+    )
+    parser.add_argument("--threads", type=int, help="torch threads of this process (default: torch's)")
     parser.add_argument(
         "--results-only",
         action="store_true",
@@ -568,7 +717,21 @@ def main(argv: list[str] | None = None) -> int:
     regimes = [r for r in args.regimes.split(",") if r] if args.regimes else None
     if regimes and set(regimes) - set(FULL.regimes):
         parser.error(f"--regimes: valid regimes are {', '.join(FULL.regimes)}")
-    out = run_study(args.quick, args.out, arms, args.max_runs, regimes=regimes)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.workers > 1:
+        rest = [
+            a
+            for i, a in enumerate(argv)
+            if not a.startswith("--workers") and not (i and argv[i - 1] == "--workers")
+        ]
+        code = _launch_workers(rest, args.workers)
+        if code == 0:
+            print(
+                f"results: {Path(args.out or HERE / ('results-quick' if args.quick else 'results')) / 'RESULTS.md'}"
+            )
+        return code
+    out = run_study(args.quick, args.out, arms, args.max_runs, regimes=regimes, threads=args.threads)
     print(f"results: {out / 'RESULTS.md'}")
     return 0
 
