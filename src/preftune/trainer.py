@@ -60,6 +60,7 @@ from .references import (
 from .rundir import CHECKPOINT_STATE, RunDir
 from .scoring import shared_prompt_support
 from .step import (
+    DataOrder,
     LossComputer,
     PolicyScorer,
     StepInputs,
@@ -341,22 +342,18 @@ class Trainer:
             return self.cfg.max_steps
         return max(1, math.ceil(self.cfg.epochs * self._steps_per_epoch()))
 
-    def _step_indices(self, step: int) -> list[list[int]]:
-        """This process's example indices for each micro-batch of optimiser step ``step`` (0-based)."""
+    def _data_order(self) -> DataOrder:
         cfg, acc = self.cfg, self.accelerator
-        per_epoch = self._steps_per_epoch()
-        epoch, pos = divmod(step, per_epoch)
         n = len(self.data.views[0].tokenized["train"])
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-        g = self._global_batch()
-        chunk = order[pos * g : (pos + 1) * g]
-        micro = cfg.batch_size * acc.num_processes
-        out = []
-        for m in range(cfg.grad_accum):
-            part = chunk[m * micro : (m + 1) * micro]
-            r = acc.process_index
-            out.append(part[r * cfg.batch_size : (r + 1) * cfg.batch_size])
-        return out
+        return DataOrder(
+            n,
+            cfg.seed,
+            self._steps_per_epoch(),
+            cfg.batch_size,
+            cfg.grad_accum,
+            acc.num_processes,
+            acc.process_index,
+        )
 
     # -- fit -----------------------------------------------------------------------------------------
 
@@ -434,9 +431,10 @@ class Trainer:
         last: dict[str, float] = {}
         scorer.train()
         per_epoch = self._steps_per_epoch()
+        order = self._data_order()
         for step in range(start, total):
             self.stage = f"step {step + 1}"
-            micro_batches = self._step_indices(step)
+            micro_batches = order(step)
             step_metrics: dict[str, list[float]] = {}
             losses = []
             for m, index in enumerate(micro_batches):

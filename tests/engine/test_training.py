@@ -274,3 +274,25 @@ def test_final_model_matches_the_trained_weights(base_config, tiny_model_dir):
         assert torch.equal(loaded[name], value), name
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     assert any(not torch.equal(initial[k], v) for k, v in trained.items())  # training moved them
+
+
+@pytest.mark.parametrize("processes,grad_accum", [(1, 1), (2, 3), (3, 2)])
+def test_data_order_splits_each_epochs_permutation_over_steps_micro_batches_and_processes(processes, grad_accum):
+    from preftune.step import DataOrder
+
+    n, bs, seed = 50, 2, 7
+    per_epoch = n // (bs * grad_accum * processes)
+    orders = [DataOrder(n, seed, per_epoch, bs, grad_accum, processes, r) for r in range(processes)]
+    for epoch in range(2):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        seen = []
+        for pos in range(per_epoch):
+            per_rank = [o(epoch * per_epoch + pos) for o in orders]
+            assert all(len(mb) == grad_accum and all(len(b) == bs for b in mb) for mb in per_rank)
+            # micro-batch m of a step is the m-th slice of the step's share, split rank by rank
+            for m in range(grad_accum):
+                seen += [i for r in range(processes) for i in per_rank[r][m]]
+        g = bs * grad_accum * processes
+        assert seen == perm[: per_epoch * g]  # the epoch's permutation in order, nothing twice
+    # steps of another epoch, then back: the permutation follows the step, not the call history
+    assert orders[0](0) == DataOrder(n, seed, per_epoch, bs, grad_accum, processes, 0)(0)
