@@ -39,6 +39,38 @@ def _status_kb(field: str) -> int:
     return 0
 
 
+class StageSampler:
+    """Samples RSS every few milliseconds in a thread and remembers the stage the peak fell in."""
+
+    def __init__(self, interval_s: float = 0.005):
+        import threading
+
+        self.stage, self.peak_mb, self.peak_stage = "start", 0.0, "start"
+        self.per_stage: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        rss, stage = _status_kb("VmRSS") / 1024, self.stage
+        self.per_stage[stage] = max(self.per_stage.get(stage, 0.0), rss)
+        if rss > self.peak_mb:
+            self.peak_mb, self.peak_stage = rss, stage
+
+    def at(self, stage: str) -> None:
+        self.sample()  # the end of the previous stage
+        self.stage = stage
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
 def worker(args) -> dict:
     import torch
     import transformers  # noqa: F401  (part of the baseline, as in a real run)
@@ -52,6 +84,8 @@ def worker(args) -> dict:
     D.init_process_group(backend="gloo")
     base_mb = _status_kb("VmRSS") / 1024  # libraries loaded, process group up: the same on both sides
     world, rank = D.world_size(), D.rank()
+    sampler = StageSampler()
+    sampler.at("load model")
     torch.manual_seed(0)
     if args.model == "smollm2":
         model, _ = load_causal_lm("smollm2-135m-instruct")
@@ -76,6 +110,7 @@ def worker(args) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     root = PolicyScorer(model)
     if world > 1:
+        sampler.at("shard")
         D.shard_policy(root)
     params = [p for p in root.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
@@ -95,12 +130,16 @@ def worker(args) -> dict:
         mine = pairs[rank * micro_batches : (rank + 1) * micro_batches]
         for m, (p, c, r) in enumerate(mine):
             with D.no_sync(root, enabled=m < len(mine) - 1):
+                sampler.at("forward")
                 logps, _ = root(**collate_sequences([p, p], [c, r], 0))
                 ref = logps.detach() - 0.1
                 loss = dpo(logps[:1], logps[1:], ref[:1], ref[1:], beta=0.1).loss
+                sampler.at("backward")
                 (loss / len(mine)).backward()
+        sampler.at("clip + optimizer step")
         D.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        sampler.at("between steps")
         optimizer.zero_grad(set_to_none=False)  # keep the gradients: they count at the peak anyway
         times.append(time.perf_counter() - started)
 
@@ -108,6 +147,7 @@ def worker(args) -> dict:
         t = t.to_local() if hasattr(t, "to_local") else t
         return t.numel() * t.element_size()
 
+    sampler.stop()
     state = {
         "parameters": sum(local_bytes(p) for p in params),
         "gradients": sum(local_bytes(p.grad) for p in params if p.grad is not None),
@@ -121,6 +161,8 @@ def worker(args) -> dict:
         "peak_rss_mb": round(_status_kb("VmHWM") / 1024, 1),
         "peak_over_baseline_mb": round(_status_kb("VmHWM") / 1024 - base_mb, 1),
         "local_state_mb": {k: round(v / 2**20, 1) for k, v in state.items()},
+        "peak_stage": sampler.peak_stage,  # where the sampled RSS peaked (sampled every 5 ms)
+        "peak_rss_by_stage_mb": {k: round(v - base_mb, 1) for k, v in sampler.per_stage.items()},
         "step_seconds": [round(t, 2) for t in times],
     }
 

@@ -282,7 +282,8 @@ def _run(command: str, rest: list[str]) -> int:
         result = train(args.config, args.overrides)
         from .evaluation import train_summary
 
-        print(train_summary(result))
+        if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate: once, not once per process
+            print(train_summary(result))
         return 0
     if command == "precompute":
         from .evaluation import precompute
