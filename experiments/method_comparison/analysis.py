@@ -194,6 +194,21 @@ CLAIMS = (
 )
 
 
+def wall_hours(records: list[dict]) -> float:
+    """Hours from the first run's start to the last run's end (``finished`` minus ``seconds``)."""
+    if not records:
+        return 0.0
+    import calendar
+
+    ends = [
+        calendar.timegm(time.strptime(r["finished"], "%Y-%m-%dT%H:%M:%SZ"))
+        for r in records
+        if "finished" in r
+    ]
+    starts = [e - r["seconds"] for e, r in zip(ends, (r for r in records if "finished" in r))]
+    return (max(ends) - min(starts)) / 3600 if ends else 0.0
+
+
 def write_results(out: Path, arms, study) -> Path:
     """RESULTS.md (table, selection, claims, plots) from whatever results exist; missing arms marked."""
     out = Path(out)
@@ -212,7 +227,8 @@ def write_results(out: Path, arms, study) -> Path:
     total = sum(r["seconds"] for r in records)
     lines += [
         f"Machine(s): {', '.join(f'{h} ({c} CPUs)' for h, c in machines) or '—'}; summed run time "
-        f"{total / 3600:.2f} h. Command: `python experiments/method_comparison/run.py"
+        f"{total / 3600:.2f} h; wall time {wall_hours(records):.2f} h (first run's start to last run's "
+        f"end, runs of parallel workers overlapping). Command: `python experiments/method_comparison/run.py"
         f"{' --quick' if study.quick else ''}`.",
         "",
         "Held-out metrics on the same test problems for every arm (mean over seeds and problems, 95% "
@@ -286,6 +302,9 @@ def write_results(out: Path, arms, study) -> Path:
         f"Released vs paper pairing (scarce, exact match): adaptive {_ci(ada)}, adaptive_released {_ci(rel)}.",
         "",
     ]
+    reading = out / "READING.md"  # the hand-written reading of these numbers, kept across regenerations
+    if reading.exists():
+        lines += [reading.read_text().rstrip(), ""]
     plots = write_plots(summary, regimes, names, out)
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
