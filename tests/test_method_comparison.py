@@ -175,3 +175,21 @@ def test_bootstrap_paired_differences_and_selection_by_hand(tmp_path):
     sweep.append(_record("main", "mrpo_adaptive", 0, [1.0, 1.0], [1, 2], "test", 1.0))
     path.write_text("".join(json.dumps(r) + "\n" for r in sweep) + '{"half a line')
     assert analysis.selected_eps(path, "mrpo_adaptive", (0.1, 0.3, 1.0)) == 0.3
+
+
+def test_wall_time_is_the_union_of_running_intervals_minus_pauses(tmp_path):
+    def rec(end, seconds):
+        return {"finished": f"2026-01-01T{end}Z", "seconds": seconds}
+
+    # two workers overlapping (00:00-00:10 and 00:07-00:12), then a later session (04:59-05:00)
+    records = [rec("00:10:00", 600), rec("00:12:00", 300), rec("05:00:00", 60)]
+    assert analysis.wall_hours(records) * 3600 == pytest.approx(12 * 60 + 60)
+    pauses = tmp_path / "pauses.jsonl"
+    pauses.write_text(
+        json.dumps({"start": "2026-01-01T00:05:00Z", "end": "2026-01-01T00:06:00Z", "why": "benchmark"})
+        + "\n"
+        + json.dumps({"start": "2026-01-01T01:00:00Z", "end": "2026-01-01T02:00:00Z", "why": "idle anyway"})
+        + "\n"
+    )
+    # only the part of a pause that overlaps running time is taken off
+    assert analysis.wall_hours(records, analysis.load_pauses(pauses)) * 3600 == pytest.approx(12 * 60)

@@ -194,19 +194,39 @@ CLAIMS = (
 )
 
 
-def wall_hours(records: list[dict]) -> float:
-    """Hours from the first run's start to the last run's end (``finished`` minus ``seconds``)."""
-    if not records:
-        return 0.0
+def _epoch(stamp: str) -> float:
     import calendar
 
-    ends = [
-        calendar.timegm(time.strptime(r["finished"], "%Y-%m-%dT%H:%M:%SZ"))
-        for r in records
-        if "finished" in r
+    return float(calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")))
+
+
+def wall_hours(records: list[dict], pauses: list[tuple[float, float]] = ()) -> float:
+    """Hours during which at least one run was running: the union of the runs' [start, end]
+    intervals (parallel workers overlap; the gaps between sessions do not count), minus the
+    ``pauses`` (epoch-second intervals when the study was stopped for other work)."""
+    spans = sorted(
+        (_epoch(r["finished"]) - r["seconds"], _epoch(r["finished"])) for r in records if "finished" in r
+    )
+    union: list[list[float]] = []
+    for a, b in spans:
+        if union and a <= union[-1][1]:
+            union[-1][1] = max(union[-1][1], b)
+        else:
+            union.append([a, b])
+    busy = sum(b - a for a, b in union)
+    for pa, pb in pauses:  # a pause counts only where it overlaps running time
+        busy -= sum(max(0.0, min(b, pb) - max(a, pa)) for a, b in union)
+    return busy / 3600
+
+
+def load_pauses(path: Path) -> list[tuple[float, float]]:
+    """``pauses.jsonl``: one {"start": ISO, "end": ISO, "why": ...} line per time the study was stopped."""
+    if not Path(path).exists():
+        return []
+    return [
+        (_epoch(r["start"]), _epoch(r["end"]))
+        for r in (json.loads(x) for x in Path(path).read_text().splitlines() if x.strip())
     ]
-    starts = [e - r["seconds"] for e, r in zip(ends, (r for r in records if "finished" in r))]
-    return (max(ends) - min(starts)) / 3600 if ends else 0.0
 
 
 def write_results(out: Path, arms, study) -> Path:
@@ -224,11 +244,12 @@ def write_results(out: Path, arms, study) -> Path:
         "",
     ]
     machines = sorted({(r["machine"]["host"], r["machine"]["cpus"]) for r in records})
+    pauses = load_pauses(out / "pauses.jsonl")
     total = sum(r["seconds"] for r in records)
     lines += [
         f"Machine(s): {', '.join(f'{h} ({c} CPUs)' for h, c in machines) or '—'}; summed run time "
-        f"{total / 3600:.2f} h; wall time {wall_hours(records):.2f} h (first run's start to last run's "
-        f"end, runs of parallel workers overlapping). Command: `python experiments/method_comparison/run.py"
+        f"{total / 3600:.2f} h; wall time {wall_hours(records, pauses):.2f} h (time during which a run was "
+        f"running, parallel workers overlapping; {len(pauses)} pause(s) for other work excluded: pauses.jsonl). Command: `python experiments/method_comparison/run.py"
         f"{' --quick' if study.quick else ''}`.",
         "",
         "Held-out metrics on the same test problems for every arm (mean over seeds and problems, 95% "
