@@ -59,6 +59,10 @@ def _check_study(out: Path, study, arms: list[str]) -> list[dict]:
             assert set(e["diff"]) == {"exact_match", "preference_accuracy"}
     text = (out / "RESULTS.md").read_text()
     assert "missing (not run yet)" in text or set(arms) == set(run.ARM_NAMES)
+    # the untrained policy's answers to the same test rows: the "before" row of every table
+    before = json.loads((out / "initial" / "test-generation.json").read_text())
+    assert before["rows"] == splits["test"] and len(before["exact_match"]) == study.test_rows
+    assert text.count("*initial policy, untrained*") == len(study.regimes)
     return records
 
 
@@ -99,9 +103,7 @@ def test_two_processes_share_the_study_without_running_anything_twice(tmp_path):
         "run.run_study(out=sys.argv[2], arms=['dpo', 'mrpo_val2'], study=study, threads=1, poll_s=0.5)"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    procs = [
-        subprocess.Popen([sys.executable, "-c", child, str(HERE), str(out)], env=env) for _ in range(2)
-    ]
+    procs = [subprocess.Popen([sys.executable, "-c", child, str(HERE), str(out)], env=env) for _ in range(2)]
     try:
         assert [p.wait(timeout=600) for p in procs] == [0, 0]
     finally:

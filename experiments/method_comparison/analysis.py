@@ -229,6 +229,34 @@ def load_pauses(path: Path) -> list[tuple[float, float]]:
     ]
 
 
+def initial_row(out: Path, n_boot: int) -> str | None:
+    """The table row of the untrained policy on the same test problems (``initial/``), if measured."""
+    gen, logps = out / "initial" / "test-generation.json", out / "initial" / "test.json"
+    if not gen.exists():
+        return None
+    per_row = json.loads(gen.read_text())
+    cells = {}
+    for metric in ("exact_match", "reached_answer"):
+        m = np.asarray([per_row[metric]], dtype=float)
+        cells[metric] = (float(m.mean()), *bootstrap_ci(m, n_boot))
+    if logps.exists():
+        saved = json.loads(logps.read_text())
+        m = (np.asarray(saved["chosen"]) > np.asarray(saved["rejected"])).astype(float)[None]
+        cells["likelihood_accuracy"] = (float(m.mean()), *bootstrap_ci(m, n_boot))
+    values = {"preference_accuracy": "0.5 (ties)", "divergence": "0"}
+    row = [
+        "*initial policy, untrained*",
+        "—",
+        "—",
+        *[values.get(m) or _ci(cells.get(m)) for m, _ in METRICS],
+        "—",
+        "—",
+        "—",
+        "—",
+    ]
+    return "| " + " | ".join(row) + " |"
+
+
 def write_results(out: Path, arms, study) -> Path:
     """RESULTS.md (table, selection, claims, plots) from whatever results exist; missing arms marked."""
     out = Path(out)
@@ -266,6 +294,9 @@ def write_results(out: Path, arms, study) -> Path:
             + " | Δ exact match | Δ pref. acc. | clip fraction | mean weights |",
             "|" + "---|" * (len(METRICS) + 7),
         ]
+        before = initial_row(out, study.bootstrap)
+        if before:
+            lines.append(before)
         for name in names:
             e = summary.get((regime, name))
             if e is None:

@@ -411,6 +411,38 @@ def measure(
     return per_row
 
 
+def initial_answers(study: Study, out: Path, policy: str, records: list[dict], split_ids: list[int]) -> Path:
+    """The untrained policy's greedy answers to the test problems, once per study: the "before" row.
+
+    Written to ``initial/test-generation.json`` (per row: exact match, reached an answer, the text)."""
+    path = out / "initial" / "test-generation.json"
+    with _locked(out / "initial" / ".generation.lock"):
+        if path.exists():
+            return path
+        from preftune.data.arithmetic import extract_answer
+        from preftune.models.loading import load_causal_lm
+
+        model, tokenizer = load_causal_lm(policy)
+        texts = greedy_answers(
+            model,
+            tokenizer,
+            [r["prompt"] for r in records],
+            max_new_tokens=study.max_new_tokens,
+            batch_size=study.gen_batch,
+        )
+        got = [extract_answer(t) for t in texts]
+        per_row = {
+            "rows": list(split_ids),
+            "exact_match": [float(g is not None and g == int(r["answer"])) for g, r in zip(got, records)],
+            "reached_answer": [float(g is not None) for g in got],
+            "generations": texts,
+        }
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(per_row))
+        tmp.replace(path)
+    return path
+
+
 def training_summary(metrics_path: Path, arm: Arm) -> dict:
     """Mean CTRO clip fraction and reference weights over the training steps (MRPO/MDPO arms)."""
     rows = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
@@ -576,6 +608,8 @@ def _run_study(
     splits, models = _setup(study, out, chosen)
     test_records = [json.loads(x) for x in (out / "data" / "test.jsonl").read_text().splitlines()]
     val_records = [json.loads(x) for x in (out / "data" / "validation.jsonl").read_text().splitlines()]
+    if not regimes or set(regimes) & set(study.regimes):  # the "before" row of every table
+        initial_answers(study, out, models["policy"], test_records, splits["test"])
     done_now = 0
     while True:
         busy = waiting = progressed = False  # busy: claimed by another process; waiting: on an ε sweep

@@ -277,7 +277,9 @@ def test_final_model_matches_the_trained_weights(base_config, tiny_model_dir):
 
 
 @pytest.mark.parametrize("processes,grad_accum", [(1, 1), (2, 3), (3, 2)])
-def test_data_order_splits_each_epochs_permutation_over_steps_micro_batches_and_processes(processes, grad_accum):
+def test_data_order_splits_each_epochs_permutation_over_steps_micro_batches_and_processes(
+    processes, grad_accum
+):
     from preftune.step import DataOrder
 
     n, bs, seed = 50, 2, 7
