@@ -169,3 +169,38 @@ def test_answer_items_keep_valid_rows_and_skip_bad_answers_only_when_asked(tmp_p
         4,
         6,
     ]
+
+
+@pytest.mark.distributed
+def test_generation_eval_under_two_fsdp_processes_runs_once_on_rank_zero(base_config, answers_file, tmp_path):
+    import sys
+
+    import torch
+
+    from .conftest import free_port, launch_processes, process_logs, rank_env
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with the gloo backend is not available")
+    cfg = base_config(
+        data__eval=answers_file,
+        generation_eval=True,
+        max_new_tokens=3,
+        parallelism="fsdp",
+        precision="fp32",
+        batch_size=1,
+        grad_accum=2,
+    )
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    port = free_port()
+    argv = [sys.executable, "-m", "preftune", "train", str(cfg_path)]
+    commands = [(argv, rank_env(rank, 2, port, CUDA_VISIBLE_DEVICES="")) for rank in range(2)]
+    codes, _ = launch_processes(commands, tmp_path, "geneval", timeout=600)
+    logs = [(tmp_path / f"geneval-{rank}.log").read_text() for rank in range(2)]
+    assert codes == [0, 0], process_logs(tmp_path, "geneval", 2)
+    run = tmp_path / "run"
+    (record_path,) = run.glob("eval-*[0-9]Z.json")  # answered once, by rank 0, from the consolidated model
+    record = json.loads(record_path.read_text())
+    assert record["model"] == str(run / "final") and record["metrics"]["eval_prompts_n"] == 3
+    assert "eval_answer_match" in logs[0] and "eval_answer_match" not in logs[1]
+    assert len(metric_rows(run, "eval_answer_match")) == 1
