@@ -276,14 +276,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(command: str, rest: list[str]) -> int:
     if command == "train":
-        from .trainer import train
+        from .evaluation import is_main_process, train_and_evaluate, train_summary
 
         args = _config_args(rest, "train")
-        result = train(args.config, args.overrides)
-        from .evaluation import train_summary
-
-        if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate: once, not once per process
-            print(train_summary(result))
+        result, generated = train_and_evaluate(args.config, args.overrides)  # + generation_eval
+        if is_main_process():  # under torchrun / accelerate: once, not once per process
+            print(train_summary(result, generated))
         return 0
     if command == "precompute":
         from .evaluation import precompute

@@ -86,6 +86,8 @@ POSITIVE = Range(gt=0)
 NON_NEGATIVE = Range(ge=0)
 AT_LEAST_ONE = Range(ge=1)
 FRACTION = Range(ge=0, le=1)
+# How a generated answer is checked (implemented in preftune.generation, which imports this tuple).
+MATCH_MODES = ("contains", "exact", "regex", "numeric")
 
 
 @dataclass
@@ -406,9 +408,23 @@ class TrainConfig:
     )
     progress: bool = _f(True, "Show progress bars.")
     generation_eval: bool = _f(
-        False, "After training, greedy-generate answers for eval prompts that carry an `answer`."
+        False,
+        "After training, greedy-generate answers to the prompts of the data.eval rows that carry an "
+        "`answer` field and score them with generation_match (main process, the saved final model). "
+        "Saved as eval-DATA-TIME.json + .generations.jsonl in the run directory, as `preftune eval "
+        "--prompts` saves them; eval_answer_match and eval_answer_phrase are added to metrics.jsonl "
+        "and printed in the summary. Needs data.eval with at least one answer (checked before any "
+        "model loads).",
     )
-    max_new_tokens: int = _f(64, "Generation length for generation_eval.", range=AT_LEAST_ONE)
+    generation_match: str = _f(
+        "contains",
+        "How generation_eval checks an answer (as `preftune eval --match`): `contains` (the normalised "
+        "answer appears in the output as whole words), `exact`, `regex` (the answer is a regular "
+        'expression) or `numeric` (the integer of the last "The answer is N"; use it for the bundled '
+        "arithmetic data).",
+        choices=MATCH_MODES,
+    )
+    max_new_tokens: int = _f(64, "Longest answer generation_eval generates, in tokens.", range=AT_LEAST_ONE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -584,6 +600,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if spec.multi_reference and cfg.mrpo.weights == "adaptive_released" and num_references != 2:
         raise ConfigError(
             f"mrpo.weights: adaptive_released is defined for exactly 2 references, got {num_references}"
+        )
+    if cfg.generation_eval and not cfg.data.eval:
+        raise ConfigError(
+            "generation_eval: true needs data.eval (its rows with an `answer` field are answered after "
+            "training); set data.eval or generation_eval: false"
         )
     if cfg.parallelism == "fsdp" and cfg.precision == "fp16":
         raise ConfigError("precision: fp16 is not supported with parallelism=fsdp; use bf16 or fp32")

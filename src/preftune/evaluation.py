@@ -6,6 +6,12 @@ greedy-decoded answers are checked too (:mod:`preftune.generation`, ``--match`` 
 call saves its results to a new ``eval-KEY-TIME.json`` in the run directory (KEY names the data; the
 generations go next to it), which ``preftune report`` shows; nothing earlier is overwritten.
 
+``generation_eval: true`` does the answer part after ``preftune train`` (:func:`generation_eval`):
+the prompts of the data.eval rows that carry an ``answer``, answered by the saved final model on the
+main process, scored and saved by the same functions as ``--prompts`` (:func:`score_answers`,
+:func:`save_eval_result`). It lives here, not in the trainer, because it needs this module (the
+trainer imports none of it); :func:`train_and_evaluate` is the training entry point that adds it.
+
 Both ``preftune train`` and ``preftune eval`` end with the same table (:func:`results_table`): each
 held-out metric, its n, what it means, and where the files are.
 """
@@ -15,14 +21,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, ReferenceConfig, TrainConfig, load_config
 from .report import METRIC_MEANINGS
 from .rundir import RunDir
-from .trainer import Trainer
+from .trainer import RunResult, Trainer, train
+
+# Prompts generated at once (`preftune eval --batch-size`'s default, and generation_eval's).
+GENERATION_BATCH_SIZE = 16
 
 # Shown first, in this order; anything else follows.
 MAIN_METRICS = (
@@ -93,8 +104,9 @@ def results_table(
     return "\n".join(lines)
 
 
-def train_summary(result) -> str:
-    """What ``preftune train`` prints at the end (``result`` is the trainer's :class:`RunResult`)."""
+def train_summary(result, generated: GenerationEval | None = None) -> str:
+    """What ``preftune train`` prints at the end (``result`` is the trainer's :class:`RunResult`;
+    ``generated`` what :func:`generation_eval` did, whose metrics are already in ``result``)."""
     run = RunDir(result.output_dir)
     evals = {k: v for k, v in result.last_metrics.items() if k.startswith("eval_")}
     files = [("run directory", run.root)]
@@ -105,8 +117,12 @@ def train_summary(result) -> str:
     if checkpoints:
         files.append(("last checkpoint", checkpoints[-1]))
     files.append(("metrics", run.metrics))
+    notes: tuple[str, ...] = ()
+    if generated is not None:
+        files += generated.saved.files()
+        notes = (generated.note,)
     title = f"trained {result.steps} steps. Held-out results after training"
-    table = results_table(title, evals, files, run.root)
+    table = results_table(title, evals, files, run.root, notes)
     return table + f"\nnext: preftune report {run.root}   (plots and report.md)"
 
 
@@ -159,6 +175,7 @@ def eval_config(run_dir: Path, data: str | None = None, checkpoint: str | None =
     cfg.overwrite_output_dir = True
     cfg.report_to = []
     cfg.save_merged = False
+    cfg.generation_eval = False  # a training step: `preftune eval --prompts` answers prompts itself
     return cfg
 
 
@@ -231,7 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-new-tokens", type=int, default=64, help="longest generated answer, in tokens (default 64)"
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts generated at once (default 16)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=GENERATION_BATCH_SIZE,
+        help=f"prompts generated at once (default {GENERATION_BATCH_SIZE})",
+    )
     return parser
 
 
@@ -250,6 +272,98 @@ def _read_prompts(path: Path) -> list[dict]:
     return items
 
 
+# --------------------------------------------------------------------------------------------------
+# Answers: scored and saved the same way by `preftune eval --prompts` and by generation_eval
+
+
+def score_answers(
+    model,
+    tokenizer,
+    items: list[dict],
+    *,
+    mode: str,
+    max_new_tokens: int,
+    batch_size: int = GENERATION_BATCH_SIZE,
+    chat_template: str | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, float], list[dict]]:
+    """Greedy answers to ``items`` ({"prompt", "answer"}) checked under ``mode``: the metrics
+    eval_answer_match, eval_answer_phrase and eval_prompts_n, and one detail row per item."""
+    from .generation import answer_match
+
+    match, details = answer_match(
+        model,
+        tokenizer,
+        items,
+        mode=mode,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        chat_template=chat_template,
+        progress=progress,
+    )
+    n = len(details)
+    metrics = {
+        "eval_answer_match": match,
+        "eval_answer_phrase": sum(d["reached_answer_phrase"] for d in details) / max(1, n),
+        "eval_prompts_n": n,
+    }
+    return metrics, details
+
+
+@dataclass
+class SavedEval:
+    """One saved evaluation: its ``eval-KEY-TIME.json`` and the generations next to it (or None)."""
+
+    path: Path
+    generations: Path | None
+    record: dict
+
+    def files(self) -> list[tuple[str, Path]]:
+        """(name, path) rows for :func:`results_table`."""
+        found = [("scores", self.path)]
+        if self.generations is not None:
+            found.append(("generations", self.generations))
+        return found
+
+
+def data_key(data, checkpoint: str | None = None) -> str:
+    """The KEY of ``eval-KEY-TIME.json``: the data file's name, with ``@checkpoint-N`` if one was named."""
+    key = Path(str(data)).stem if data else "data"
+    return key + (f"@{Path(checkpoint).name}" if checkpoint else "")
+
+
+def save_eval_result(
+    run: RunDir,
+    key: str,
+    *,
+    model: Path,
+    data,
+    metrics: dict,
+    details: list[dict] | None = None,
+    prompts: str | None = None,
+    match: str | None = None,
+    by: str = "preftune eval",
+) -> SavedEval:
+    """A new ``eval-KEY-TIME.json`` (never overwriting an earlier one) with the metrics, and with
+    ``details`` the generations file next to it; ``preftune report`` shows every such record."""
+    out = run.new_eval_result(key)
+    record = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "by": by,
+        "model": str(model),
+        "data": str(data),
+        "n": metrics.get("eval_n"),
+        "metrics": metrics,
+    }
+    gens = None
+    if details is not None:
+        gens = run.eval_generations(out)
+        gens.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details))
+        record.update(prompts=str(prompts), match=match, generations=gens.name)
+    out.write_text(json.dumps(record, indent=1))
+    return SavedEval(out, gens, record)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     run_dir = Path(args.run)
@@ -263,42 +377,134 @@ def main(argv: list[str]) -> int:
     metrics, trainer = evaluate_run(run_dir, args.data, args.checkpoint, keep_trainer=True)
     details = None
     if items is not None:
-        from .generation import answer_match
-
-        metrics["eval_answer_match"], details = answer_match(
+        answers, details = score_answers(
             trainer.model,
             trainer.tokenizer,
             items,
             mode=args.match,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
+            chat_template=trainer.cfg.data.chat_template,  # the template the run trained with
         )
-        metrics["eval_answer_phrase"] = sum(d["reached_answer_phrase"] for d in details) / max(
-            1, len(details)
-        )
-        metrics["eval_prompts_n"] = len(details)
+        metrics.update(answers)
     data = args.data or load_config(run.config).data.eval
-    key = Path(str(data)).stem if data else "data"
-    if args.checkpoint:
-        key += f"@{Path(args.checkpoint).name}"
-    out = run.new_eval_result(key)
-    record = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": str(model_dir),
-        "data": str(data),
-        "n": metrics.get("eval_n"),
-        "metrics": metrics,
-    }
-    files = [("scores", out)]
-    if details is not None:
-        gens = run.eval_generations(out)
-        gens.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details))
-        record.update(prompts=str(args.prompts), match=args.match, generations=gens.name)
-        files.append(("generations", gens))
-    out.write_text(json.dumps(record, indent=1))
+    saved = save_eval_result(
+        run,
+        data_key(data, args.checkpoint),
+        model=model_dir,
+        data=data,
+        metrics=metrics,
+        details=details,
+        prompts=args.prompts,
+        match=args.match,
+    )
     title = f"held-out results of {model_dir} on {data}"
     notes = ()
     if details is not None:
         notes = (f"answers: {len(details)} prompts from {args.prompts}, --match {args.match}",)
-    print(results_table(title, metrics, files, run.root, notes))
+    print(results_table(title, metrics, saved.files(), run.root, notes))
     return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# generation_eval: answers after `preftune train`
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / accelerate launch, or the only process (no RANK in the environment)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+@dataclass
+class GenerationEval:
+    """What :func:`generation_eval` did: the answer metrics, the saved record, a line for the summary."""
+
+    metrics: dict[str, float]
+    saved: SavedEval
+    note: str
+
+
+def load_trained(cfg: TrainConfig, model_dir: Path):
+    """(model, tokenizer) of a finished run's saved model, with plain transformers / peft on this
+    process alone: no Trainer, so no accelerate state and no collective that would wait for the
+    other ranks of a torchrun job (they have returned from training by now)."""
+    import torch
+
+    from .models.loading import config_dtype, load_causal_lm, resolve_causal_lm
+
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    dtype = config_dtype(cfg.model_dtype) or torch.float32
+    if not _is_adapter(model_dir):
+        return load_causal_lm(str(model_dir), dtype=dtype, device=device)
+    from peft import PeftModel
+
+    base, tokenizer = load_causal_lm(str(resolve_causal_lm(cfg.model, "model")), dtype=dtype, device=device)
+    return PeftModel.from_pretrained(base, str(model_dir)), tokenizer
+
+
+def generation_eval(cfg: TrainConfig, result: RunResult) -> GenerationEval | None:
+    """``generation_eval: true``, once training returned: greedy answers of the saved final model to
+    the data.eval rows that carry an ``answer``, scored with ``generation_match``.
+
+    Runs on the main process only (None elsewhere, and when the key is off). Saves an
+    ``eval-KEY-TIME.json`` + generations as ``preftune eval --prompts`` does, appends the answer
+    metrics to metrics.jsonl at the last step (next to the final held-out row), and adds them to
+    ``result.last_metrics``.
+    """
+    if not cfg.generation_eval or not is_main_process():
+        return None
+    from . import losses as L
+    from .data.check import generation_items
+    from .metrics import MetricsLog, log
+
+    run = RunDir(result.output_dir)
+    unpaired = bool(L.parse_method(cfg.method).get("unpaired"))
+    items = generation_items(cfg, unpaired=unpaired, log=log)  # the rows check_data found before training
+    model_dir = trained_model(run.root)
+    log(f"generation_eval: answering {len(items)} held-out prompts with {model_dir}")
+    model, tokenizer = load_trained(cfg, model_dir)
+    answers, details = score_answers(
+        model,
+        tokenizer,
+        items,
+        mode=cfg.generation_match,
+        max_new_tokens=cfg.max_new_tokens,
+        chat_template=cfg.data.chat_template,
+        progress=cfg.progress,
+    )
+    del model
+    held_out = {k: v for k, v in result.last_metrics.items() if k.startswith("eval_")}
+    saved = save_eval_result(
+        run,
+        data_key(cfg.data.eval),
+        model=model_dir,
+        data=cfg.data.eval,
+        metrics={**held_out, **answers},
+        details=details,
+        prompts=f"{cfg.data.eval} (rows with an answer)",
+        match=cfg.generation_match,
+        by="preftune train (generation_eval)",
+    )
+    metrics_log = MetricsLog(run.root, cfg.report_to, enabled=True)
+    try:
+        metrics_log.write(result.steps, answers)
+    finally:
+        metrics_log.close()
+    result.last_metrics.update(answers)
+    note = (
+        f"answers: {len(details)} prompts of {cfg.data.eval} rows with an answer, "
+        f"generation_match {cfg.generation_match}, max_new_tokens {cfg.max_new_tokens}"
+    )
+    return GenerationEval(answers, saved, note)
+
+
+def train_and_evaluate(
+    config: TrainConfig | str | os.PathLike | dict, overrides: list[str] | None = None
+) -> tuple[RunResult, GenerationEval | None]:
+    """:func:`preftune.trainer.train`, then :func:`generation_eval` (with the key on, main process).
+    ``preftune train`` and ``preftune.train`` call this."""
+    cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
+    result = train(cfg)
+    return result, generation_eval(cfg, result)

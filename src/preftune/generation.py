@@ -19,7 +19,8 @@ import string
 
 import torch
 
-MATCH_MODES = ("contains", "exact", "regex", "numeric")
+from .config import MATCH_MODES  # also the choices of the generation_match key
+
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
@@ -129,7 +130,7 @@ def answer_match(
     model, tokenizer, items: list[dict], *, mode: str = "contains", **kwargs
 ) -> tuple[float, list[dict]]:
     """Fraction of items whose greedy output matches ``item["answer"]`` under ``mode``, and per item
-    its prompt, answer, prediction, verdict and the full output."""
+    its prompt, answer, prediction, verdict and the full output (and ``item["row"]`` if it has one)."""
     if mode not in MATCH_MODES:
         raise ValueError(f"match mode must be one of {', '.join(MATCH_MODES)}, got {mode!r}")
     outputs = generate(model, tokenizer, [it["prompt"] for it in items], **kwargs)
@@ -137,6 +138,7 @@ def answer_match(
     for it, text in zip(items, outputs):
         details.append(
             {
+                **({"row": it["row"]} if "row" in it else {}),  # where the prompt came from, when known
                 "prompt": it["prompt"],
                 "answer": it["answer"],
                 "predicted": extract_prediction(text, mode),

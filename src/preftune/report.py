@@ -727,7 +727,7 @@ def _held_out_section(run: Run) -> str | None:
         [f"`{k}`", *(_format_value(r["metrics"].get(k)) for r in results), METRIC_MEANINGS.get(k, "")]
         for k in keys
     ]
-    note = "Written by `preftune eval`, one column per call (oldest first)."
+    note = "Written by `preftune eval` and `generation_eval`, one column per call (oldest first)."
     return f"## Held-out evaluation\n\n{note}\n\n" + _table(header, rows)
 
 

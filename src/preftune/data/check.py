@@ -5,16 +5,21 @@ loaded.
 
     check = check_data(cfg, unpaired=False, log=print)   # raises DataError / ConfigError
     check.skipped["train"]                                # rows left out with data.on_error=skip
+    check.answers                                         # generation_eval: the prompts to answer
+
+With ``generation_eval: true`` the held-out rows that carry an ``answer`` are checked here too, so a
+run whose answers cannot be scored fails before training, not after it.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .loading import _HUB_NAME, _JSON_SUFFIXES, MAX_REPORTED_ROWS, load_examples
-from .records import Columns, DataError, LoadedData
+from .loading import _HUB_NAME, _JSON_SUFFIXES, MAX_REPORTED_ROWS, _bad_rows_error, load_examples
+from .records import ANSWER_FIELD, Columns, DataError, LoadedData
 
 _DATA_SUFFIXES = (*_JSON_SUFFIXES, ".parquet", ".csv", ".arrow")
 
@@ -25,6 +30,9 @@ class DataCheck:
 
     loaded: dict[str, LoadedData] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    answers: list[dict[str, Any]] = field(
+        default_factory=list
+    )  # generation_eval's prompts (see answer_items)
 
     @property
     def report(self) -> dict[str, Any]:
@@ -78,14 +86,16 @@ def check_data(cfg, *, unpaired: bool = False, log=print) -> DataCheck:
     Raises DataError naming the config key and path of a source that is missing, every missing column
     with the ``data.columns.<field>=<column>`` override that maps it, and the first bad rows with line
     and field. With ``data.on_error=skip`` it logs how many rows each split skips and which, and
-    returns the counts.
+    returns the counts. With ``generation_eval`` also the answers of the held-out rows
+    (:func:`answer_items`): a ConfigError if none has one.
     """
-    from ..config import ConfigError, to_dict
+    from ..config import ConfigError
 
     data_cfg = cfg.data
     if not data_cfg.train:
         raise ConfigError("data.train is required (a file, a folder, a hub name or builtin:arithmetic-train)")
-    columns = Columns(**to_dict(data_cfg.columns))
+    if getattr(cfg, "generation_eval", False) and not data_cfg.eval:
+        raise ConfigError(_NO_EVAL)
     sources = {"train": ("data.train", data_cfg.train, data_cfg.train_split)}
     if data_cfg.eval:
         sources["eval"] = ("data.eval", data_cfg.eval, data_cfg.eval_split)
@@ -95,14 +105,7 @@ def check_data(cfg, *, unpaired: bool = False, log=print) -> DataCheck:
         check_source_exists(resolved[split], key)
     check = DataCheck()
     for split, (_key, source, hf_split) in sources.items():
-        loaded = load_examples(
-            resolved[split],
-            unpaired=unpaired,
-            columns=columns,
-            on_error=data_cfg.on_error,
-            split=hf_split,
-            max_rows=data_cfg.max_rows,
-        )
+        loaded = _load(cfg, resolved[split], hf_split, unpaired)
         check.loaded[split] = loaded
         check.skipped[split] = len(loaded.skipped)
         if loaded.skipped:
@@ -110,4 +113,108 @@ def check_data(cfg, *, unpaired: bool = False, log=print) -> DataCheck:
                 f"{split}: skipped {len(loaded.skipped)} bad rows of {source} (data.on_error=skip): "
                 + _describe_skipped(loaded)
             )
+    if getattr(cfg, "generation_eval", False):
+        eval_data = check.loaded["eval"]
+        check.answers = answer_items(eval_data, cfg.generation_match, data_cfg.on_error, log)
+        log(
+            f"generation_eval: {len(check.answers)} of {len(eval_data)} held-out rows carry an "
+            f"'{ANSWER_FIELD}'; their prompts are answered after training "
+            f"(generation_match={cfg.generation_match}, max_new_tokens={cfg.max_new_tokens})"
+        )
     return check
+
+
+def _load(cfg, resolved: str, split: str, unpaired: bool) -> LoadedData:
+    from ..config import to_dict
+
+    return load_examples(
+        resolved,
+        unpaired=unpaired,
+        columns=Columns(**to_dict(cfg.data.columns)),
+        on_error=cfg.data.on_error,
+        split=split,
+        max_rows=cfg.data.max_rows,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# generation_eval: the held-out rows that carry an answer
+
+_NO_EVAL = (
+    "generation_eval: true needs data.eval, held-out rows of which those with an "
+    f"'{ANSWER_FIELD}' field are answered after training; set data.eval or generation_eval: false"
+)
+
+
+def answer_problem(answer: Any, mode: str) -> str | None:
+    """Why ``answer`` cannot be checked under match ``mode`` (see preftune.generation), or None.
+
+    Found here, before training, rather than after it: a numeric match needs an integer, a regex
+    match a valid regular expression, every mode some text or number.
+    """
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        return f"expected text or a number, got {type(answer).__name__} {str(answer)[:40]!r}"
+    if isinstance(answer, str) and not answer.strip():
+        return "empty answer"
+    if mode == "numeric":
+        whole = (
+            isinstance(answer, int)
+            or (isinstance(answer, float) and answer.is_integer())
+            or (isinstance(answer, str) and re.fullmatch(r"\s*[-+]?\d+\s*", answer) is not None)
+        )
+        if not whole:
+            return f"generation_match=numeric needs an integer answer, got {answer!r}"
+    if mode == "regex":
+        try:
+            re.compile(str(answer))
+        except re.error as e:
+            return f"generation_match=regex: not a valid regular expression ({e})"
+    return None
+
+
+def answer_items(loaded: LoadedData, mode: str, on_error: str = "raise", log=print) -> list[dict[str, Any]]:
+    """The held-out examples whose row carries an answer, as ``{"prompt", "answer", "row"}`` items
+    (the prompt as training saw it: text or chat messages), in file order.
+
+    Raises ConfigError when no row has an answer, and DataError naming the file, row and field for an
+    answer ``mode`` cannot check (with ``on_error="skip"`` such rows are left out and counted).
+    """
+    from ..config import ConfigError
+
+    if not loaded.answers:
+        raise ConfigError(
+            f"generation_eval: no row of data.eval ({loaded.source}) has an '{ANSWER_FIELD}' field, so "
+            "there is nothing to answer after training; add answers to the rows whose prompts should "
+            "be answered, or set generation_eval: false"
+        )
+    items, problems = [], []
+    for example in loaded.examples:
+        if example.row not in loaded.answers:
+            continue
+        answer = loaded.answers[example.row]
+        problem = answer_problem(answer, mode)
+        if problem is not None:
+            problems.append((example.row, ANSWER_FIELD, problem))
+            continue
+        items.append({"prompt": example.prompt, "answer": answer, "row": example.row})
+    if problems and (on_error == "raise" or not items):
+        raise _bad_rows_error(problems, loaded.source, loaded.row_kind)
+    if problems:
+        log(
+            f"generation_eval: left out {len(problems)} rows of {loaded.source} whose answer cannot be "
+            f"checked (data.on_error=skip), first {loaded.where(problems[0][0])}: {problems[0][2]}"
+        )
+    return items
+
+
+def generation_items(cfg, *, unpaired: bool = False, log=print) -> list[dict[str, Any]]:
+    """generation_eval's prompts and answers read from ``cfg.data.eval`` (as :func:`check_data` found
+    them before training): for the step after training, when the trainer and its data are gone."""
+    from ..config import ConfigError
+
+    if not cfg.data.eval:
+        raise ConfigError(_NO_EVAL)
+    resolved = resolve_source(cfg.data.eval, "data.eval")
+    check_source_exists(resolved, "data.eval")
+    loaded = _load(cfg, resolved, cfg.data.eval_split, unpaired)
+    return answer_items(loaded, cfg.generation_match, cfg.data.on_error, log)

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .records import Columns, DataError, Example, LoadedData, RowKind, UnpairedExample
+from .records import ANSWER_FIELD, Columns, DataError, Example, LoadedData, RowKind, UnpairedExample
 from .validation import RowProblem, paired_from_row, unpaired_from_row
 
 logger = logging.getLogger(__name__)
@@ -460,6 +460,7 @@ def load_examples(
     examples: list[Example | UnpairedExample] = []
     skipped: list[tuple[int, str | None, str]] = []
     identical: list[int] = []
+    answers: dict[int, Any] = {}
     conversational: bool | None = None
     first_row: int | None = None
     for row, record in raw.rows:
@@ -489,6 +490,8 @@ def load_examples(
         if not unpaired and example.chosen == example.rejected:
             identical.append(row)
         examples.append(example)
+        if record.get(ANSWER_FIELD) is not None:  # Arrow sources fill an absent field with None
+            answers[row] = record[ANSWER_FIELD]
 
     if skipped and on_error == "raise":
         raise _bad_rows_error(skipped, source, raw.row_kind)
@@ -516,6 +519,7 @@ def load_examples(
         row_kind=raw.row_kind,
         unpaired=unpaired,
         identical_pairs=identical,
+        answers=answers,
     )
 
 

@@ -8,6 +8,8 @@ from typing import Any, Literal
 # A prompt or completion is plain text, or a list of chat messages {"role": ..., "content": ...}.
 Text = str | list[dict[str, Any]]
 RowKind = Literal["line", "index"]
+# The optional field of a held-out row that holds its reference answer (``generation_eval``).
+ANSWER_FIELD = "answer"
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,9 @@ class LoadedData:
     ``skipped`` holds ``(row, field, reason)`` for every row left out with ``on_error="skip"``
     (``field`` is ``None`` when the whole row was unreadable). ``identical_pairs`` lists the rows whose
     chosen equals rejected: they are kept (their DPO gradient is zero, but RPO contrasts them with
-    other pairs) and counted so the caller can report them.
+    other pairs) and counted so the caller can report them. ``answers`` maps the row of each valid
+    example whose row carries an ``answer`` field to that answer, as it was read (``generation_eval``
+    answers those prompts after training; the answer is not part of the preference data).
     """
 
     examples: list[Example | UnpairedExample]
@@ -113,6 +117,7 @@ class LoadedData:
     row_kind: RowKind = "line"
     unpaired: bool = False
     identical_pairs: list[int] = field(default_factory=list)
+    answers: dict[int, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.examples)
