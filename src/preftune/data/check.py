@@ -21,7 +21,9 @@ _DATA_SUFFIXES = (*_JSON_SUFFIXES, ".parquet", ".csv", ".arrow")
 
 @dataclass
 class DataCheck:
-    """What :func:`check_data` found: the loaded splits and the rows skipped in each."""
+    """What :func:`check_data` found: the loaded splits and the rows skipped in each. The splits are
+    streamed (a few numbers per row, no text), so ``prepare_data`` reuses them instead of loading
+    again."""
 
     loaded: dict[str, LoadedData] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
