@@ -593,7 +593,8 @@ class StreamedExamples(Sequence):
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return self._read(np.arange(len(self))[i])
+            span = range(len(self))[i]
+            return self._read(np.arange(span.start, span.stop, span.step))
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
