@@ -80,11 +80,11 @@ class _SpanReader(_RowReader):
                 raise DataError(
                     "the file changed after it was loaded and validated; load it again", source=self.source
                 )
-            fd = handle.fileno()
-            return [
-                json.loads(os.pread(fd, int(self.lengths[p]), int(self.starts[p])).decode("utf-8"))
-                for p in positions
-            ]
+            records = []
+            for p in positions:
+                handle.seek(int(self.starts[p]))
+                records.append(json.loads(handle.read(int(self.lengths[p])).decode("utf-8")))
+            return records
 
 
 class _DatasetReader(_RowReader):
