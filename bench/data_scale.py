@@ -9,10 +9,12 @@ BPE (vocabulary 8192) as the reference's.
 
 Modes: ``cold`` tokenizes into an empty cache (the first process of a node), ``warm`` maps the
 stores a cold run left (every other process of the node, and later runs), ``lists`` is the old path
-(``tokenize_dataset`` lists held in the process) for comparison.
+(``tokenize_dataset`` lists held in the process) for comparison, ``load`` only loads and validates
+(``load_examples``: the streaming pass that keys the stores; cheap at any size).
 
     python bench/data_scale.py                         # 20k and 100k rows, cold + warm, lists at 20k
     python bench/data_scale.py --rows 20000,100000,300000 --num-proc 2
+    python bench/data_scale.py --rows 20000,300000 --modes load --lists-at 0
 """
 
 from __future__ import annotations
@@ -80,7 +82,12 @@ def child(args) -> None:
     AutoTokenizer.from_pretrained(args.other)
     gc.collect()
     base = _rss_kb()
-    if args.mode == "lists":  # the old path: lists of token ids per process
+    if args.mode == "load":  # loading and validation alone
+        from preftune.data import load_examples
+
+        start = time.perf_counter()
+        rows = len(load_examples(args.data))
+    elif args.mode == "lists":  # the old path: lists of token ids per process
         from preftune.data import load_examples, tokenize_dataset
 
         start = time.perf_counter()
@@ -157,6 +164,7 @@ def main() -> None:
     parser.add_argument("--lists-at", type=int, default=20000, help="rows for the old list path (0: skip)")
     parser.add_argument("--workdir", default=None, help="keep data, models and caches here")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--modes", default="cold,warm", help="comma-separated: cold, warm, load")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name in ("mode", "data", "policy", "other", "cache"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
@@ -178,7 +186,7 @@ def main() -> None:
         results.append(measure(args.lists_at, "lists", 1, workdir, models))
         print(json.dumps(results[-1]), flush=True)
     for rows in sizes:
-        for mode in ("cold", "warm"):
+        for mode in args.modes.split(","):
             results.append(measure(rows, mode, args.num_proc, workdir, models))
             print(json.dumps(results[-1]), flush=True)
     print(

@@ -139,7 +139,7 @@ class Trainer:
         if uses_validation_weights(cfg, self.spec):
             validation_rows = carve_validation(self.data, cfg.mrpo.validation_fraction, cfg.seed)
         self.loading_report = self.data_check.report
-        self.data_check.loaded.clear()  # the text is tokenized: only the memory-mapped token stores stay
+        self.data_check.loaded.clear()  # streamed splits (row offsets); only the token stores stay
         self.loss_fn = LossComputer(cfg, self.spec, len(self.data.reference_views), self.unpaired)
         self.share_prompt = self._resolve_share_prompt()
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)

@@ -157,7 +157,9 @@ def test_answer_items_keep_valid_rows_and_skip_bad_answers_only_when_asked(tmp_p
     rows = eval_rows_with_answers(6, answered=(1, 3, 4, 5))
     rows[3]["answer"] = "("  # not a regular expression
     rows[4]["answer"] = {"value": 3}  # not text or a number
-    loaded = load_examples(write_jsonl(tmp_path / "e.jsonl", rows))
+    path = write_jsonl(tmp_path / "e.jsonl", rows)
+    assert load_examples(path).answers == {}  # kept only when asked: a training split holds none
+    loaded = load_examples(path, with_answers=True)
     with pytest.raises(DataError, match=r"line 4, field 'answer'.*not a valid regular expression") as error:
         answer_items(loaded, "regex")
     assert "line 5" in str(error.value)  # every bad answer at once

@@ -26,7 +26,9 @@ _DATA_SUFFIXES = (*_JSON_SUFFIXES, ".parquet", ".csv", ".arrow")
 
 @dataclass
 class DataCheck:
-    """What :func:`check_data` found: the loaded splits and the rows skipped in each."""
+    """What :func:`check_data` found: the loaded splits and the rows skipped in each. The splits are
+    streamed (a few numbers per row, no text), so ``prepare_data`` reuses them instead of loading
+    again."""
 
     loaded: dict[str, LoadedData] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
@@ -105,7 +107,8 @@ def check_data(cfg, *, unpaired: bool = False, log=print) -> DataCheck:
         check_source_exists(resolved[split], key)
     check = DataCheck()
     for split, (_key, source, hf_split) in sources.items():
-        loaded = _load(cfg, resolved[split], hf_split, unpaired)
+        answers = split == "eval" and bool(getattr(cfg, "generation_eval", False))
+        loaded = _load(cfg, resolved[split], hf_split, unpaired, with_answers=answers)
         check.loaded[split] = loaded
         check.skipped[split] = len(loaded.skipped)
         if loaded.skipped:
@@ -124,7 +127,7 @@ def check_data(cfg, *, unpaired: bool = False, log=print) -> DataCheck:
     return check
 
 
-def _load(cfg, resolved: str, split: str, unpaired: bool) -> LoadedData:
+def _load(cfg, resolved: str, split: str, unpaired: bool, *, with_answers: bool = False) -> LoadedData:
     from ..config import to_dict
 
     return load_examples(
@@ -134,6 +137,7 @@ def _load(cfg, resolved: str, split: str, unpaired: bool) -> LoadedData:
         on_error=cfg.data.on_error,
         split=split,
         max_rows=cfg.data.max_rows,
+        with_answers=with_answers,
     )
 
 

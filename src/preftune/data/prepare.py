@@ -56,7 +56,9 @@ def prepare_data(
     Token ids go to memory-mapped :class:`~preftune.data.store.TokenStore` files under
     ``cache_dir/tokens``; ``node_first`` (e.g. ``accelerator.local_main_process_first``) makes the
     first process of each node build them while the others wait, then map the same files.
-    ``loaded``: splits already loaded with these settings (``DataCheck.loaded``), used as they are.
+    ``loaded``: splits already loaded with these settings (``DataCheck.loaded``), used as they are:
+    streamed (:class:`~preftune.data.loading.StreamedExamples`), they cost a few numbers per row, and
+    the store key comes from the digest computed while loading, so a warm start reads no text again.
 
     Rows dropped for one model (e.g. a prompt over max_length in its tokens, with on_error=skip) are
     dropped for all, so index i always names the same example in every view.
@@ -152,7 +154,7 @@ def prepare_data(
         if not len(view.tokenized[split]):
             raise ConfigError(f"{split}: no usable rows in {sources[split][0]}")
     splits = list(loaded)
-    loaded.clear()  # the loaded text is not needed any more: only the token stores stay
+    loaded.clear()  # the streamed splits (row offsets) are not needed any more: only the token stores stay
     return PreparedData(splits, views, reference_views, unpaired, report)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -101,15 +104,24 @@ class UnpairedExample:
 class LoadedData:
     """Validated examples of one source.
 
+    ``examples`` is a sequence of :class:`Example` / :class:`UnpairedExample`: a list when built in
+    memory, or, from :func:`~preftune.data.loading.load_examples`, a lazy
+    :class:`~preftune.data.loading.StreamedExamples` that keeps a few numbers per row (source row,
+    where to re-read it) and re-reads and re-validates the rows it is asked for, so a split of any
+    size costs no Python objects per row. ``digest`` is :func:`~preftune.data.store.data_fingerprint`
+    computed while loading (None: computed from ``examples`` when asked).
+
     ``skipped`` holds ``(row, field, reason)`` for every row left out with ``on_error="skip"``
     (``field`` is ``None`` when the whole row was unreadable). ``identical_pairs`` lists the rows whose
     chosen equals rejected: they are kept (their DPO gradient is zero, but RPO contrasts them with
     other pairs) and counted so the caller can report them. ``answers`` maps the row of each valid
-    example whose row carries an ``answer`` field to that answer, as it was read (``generation_eval``
-    answers those prompts after training; the answer is not part of the preference data).
+    example whose row carries an ``answer`` field to that answer, as it was read, when
+    :func:`load_examples` was asked for them (``with_answers``: ``generation_eval`` answers those
+    prompts after training; the answer is not part of the preference data, and a training split
+    does not keep one Python object per row for it).
     """
 
-    examples: list[Example | UnpairedExample]
+    examples: Sequence[Example | UnpairedExample]
     source: str
     skipped: list[tuple[int, str | None, str]] = field(default_factory=list)
     conversational: bool = False
@@ -118,6 +130,7 @@ class LoadedData:
     unpaired: bool = False
     identical_pairs: list[int] = field(default_factory=list)
     answers: dict[int, Any] = field(default_factory=dict)
+    digest: str | None = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -129,3 +142,30 @@ class LoadedData:
     def error(self, row: int | None, field: str | None, reason: str) -> DataError:
         """A :class:`DataError` about ``row`` of this source (for later stages that find bad rows)."""
         return DataError(reason, source=self.source, row=row, field=field, row_kind=self.row_kind)
+
+
+class ExampleDigest:
+    """sha256 over a split's examples (text or messages, labels, rows), fed one example at a time, so
+    a loader computes it while streaming; ``head`` names what else the digest covers (the flags and
+    column names errors use). :func:`~preftune.data.store.data_fingerprint` is this digest."""
+
+    def __init__(self, head: list[Any]):
+        self._hash = hashlib.sha256(json.dumps(head, default=str).encode())
+
+    @classmethod
+    def for_split(
+        cls, *, unpaired: bool, conversational: bool, row_kind: RowKind, columns: Columns
+    ) -> ExampleDigest:
+        return cls([unpaired, conversational, row_kind, repr(columns)])
+
+    def add(self, example: Example | UnpairedExample) -> None:
+        if isinstance(example, UnpairedExample):
+            item = [example.row, example.prompt, example.completion, example.label]
+        else:
+            item = [example.row, example.prompt, example.chosen, example.rejected]
+        data = json.dumps(item, sort_keys=True, ensure_ascii=False, default=str).encode()
+        self._hash.update(len(data).to_bytes(8, "little"))
+        self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()

@@ -29,7 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .formatting import add_special_tokens_for
-from .records import LoadedData, UnpairedExample
+from .records import ExampleDigest, LoadedData, UnpairedExample
 from .tokenize import (
     BatchSettings,
     TokenizedExample,
@@ -227,19 +227,22 @@ def tokenizer_fingerprint(tokenizer: Any) -> str | None:
 
 
 def data_fingerprint(loaded: LoadedData) -> str:
-    """A digest of the examples (text or messages, labels, rows) and of the names errors use."""
-    h = hashlib.sha256()
-    head = [loaded.unpaired, loaded.conversational, loaded.row_kind, repr(loaded.columns)]
-    h.update(json.dumps(head, default=str).encode())
+    """A digest of the examples (text or messages, labels, rows) and of the names errors use.
+
+    ``load_examples`` computes it while it streams the rows (``loaded.digest``); otherwise the
+    examples are read once, in order.
+    """
+    if loaded.digest is not None:
+        return loaded.digest
+    digest = ExampleDigest.for_split(
+        unpaired=loaded.unpaired,
+        conversational=loaded.conversational,
+        row_kind=loaded.row_kind,
+        columns=loaded.columns,
+    )
     for example in loaded.examples:
-        if isinstance(example, UnpairedExample):
-            item = [example.row, example.prompt, example.completion, example.label]
-        else:
-            item = [example.row, example.prompt, example.chosen, example.rejected]
-        data = json.dumps(item, sort_keys=True, ensure_ascii=False, default=str).encode()
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-    return h.hexdigest()
+        digest.add(example)
+    return digest.hexdigest()
 
 
 def store_key(loaded: LoadedData, tokenizer: Any, **settings: Any) -> str | None:
@@ -251,17 +254,23 @@ def store_key(loaded: LoadedData, tokenizer: Any, **settings: Any) -> str | None
 
 
 _WORKER_SETTINGS: BatchSettings | None = None
+_WORKER_EXAMPLES: Sequence | None = None
 
 
-def _init_worker(settings: BatchSettings) -> None:
-    global _WORKER_SETTINGS
-    _WORKER_SETTINGS = settings
+def _init_worker(settings: BatchSettings, examples: Sequence) -> None:
+    """Give this process the settings and the examples; a forked worker inherits both as they are
+    (a lazy :class:`~preftune.data.loading.StreamedExamples` is a few arrays and a path), so each
+    worker reads its own rows from the source instead of the parent sending them."""
+    global _WORKER_SETTINGS, _WORKER_EXAMPLES
+    _WORKER_SETTINGS, _WORKER_EXAMPLES = settings, examples
 
 
-def _pack(batch) -> tuple:
-    """One batch tokenized and packed into numpy arrays (what travels back from a worker)."""
-    assert _WORKER_SETTINGS is not None
+def _pack(span: tuple[int, int]) -> tuple:
+    """Examples ``span[0]:span[1]`` read, tokenized and packed into numpy arrays (what travels back
+    from a worker)."""
+    assert _WORKER_SETTINGS is not None and _WORKER_EXAMPLES is not None
     settings = _WORKER_SETTINGS
+    batch = _WORKER_EXAMPLES[span[0] : span[1]]
     problems, kept = tokenize_batch(batch, settings)
     problems = [(example.row, problem.field, problem.reason) for example, problem in problems]
     columns = ["prompt", *settings.slots]
@@ -289,8 +298,8 @@ def _offsets(parts: list[np.ndarray]) -> np.ndarray:
 
 
 def _bounded_imap(pool, items, window: int):
-    """``pool.imap(_pack, items)`` with at most ``window`` batches in flight: ``imap`` itself would
-    queue every batch at once, holding the whole data set in pickled form."""
+    """``pool.imap(_pack, items)`` with at most ``window`` batches in flight, so the packed results
+    waiting for the parent stay bounded."""
     pending: collections.deque = collections.deque()
     for item in items:
         pending.append(pool.apply_async(_pack, (item,)))
@@ -338,7 +347,8 @@ def build_token_store(
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
-    batches = (examples[s : s + batch_size] for s in range(0, len(examples), batch_size))
+    # index ranges, not examples: whoever tokenizes a batch reads its rows (a worker, or this process)
+    batches = ((s, min(s + batch_size, len(examples))) for s in range(0, len(examples), batch_size))
     lengths: dict[str, list[np.ndarray]] = {c: [] for c in columns}
     text_lengths, rows, truncated, labels = [], [], [], []
     pool = None
@@ -351,10 +361,10 @@ def build_token_store(
         if num_proc > 1 and len(examples) > batch_size:
             # fork: the workers inherit the tokenizer instead of unpickling it; spawn where fork is missing
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = multiprocessing.get_context(method).Pool(num_proc, _init_worker, (settings,))
+            pool = multiprocessing.get_context(method).Pool(num_proc, _init_worker, (settings, examples))
             results = _bounded_imap(pool, batches, window=2 * num_proc)
         else:
-            _init_worker(settings)
+            _init_worker(settings, examples)
             results = map(_pack, batches)
         for problems, packed, (t_len, t_bytes), b_rows, b_trunc, b_labels, n in results:
             for row, field, reason in problems:
@@ -396,6 +406,7 @@ def build_token_store(
                 raise
     finally:
         bar.close()
+        _init_worker(None, None)  # type: ignore[arg-type]  # this process keeps no reference to the rows
         if pool is not None:
             pool.terminate()
             pool.join()
