@@ -14,6 +14,7 @@ from preftune.cli import main
 from preftune.config import ConfigError, load_config
 from preftune.data import DataError, load_examples
 from preftune.data.check import answer_items
+from preftune.rundir import RunDir
 
 from .conftest import arithmetic_rows, metric_rows, write_jsonl
 
@@ -49,7 +50,7 @@ def test_generation_eval_answers_exactly_the_rows_with_answers(base_config, answ
     )
     result = preftune.train(cfg)  # the Python entry point does it too, not only the CLI
     run = result.output_dir
-    (record_path,) = run.glob("eval-*[0-9]Z.json")
+    (record_path,) = RunDir(run).eval_results()
     record = json.loads(record_path.read_text())
     assert record["by"] == "preftune train (generation_eval)" and record["match"] == "numeric"
     assert record["model"] == str(run / "final")
@@ -90,7 +91,7 @@ def test_cli_train_prints_the_answer_metrics_of_a_lora_run_as_eval_would(
     assert main(["train", str(cfg_path)]) == 0
     out = capsys.readouterr().out
     run = tmp_path / "run"
-    (record_path,) = run.glob("eval-*[0-9]Z.json")
+    (record_path,) = RunDir(run).eval_results()
     record = json.loads(record_path.read_text())
     assert record["model"] == str(run / "final-adapter") and record["match"] == "contains"
     value = record["metrics"]["eval_answer_match"]
@@ -103,7 +104,7 @@ def test_cli_train_prints_the_answer_metrics_of_a_lora_run_as_eval_would(
     # `preftune eval --prompts` of the same rows: the same adapter loaded, the same answers
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [r for r in eval_rows_with_answers() if "answer" in r])
     assert main(["eval", str(run), "--prompts", prompts, "--max-new-tokens", "3"]) == 0
-    (other,) = [p for p in run.glob("eval-*[0-9]Z.json") if p != record_path]
+    (other,) = [p for p in RunDir(run).eval_results() if p != record_path]
     again = json.loads(other.read_text())
     assert [g["output"] for g in _gen_lines(run / again["generations"])] == [
         g["output"] for g in _gen_lines(run / record["generations"])
@@ -201,7 +202,7 @@ def test_generation_eval_under_two_fsdp_processes_runs_once_on_rank_zero(base_co
     logs = [(tmp_path / f"geneval-{rank}.log").read_text() for rank in range(2)]
     assert codes == [0, 0], process_logs(tmp_path, "geneval", 2)
     run = tmp_path / "run"
-    (record_path,) = run.glob("eval-*[0-9]Z.json")  # answered once, by rank 0, from the consolidated model
+    (record_path,) = RunDir(run).eval_results()  # answered once, by rank 0, from the consolidated model
     record = json.loads(record_path.read_text())
     assert record["model"] == str(run / "final") and record["metrics"]["eval_prompts_n"] == 3
     assert "eval_answer_match" in logs[0] and "eval_answer_match" not in logs[1]

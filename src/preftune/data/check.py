@@ -202,7 +202,7 @@ def answer_items(loaded: LoadedData, mode: str, on_error: str = "raise", log=pri
             continue
         items.append({"prompt": example.prompt, "answer": answer, "row": example.row})
     if problems and (on_error == "raise" or not items):
-        raise _bad_rows_error(problems, loaded.source, loaded.row_kind)
+        raise _bad_rows_error(problems, len(problems), loaded.source, loaded.row_kind)
     if problems:
         log(
             f"generation_eval: left out {len(problems)} rows of {loaded.source} whose answer cannot be "
@@ -220,5 +220,5 @@ def generation_items(cfg, *, unpaired: bool = False, log=print) -> list[dict[str
         raise ConfigError(_NO_EVAL)
     resolved = resolve_source(cfg.data.eval, "data.eval")
     check_source_exists(resolved, "data.eval")
-    loaded = _load(cfg, resolved, cfg.data.eval_split, unpaired)
+    loaded = _load(cfg, resolved, cfg.data.eval_split, unpaired, with_answers=True)
     return answer_items(loaded, cfg.generation_match, cfg.data.on_error, log)
