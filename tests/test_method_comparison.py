@@ -195,3 +195,20 @@ def test_wall_time_is_the_union_of_running_intervals_minus_pauses(tmp_path):
     )
     # only the part of a pause that overlaps running time is taken off
     assert analysis.wall_hours(records, analysis.load_pauses(pauses)) * 3600 == pytest.approx(12 * 60)
+
+
+def test_differences_against_the_untrained_policy_are_paired_per_problem():
+    rows = list(range(30))
+    rng = np.random.default_rng(1)
+    untrained = rng.integers(0, 2, 30).astype(float)
+    recs = []
+    for seed in (0, 1):
+        trained = untrained.copy()
+        trained[np.flatnonzero(untrained == 0)[: 5 + seed]] = 1.0  # solves 5 (6) more problems
+        recs.append(_record("main", "dpo", seed, trained, rows))
+    initial = {"rows": rows, "exact_match": untrained.tolist(), "reached_answer": untrained.tolist()}
+    entry = analysis.summarise(recs, 300, initial)["scarce", "dpo"]
+    point, lo, hi = entry["vs_initial"]["exact_match"]
+    assert point == pytest.approx(5.5 / 30) and 0 < lo <= point <= hi  # every problem moved up or not at all
+    with pytest.raises(ValueError, match="other rows than the untrained policy"):
+        analysis.summarise(recs, 10, {**initial, "rows": rows[::-1]})

@@ -69,8 +69,9 @@ def _matrix(records: list[dict], metric: str) -> tuple[np.ndarray, list[int], li
     return np.array([r["per_row"][metric] for r in records], dtype=float), [r["seed"] for r in records], rows
 
 
-def summarise(records: list[dict], n_boot: int) -> dict:
-    """Per (regime, arm): point estimates and CIs; paired differences against DPO on shared seeds."""
+def summarise(records: list[dict], n_boot: int, initial: dict | None = None) -> dict:
+    """Per (regime, arm): point estimates and CIs; paired differences against DPO on shared seeds,
+    and (``initial``: the untrained policy's per-row answers) against the untrained policy."""
     main = [r for r in records if r["kind"] == "main"]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in main:
@@ -91,6 +92,17 @@ def summarise(records: list[dict], n_boot: int) -> dict:
                 entry[key] = float(np.mean(vals))
         entry["seconds"] = float(np.sum([r["seconds"] for r in recs]))
         out[regime, arm] = entry
+    for (regime, arm), entry in out.items():
+        entry["vs_initial"] = {}
+        recs = groups[regime, arm]
+        if initial is None or "exact_match" not in recs[0]["per_row"]:
+            continue
+        if recs[0]["per_row"]["rows"] != initial["rows"]:
+            raise ValueError(f"{recs[0]['run']} was measured on other rows than the untrained policy")
+        for metric in ("exact_match", "reached_answer"):
+            m, _, _ = _matrix(recs, metric)
+            d = m - np.asarray(initial[metric], dtype=float)[None]  # paired per problem, every seed
+            entry["vs_initial"][metric] = (float(d.mean()), *bootstrap_ci(d, n_boot))
     for (regime, arm), entry in out.items():
         base = groups.get((regime, "dpo"))
         if arm == "dpo" or not base:
@@ -253,6 +265,7 @@ def initial_row(out: Path, n_boot: int) -> str | None:
         "—",
         "—",
         "—",
+        "—",
     ]
     return "| " + " | ".join(row) + " |"
 
@@ -261,7 +274,9 @@ def write_results(out: Path, arms, study) -> Path:
     """RESULTS.md (table, selection, claims, plots) from whatever results exist; missing arms marked."""
     out = Path(out)
     records = load(out / "results.jsonl")
-    summary = summarise(records, study.bootstrap)
+    initial_path = out / "initial" / "test-generation.json"
+    initial = json.loads(initial_path.read_text()) if initial_path.exists() else None
+    summary = summarise(records, study.bootstrap, initial)
     regimes = list(study.regimes)
     names = [a.name for a in arms]
     lines = [
@@ -291,8 +306,9 @@ def write_results(out: Path, arms, study) -> Path:
             "",
             "| arm | seeds | ε | "
             + " | ".join(label for _, label in METRICS)
-            + " | Δ exact match | Δ pref. acc. | clip fraction | mean weights |",
-            "|" + "---|" * (len(METRICS) + 7),
+            + " | Δ exact match vs untrained | Δ exact match vs DPO | Δ pref. acc. vs DPO | clip fraction"
+            " | mean weights |",
+            "|" + "---|" * (len(METRICS) + 8),
         ]
         before = initial_row(out, study.bootstrap)
         if before:
@@ -300,7 +316,7 @@ def write_results(out: Path, arms, study) -> Path:
         for name in names:
             e = summary.get((regime, name))
             if e is None:
-                lines.append(f"| {name} | **missing (not run yet)** |" + " |" * (len(METRICS) + 5))
+                lines.append(f"| {name} | **missing (not run yet)** |" + " |" * (len(METRICS) + 6))
                 continue
             weights = [e[k] for k in ("alpha_0", "alpha_1", "alpha_2") if k in e]
             cells = [
@@ -308,6 +324,7 @@ def write_results(out: Path, arms, study) -> Path:
                 ",".join(map(str, e["seeds"])),
                 "—" if e["eps"] is None else f"{e['eps']:g}",
                 *[_ci(e["metrics"].get(m)) for m, _ in METRICS],
+                _diff(e.get("vs_initial", {}).get("exact_match")),
                 _diff(e["diff"].get("exact_match")),
                 _diff(e["diff"].get("preference_accuracy")),
                 f"{e['clip_fraction']:.3f}" if "clip_fraction" in e else "—",
@@ -347,6 +364,19 @@ def write_results(out: Path, arms, study) -> Path:
     for text, regime, arm, metric in CLAIMS:
         d = summary.get((regime, arm), {}).get("diff", {}).get(metric)
         lines.append(f"| {text} | {_diff(d)} | {verdict(d)} |")
+    lines += [
+        "",
+        "Against the untrained policy (greedy exact match, paired per problem; the demo's question: does "
+        "training make the model answer better?):",
+        "",
+        "| regime | arm | Δ [95% CI] | reading |",
+        "|---|---|---|---|",
+    ]
+    for regime in regimes:
+        for name in names:
+            d = summary.get((regime, name), {}).get("vs_initial", {}).get("exact_match")
+            if d is not None:
+                lines.append(f"| {regime} | {name} | {_diff(d)} | {verdict(d).replace('DPO', 'untrained')} |")
     rel = summary.get(("scarce", "mrpo_released"), {}).get("metrics", {}).get("exact_match")
     ada = summary.get(("scarce", "mrpo_adaptive"), {}).get("metrics", {}).get("exact_match")
     lines += [
