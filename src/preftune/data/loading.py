@@ -743,15 +743,16 @@ def load_examples(
         raise ValueError(f"max_rows must be positive, got {max_rows}")
     source = os.fspath(source)
     reading = _read_source(source, split, max_rows)
-    found = _validation_pass(
+    validate = partial(
+        _validation_pass,
         reading,
         source,
         columns,
         unpaired=unpaired,
         on_error=on_error,
-        implicit=None,
         with_answers=with_answers,
     )
+    found = validate(implicit=None)
     if not found.read:
         raise DataError("no rows", source=source)
     present = list(reading.columns)
@@ -777,15 +778,7 @@ def load_examples(
             extra += " (A prompt is extracted from chosen/rejected only when they are full conversations.)"
         raise _missing_columns(missing, present, source, columns, extra)
     if implicit != found.implicit:  # a prompt column first met after the first row: validate again
-        found = _validation_pass(
-            reading,
-            source,
-            columns,
-            unpaired=unpaired,
-            on_error=on_error,
-            implicit=implicit,
-            with_answers=with_answers,
-        )
+        found = validate(implicit=implicit)
 
     if found.problems and on_error == "raise":
         raise _bad_rows_error(found.problems, found.problem_count, source, reading.row_kind)
