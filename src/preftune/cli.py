@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
+from .rundir import human_bytes
 
 USAGE = """usage: preftune <command> [options]    (preftune <command> --help for each command's options)
 
@@ -75,14 +76,6 @@ def _simple_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=f"preftune {prog}", description=description)
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
 def _presets(argv: list[str]) -> int:
     parser = _simple_parser("presets", "List the built-in model presets (usable as `model:` by name).")
     parser.add_argument(
@@ -95,7 +88,7 @@ def _presets(argv: list[str]) -> int:
     width = max(len(r["name"]) for r in rows)
     print(f"{'preset':<{width}}  {'converted':<9}  {'size':>8}  cached at")
     for r in rows:
-        size = _human_bytes(r["bytes"]) if r["converted"] else "—"
+        size = human_bytes(r["bytes"]) if r["converted"] else "—"
         print(f"{r['name']:<{width}}  {'yes' if r['converted'] else 'no':<9}  {size:>8}  {r['path']}")
         print(f"{'':<{width}}  {r['description']}")
     print("\na preset is converted on first use (about a minute); `preftune cache clear models` removes them")
@@ -137,17 +130,17 @@ def _cache(argv: list[str]) -> int:
         width = max(len(r["kind"]) for r in rows)
         for r in rows:
             print(
-                f"  {r['kind']:<{width}}  {_human_bytes(r['bytes']):>8}  {r['entries']:>4} entries  {r['meaning']}"
+                f"  {r['kind']:<{width}}  {human_bytes(r['bytes']):>8}  {r['entries']:>4} entries  {r['meaning']}"
             )
-        print(f"  {'total':<{width}}  {_human_bytes(sum(r['bytes'] for r in rows)):>8}")
+        print(f"  {'total':<{width}}  {human_bytes(sum(r['bytes'] for r in rows)):>8}")
         return 0
     try:
         removed = clear_cache(args.kinds, root)
     except ValueError as e:
         clear.error(str(e))
     for path, size in removed:
-        print(f"removed {path} ({_human_bytes(size)})")
-    print(f"freed {_human_bytes(sum(s for _, s in removed))}" if removed else f"nothing to remove in {root}")
+        print(f"removed {path} ({human_bytes(size)})")
+    print(f"freed {human_bytes(sum(s for _, s in removed))}" if removed else f"nothing to remove in {root}")
     return 0
 
 

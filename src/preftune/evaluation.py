@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .config import ConfigError, ReferenceConfig, TrainConfig, load_config
 from .report import METRIC_MEANINGS
-from .rundir import RunDir
+from .rundir import RunDir, dir_bytes, human_bytes
 from .trainer import RunResult, Trainer, train
 
 # Prompts generated at once (`preftune eval --batch-size`'s default, and generation_eval's).
@@ -59,18 +59,6 @@ def precompute(config, overrides=None) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Printing
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else 0
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def _ordered(metrics: dict) -> list[str]:

@@ -193,3 +193,17 @@ class RunDir:
             if p.is_dir() and suffix.isdigit() and (p / CHECKPOINT_STATE).is_file():
                 found.append(p)
         return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def dir_bytes(path: str | Path) -> int:
+    """Bytes of every file under ``path`` (0 when it is not a directory)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else 0
+
+
+def human_bytes(n: float) -> str:
+    """``n`` bytes in decimal units, e.g. ``512 B``, ``1.5 MB``."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

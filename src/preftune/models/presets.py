@@ -38,6 +38,8 @@ from typing import Protocol
 
 from preftune.extras import MissingDependency
 
+from ..rundir import dir_bytes
+
 MANIFEST_NAME = "preftune-manifest.json"
 MANIFEST_FORMAT = 1
 STORED_DTYPE = "float32"
@@ -430,10 +432,6 @@ def resolve_model(
     )
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
-
-
 def list_presets(cache_dir: str | Path | None = None) -> list[dict]:
     """Every preset: name, description, where it is (or would be) cached, whether it is converted and
     its size on disk (a converted preset has its manifest; hashes are not re-checked here)."""
@@ -447,7 +445,7 @@ def list_presets(cache_dir: str | Path | None = None) -> list[dict]:
                 "description": preset.description,
                 "path": str(where),
                 "converted": converted,
-                "bytes": _dir_bytes(where) if converted else 0,
+                "bytes": dir_bytes(where) if converted else 0,
             }
         )
     return rows
