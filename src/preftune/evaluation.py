@@ -331,6 +331,7 @@ def save_eval_result(
     prompts: str | None = None,
     match: str | None = None,
     by: str = "preftune eval",
+    max_new_tokens: int | None = None,
 ) -> SavedEval:
     """A new ``eval-KEY-TIME.json`` (never overwriting an earlier one) with the metrics, and with
     ``details`` the generations file next to it; ``preftune report`` shows every such record."""
@@ -348,6 +349,8 @@ def save_eval_result(
         gens = run.eval_generations(out)
         gens.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details))
         record.update(prompts=str(prompts), match=match, generations=gens.name)
+    if max_new_tokens is not None:
+        record["max_new_tokens"] = max_new_tokens
     out.write_text(json.dumps(record, indent=1))
     return SavedEval(out, gens, record)
 
@@ -432,6 +435,10 @@ def load_trained(cfg: TrainConfig, model_dir: Path):
     return PeftModel.from_pretrained(base, str(model_dir)), tokenizer
 
 
+GENERATION_EVAL_BY = "preftune train (generation_eval)"
+ANSWER_METRICS = ("eval_answer_match", "eval_answer_phrase", "eval_prompts_n")
+
+
 def generation_eval(cfg: TrainConfig, result: RunResult) -> GenerationEval | None:
     """``generation_eval: true``, once training returned: greedy answers of the saved final model to
     the data.eval rows that carry an ``answer``, scored with ``generation_match``.
@@ -439,29 +446,47 @@ def generation_eval(cfg: TrainConfig, result: RunResult) -> GenerationEval | Non
     Runs on the main process only (None elsewhere, and when the key is off). Saves an
     ``eval-KEY-TIME.json`` + generations as ``preftune eval --prompts`` does, appends the answer
     metrics to metrics.jsonl at the last step (next to the final held-out row), and adds them to
-    ``result.last_metrics``.
+    ``result.last_metrics``. A rerun of a finished run (``resume=true``) reuses the record this key
+    wrote for the same model, data, match and max_new_tokens instead of answering again. If
+    answering fails, the error says that the trained model is saved and how to answer without
+    retraining.
     """
     if not cfg.generation_eval or not is_main_process():
         return None
     from . import losses as L
+    from .checkpointing import TrainingError
     from .data.check import generation_items
     from .metrics import MetricsLog, log
 
     run = RunDir(result.output_dir)
+    model_dir = trained_model(run.root)
+    note = f"generation_match {cfg.generation_match}, max_new_tokens {cfg.max_new_tokens}"
+    earlier = _earlier_generation_eval(run, cfg, model_dir)
+    if earlier is not None:
+        answers = {k: earlier.record["metrics"][k] for k in ANSWER_METRICS}
+        log(f"generation_eval: {model_dir} already answered these prompts ({earlier.path.name}); reused")
+        result.last_metrics.update(answers)
+        return GenerationEval(answers, earlier, f"answers: reused {earlier.path.name}, {note}")
     unpaired = bool(L.parse_method(cfg.method).get("unpaired"))
     items = generation_items(cfg, unpaired=unpaired, log=log)  # the rows check_data found before training
-    model_dir = trained_model(run.root)
     log(f"generation_eval: answering {len(items)} held-out prompts with {model_dir}")
-    model, tokenizer = load_trained(cfg, model_dir)
-    answers, details = score_answers(
-        model,
-        tokenizer,
-        items,
-        mode=cfg.generation_match,
-        max_new_tokens=cfg.max_new_tokens,
-        chat_template=cfg.data.chat_template,
-        progress=cfg.progress,
-    )
+    try:
+        model, tokenizer = load_trained(cfg, model_dir)
+        answers, details = score_answers(
+            model,
+            tokenizer,
+            items,
+            mode=cfg.generation_match,
+            max_new_tokens=cfg.max_new_tokens,
+            chat_template=cfg.data.chat_template,
+            progress=cfg.progress,
+        )
+    except Exception as e:  # training is done and saved: say so, and how to answer without retraining
+        raise TrainingError(
+            f"generation_eval failed after training: {type(e).__name__}: {e}. The trained model is "
+            f"saved in {model_dir}; rerun the same command with resume=true to answer again without "
+            "retraining"
+        ) from e
     del model
     held_out = {k: v for k, v in result.last_metrics.items() if k.startswith("eval_")}
     saved = save_eval_result(
@@ -473,7 +498,8 @@ def generation_eval(cfg: TrainConfig, result: RunResult) -> GenerationEval | Non
         details=details,
         prompts=f"{cfg.data.eval} (rows with an answer)",
         match=cfg.generation_match,
-        by="preftune train (generation_eval)",
+        by=GENERATION_EVAL_BY,
+        max_new_tokens=cfg.max_new_tokens,
     )
     metrics_log = MetricsLog(run.root, cfg.report_to, enabled=True)
     try:
@@ -481,11 +507,32 @@ def generation_eval(cfg: TrainConfig, result: RunResult) -> GenerationEval | Non
     finally:
         metrics_log.close()
     result.last_metrics.update(answers)
-    note = (
-        f"answers: {len(details)} prompts of {cfg.data.eval} rows with an answer, "
-        f"generation_match {cfg.generation_match}, max_new_tokens {cfg.max_new_tokens}"
+    return GenerationEval(
+        answers, saved, f"answers: {len(details)} prompts of {cfg.data.eval} rows with an answer, {note}"
     )
-    return GenerationEval(answers, saved, note)
+
+
+def _earlier_generation_eval(run: RunDir, cfg: TrainConfig, model_dir: Path) -> SavedEval | None:
+    """The newest record generation_eval wrote for this model (saved no later than the record), data,
+    match and max_new_tokens, with its generations file; None if there is none."""
+    saved_at = max((p.stat().st_mtime for p in model_dir.rglob("*") if p.is_file()), default=0.0)
+    for path in reversed(run.eval_results()):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        gens = run.eval_generations(path)
+        same = (
+            record.get("by") == GENERATION_EVAL_BY
+            and record.get("model") == str(model_dir)
+            and record.get("data") == str(cfg.data.eval)
+            and record.get("match") == cfg.generation_match
+            and record.get("max_new_tokens") == cfg.max_new_tokens
+            and all(k in record.get("metrics", {}) for k in ANSWER_METRICS)
+        )
+        if same and gens.is_file() and path.stat().st_mtime >= saved_at:
+            return SavedEval(path, gens, record)
+    return None
 
 
 def train_and_evaluate(

@@ -118,6 +118,60 @@ def test_cli_train_prints_the_answer_metrics_of_a_lora_run_as_eval_would(
     assert record_path.name in held_out and other.name in held_out and "`eval_answer_match`" in held_out
 
 
+def test_a_failed_answer_pass_keeps_the_model_and_resume_answers_without_retraining(
+    base_config, answers_file, tmp_path, capsys, monkeypatch
+):
+    import preftune.evaluation as evaluation
+
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump(base_config(data__eval=answers_file, generation_eval=True, max_new_tokens=3))
+    )
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory while generating")
+
+    monkeypatch.setattr(evaluation, "score_answers", broken)
+    capsys.readouterr()
+    assert main(["train", str(cfg_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # progress bars of model loading come before
+    run = tmp_path / "run"
+    assert err.startswith("preftune train: error: generation_eval failed after training")
+    assert (
+        "out of memory while generating" in err
+        and f"saved in {run / 'final'}" in err
+        and "resume=true" in err
+    )
+    assert (run / "final" / "config.json").exists() and not RunDir(run).eval_results()
+    steps = len(metric_rows(run, "loss"))
+
+    monkeypatch.undo()
+    assert main(["train", str(cfg_path), "resume=true"]) == 0
+    assert len(metric_rows(run, "loss")) == steps  # nothing retrained
+    (record_path,) = RunDir(run).eval_results()
+    answered = json.loads(record_path.read_text())
+    assert answered["max_new_tokens"] == 3 and len(metric_rows(run, "eval_answer_match")) == 1
+
+    # a finished run rerun: the same answers are reused, not generated and recorded again
+    def no_answers(*args, **kwargs):
+        raise AssertionError("answered again")
+
+    monkeypatch.setattr(evaluation, "score_answers", no_answers)
+    capsys.readouterr()
+    assert main(["train", str(cfg_path), "resume=true"]) == 0
+    out = capsys.readouterr().out
+    assert RunDir(run).eval_results() == [record_path] and len(metric_rows(run, "eval_answer_match")) == 1
+    assert f"reused {record_path.name}" in out
+    assert (
+        f"{answered['metrics']['eval_answer_match']:.4f}"
+        in out.split("Held-out results after training", 1)[1]
+    )
+    # other settings answer again: max_new_tokens changed
+    monkeypatch.undo()
+    assert main(["train", str(cfg_path), "resume=true", "max_new_tokens=2"]) == 0
+    assert len(RunDir(run).eval_results()) == 2
+
+
 def test_generation_eval_without_data_eval_is_a_config_error(base_config):
     cfg = base_config(generation_eval=True)
     del cfg["data"]["eval"]
