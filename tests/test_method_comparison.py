@@ -50,6 +50,8 @@ def _check_study(out: Path, study, arms: list[str]) -> list[dict]:
     for r in main:
         if r["eps"] is not None:
             assert r["eps"] == analysis.selected_eps(out / "results.jsonl", r["arm"], study.eps_grid)
+        if r.get("sft_weight") is not None:
+            assert r["sft_weight"] == analysis.selected_sft(out / "results.jsonl", r["arm"], study.sft_grid)
     # CIs cover the point estimates; paired differences against DPO exist for the other arms
     summary = analysis.summarise(records, study.bootstrap)
     for (regime, arm), e in summary.items():
@@ -88,6 +90,34 @@ def test_quick_subset_trains_measures_selects_on_validation_and_resumes(tmp_path
     run.run_study(out=out, arms=arms, study=study, max_runs=1)
     lines = (out / "results.jsonl").read_text().splitlines()
     assert len(lines) == len(before.splitlines()) + 1 and json.loads(lines[-1])["run"] == mrpo["run"]
+
+
+def test_sft_term_lambda_is_chosen_on_validation_answers(tmp_path):
+    """DPO+SFT: every λ trains on validation and answers its problems; the main run uses the λ with
+    the best validation exact match, and the SFT-only arm trains without a preference term."""
+    study = _small(
+        run.QUICK, regimes={"scarce": 8}, seeds={"scarce": (0,)}, sft_grid=(0.5, 2.0), bootstrap=50
+    )
+    arms = ["dpo", "sft", "dpo_sft"]
+    out = run.run_study(out=tmp_path / "study", arms=arms, study=study)
+    records = _check_study(out, study, arms)
+    sweep = {r["sft_weight"]: r for r in records if r["kind"] == "sweep"}
+    assert set(sweep) == {0.5, 2.0} and all(r["arm"] == "dpo_sft" for r in sweep.values())
+    for lam, r in sweep.items():  # answered the validation problems, and trained with its own λ
+        assert len(r["per_row"]["exact_match"]) == study.val_rows
+        cfg = (out / "runs" / r["run"] / "train" / "config.yaml").read_text()
+        assert f"sft_weight: {lam}" in cfg
+    main = {r["arm"]: r for r in records if r["kind"] == "main"}
+    assert main["dpo_sft"]["sft_weight"] in (0.5, 2.0) and main["dpo"]["sft_weight"] is None
+    # the SFT term shows in the training metrics of the DPO+SFT runs only
+    logged = (out / "runs" / main["dpo_sft"]["run"] / "train" / "metrics.jsonl").read_text()
+    assert "sft/loss" in logged
+    assert "sft/loss" not in (out / "runs" / main["dpo"]["run"] / "train" / "metrics.jsonl").read_text()
+    text = (out / "RESULTS.md").read_text()
+    assert (
+        "λ of the SFT term chosen on the validation split" in text
+        and f"λ={main['dpo_sft']['sft_weight']:g}" in text
+    )
 
 
 def test_two_processes_share_the_study_without_running_anything_twice(tmp_path):
@@ -163,6 +193,18 @@ def test_bootstrap_paired_differences_and_selection_by_hand(tmp_path):
     # rows that differ between arms are an error, not a silent mismatch
     with pytest.raises(ValueError, match="other rows"):
         analysis.summarise([*recs, _record("main", "dpo", 3, np.zeros(40), rows[::-1])], 10)
+
+    # λ selection: best validation exact match (not preference accuracy), ties to the smaller λ
+    lam = [_record("sweep", "dpo_sft", 0, [0.0, 1.0], [7, 8], "validation") for _ in range(3)]
+    for r, value, em in zip(lam, (0.3, 1.0, 3.0), ([0.0, 1.0], [1.0, 1.0], [1.0, 1.0])):
+        r.update(sft_weight=value, run=f"sweep-dpo_sft-{value}")
+        r["per_row"]["exact_match"] = em
+    lam[0]["per_row"]["preference_accuracy"] = [1.0, 1.0]  # best preference accuracy, worst answers
+    path = tmp_path / "lambda.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lam[:2]))
+    assert analysis.selected_sft(path, "dpo_sft", (0.3, 1.0, 3.0)) is None  # λ=3 not run yet
+    path.write_text("".join(json.dumps(r) + "\n" for r in lam))
+    assert analysis.selected_sft(path, "dpo_sft", (0.3, 1.0, 3.0)) == 1.0
 
     # ε selection: best validation preference accuracy, ties to the smaller ε; test records ignored
     path = tmp_path / "results.jsonl"

@@ -38,12 +38,27 @@ def load(path: Path) -> list[dict]:
 def selected_eps(path: Path, arm: str, grid) -> float | None:
     """The ε of ``arm`` with the best validation preference accuracy (ties: the smaller ε); None until
     every ε of the grid has a finished sweep run. Reads only sweep records (validation split)."""
-    sweep = {r["eps"]: r for r in load(path) if r["kind"] == "sweep" and r["arm"] == arm}
-    if any(e not in sweep for e in grid):
+    return _selected(load(path), arm, grid, "eps", "preference_accuracy")
+
+
+def selected_sft(path: Path, arm: str, grid) -> float | None:
+    """The λ of the SFT term with the best validation greedy exact match (ties: the smaller λ, the
+    closer to the preference loss alone); None until every λ of the grid has a finished sweep run."""
+    return _selected(load(path), arm, grid, "sft_weight", "exact_match")
+
+
+def sweep_scores(records: list[dict], arm: str, key: str, metric: str) -> dict[float, float]:
+    """Validation ``metric`` of each finished sweep run of ``arm``, by the swept value ``key``."""
+    sweep = [r for r in records if r["kind"] == "sweep" and r["arm"] == arm and r.get(key) is not None]
+    assert all(r["split"] == "validation" for r in sweep)
+    return {r[key]: float(np.mean(r["per_row"][metric])) for r in sweep}
+
+
+def _selected(records: list[dict], arm: str, grid, key: str, metric: str) -> float | None:
+    score = sweep_scores(records, arm, key, metric)
+    if any(v not in score for v in grid):
         return None
-    assert all(r["split"] == "validation" for r in sweep.values())
-    score = {e: float(np.mean(sweep[e]["per_row"]["preference_accuracy"])) for e in grid}
-    return max(sorted(grid), key=lambda e: score[e])
+    return max(sorted(grid), key=lambda v: score[v])
 
 
 def bootstrap_ci(
@@ -78,7 +93,13 @@ def summarise(records: list[dict], n_boot: int, initial: dict | None = None) -> 
         groups.setdefault((r["regime"], r["arm"]), []).append(r)
     out: dict = {}
     for (regime, arm), recs in groups.items():
-        entry = {"seeds": sorted(r["seed"] for r in recs), "eps": recs[0]["eps"], "metrics": {}, "diff": {}}
+        entry = {
+            "seeds": sorted(r["seed"] for r in recs),
+            "eps": recs[0]["eps"],
+            "sft_weight": recs[0].get("sft_weight"),
+            "metrics": {},
+            "diff": {},
+        }
         for metric, _ in METRICS:
             if metric not in recs[0]["per_row"]:
                 continue
@@ -119,6 +140,31 @@ def summarise(records: list[dict], n_boot: int, initial: dict | None = None) -> 
             d = a - b
             entry["diff"][metric] = (float(d.mean()), *bootstrap_ci(d, n_boot))
     return out
+
+
+def _knob(entry: dict) -> str:
+    """The swept value of a table row: ε for MRPO/MDPO arms, λ of the SFT term for DPO+SFT."""
+    if entry.get("eps") is not None:
+        return f"{entry['eps']:g}"
+    return "—" if entry.get("sft_weight") is None else f"λ={entry['sft_weight']:g}"
+
+
+def _sweep_table(title, what, arms, records, key, metric, grid, symbol) -> list[str]:
+    """Validation ``metric`` per swept value and the chosen one (ties: the smaller value)."""
+    if not arms:
+        return []
+    lines = [
+        f"## {title}",
+        "",
+        "| arm | " + " | ".join(f"{symbol}={v:g}" for v in grid) + " | chosen |",
+        "|---|" + "---|" * (len(grid) + 1),
+    ]
+    for name in arms:
+        score = sweep_scores(records, name, key, metric)
+        chosen = _selected(records, name, grid, key, metric)
+        cells = [f"{score[v]:.3f}" if v in score else "missing" for v in grid]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'—' if chosen is None else f'{chosen:g}'} |")
+    return lines + ["", f"({what}; the test split is never read here)", ""]
 
 
 def _ci(v) -> str:
@@ -304,7 +350,7 @@ def write_results(out: Path, arms, study) -> Path:
         lines += [
             f"## {regime} ({study.regimes[regime]} training pairs, seeds {list(study.seeds[regime])})",
             "",
-            "| arm | seeds | ε | "
+            "| arm | seeds | ε or λ | "
             + " | ".join(label for _, label in METRICS)
             + " | Δ exact match vs untrained | Δ exact match vs DPO | Δ pref. acc. vs DPO | clip fraction"
             " | mean weights |",
@@ -322,7 +368,7 @@ def write_results(out: Path, arms, study) -> Path:
             cells = [
                 name,
                 ",".join(map(str, e["seeds"])),
-                "—" if e["eps"] is None else f"{e['eps']:g}",
+                _knob(e),
                 *[_ci(e["metrics"].get(m)) for m, _ in METRICS],
                 _diff(e.get("vs_initial", {}).get("exact_match")),
                 _diff(e["diff"].get("exact_match")),
@@ -332,29 +378,26 @@ def write_results(out: Path, arms, study) -> Path:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += [
-        "## ε chosen on the validation split",
-        "",
-        "| arm | " + " | ".join(f"ε={e:g}" for e in study.eps_grid) + " | chosen |",
-        "|---|" + "---|" * (len(study.eps_grid) + 1),
-    ]
-    for a in arms:
-        if not a.sweep_eps:
-            continue
-        sweep = {r["eps"]: r for r in records if r["kind"] == "sweep" and r["arm"] == a.name}
-        cells = [
-            f"{np.mean(sweep[e]['per_row']['preference_accuracy']):.3f}" if e in sweep else "missing"
-            for e in study.eps_grid
-        ]
-        chosen = selected_eps(out / "results.jsonl", a.name, study.eps_grid)
-        lines.append(
-            f"| {a.name} | " + " | ".join(cells) + f" | {'—' if chosen is None else f'{chosen:g}'} |"
-        )
-    lines += [
-        "",
-        "(validation preference accuracy against the initial policy; the test split is never read here)",
-        "",
-    ]
+    lines += _sweep_table(
+        "ε chosen on the validation split",
+        "validation preference accuracy against the initial policy",
+        [a.name for a in arms if a.sweep_eps],
+        records,
+        "eps",
+        "preference_accuracy",
+        study.eps_grid,
+        "ε",
+    )
+    lines += _sweep_table(
+        "λ of the SFT term chosen on the validation split",
+        "validation greedy exact match",
+        [a.name for a in arms if a.sweep_sft],
+        records,
+        "sft_weight",
+        "exact_match",
+        study.sft_grid,
+        "λ",
+    )
     lines += [
         "## Claims (greedy exact match, paired Δ against DPO)",
         "",

@@ -2,7 +2,7 @@
 
     python experiments/method_comparison/run.py [--quick] [--out DIR] [--arms a,b] [--max-runs N]
 
-Every run (arm x regime x seed, plus the ε sweep) writes ``<out>/runs/<run id>/done.json`` when it
+Every run (arm x regime x seed, plus the sweeps of ε and λ) writes ``<out>/runs/<run id>/done.json`` when it
 finishes and appends one line to ``<out>/results.jsonl``; a rerun skips finished runs, so an
 interrupted study continues where it stopped. ``RESULTS.md`` and the plots are regenerated from
 whatever results exist after every run (missing arms are marked). See README.md next to this file.
@@ -12,7 +12,8 @@ Splits (all fixed before anything trains, from the bundled arithmetic pairs):
 * test: the first ``test_rows`` problems of the bundled test file; every arm is measured on exactly
   these rows, and nothing is ever selected on them;
 * validation: the last ``val_rows`` pairs of the bundled training file (never trained on); the ε of
-  the MRPO/MDPO arms is chosen there (the sweep runs never load the test file);
+  the MRPO/MDPO arms (by preference accuracy) and the λ of DPO's SFT term (by greedy exact match) are
+  chosen there (the sweep runs never load the test file);
 * training: per (regime, seed), ``pairs`` pairs drawn with that seed from the rest of the training file.
   Every arm of a (regime, seed) trains on the same pairs, so differences are paired.
 """
@@ -48,8 +49,9 @@ class Arm:
     method: str
     references: tuple[str, ...]  # "policy", "gemma", "domain"
     weights: str | None = None  # mrpo.weights
-    sweep_eps: bool = False  # ε chosen on the validation split
+    sweep_eps: bool = False  # ε chosen on the validation split (preference accuracy)
     note: str = ""
+    sweep_sft: bool = False  # λ of the SFT term chosen on the validation split (greedy exact match)
 
 
 ARMS: tuple[Arm, ...] = (
@@ -72,6 +74,9 @@ ARMS: tuple[Arm, ...] = (
     Arm("mallows_phi", "mallows_phi", ("policy",), note="MallowsPO-ϕ"),
     Arm("rpo", "rpo", ("policy",), note="RPO"),
     Arm("mrpo_rpo", "mrpo+rpo", ("policy", "gemma"), "adaptive", True, "MRPO (ARWC) + RPO"),
+    # the demo's candidates beyond the methods (does an SFT term keep the answers terse and right?)
+    Arm("sft", "sft", ("policy",), note="SFT on the chosen answers only, no preference term"),
+    Arm("dpo_sft", "dpo", ("policy",), note="DPO + λ·SFT on the chosen answers", sweep_sft=True),
 )
 ARM_NAMES = tuple(a.name for a in ARMS)
 
@@ -87,6 +92,7 @@ class Study:
     learning_rate: float
     beta: float
     eps_grid: tuple[float, ...]
+    sft_grid: tuple[float, ...]
     max_new_tokens: int
     gen_batch: int
     sft_steps: int
@@ -106,6 +112,7 @@ FULL = Study(
     learning_rate=2e-4,
     beta=0.1,
     eps_grid=(0.1, 0.3, 1.0),
+    sft_grid=(0.3, 1.0, 3.0),
     max_new_tokens=96,
     gen_batch=32,
     sft_steps=32,
@@ -123,6 +130,7 @@ QUICK = Study(
     learning_rate=1e-3,
     beta=0.1,
     eps_grid=(0.1, 1.0),
+    sft_grid=(0.5, 2.0),
     max_new_tokens=6,
     gen_batch=4,
     sft_steps=2,
@@ -235,7 +243,15 @@ def _sft(study: Study, policy: str, train_file: Path, target: Path, seed: int) -
 
 
 def run_config(
-    study: Study, arm: Arm, models: dict, train_file: Path, eval_file: Path, run_dir: Path, eps, seed
+    study: Study,
+    arm: Arm,
+    models: dict,
+    train_file: Path,
+    eval_file: Path,
+    run_dir: Path,
+    eps,
+    seed,
+    sft_weight: float | None = None,
 ):
     refs = [models[r] if r != "policy" else "policy" for r in arm.references]
     cfg = {
@@ -265,6 +281,8 @@ def run_config(
         cfg["mrpo"] = {"clip_eps": eps}
         if arm.weights:
             cfg["mrpo"]["weights"] = arm.weights
+    if sft_weight:
+        cfg["sft_weight"] = sft_weight
     return cfg
 
 
@@ -457,12 +475,12 @@ def training_summary(metrics_path: Path, arm: Arm) -> dict:
 
 
 def train_and_measure(
-    study, arm, models, train_file, eval_file, eval_records, split_ids, run_dir, eps, seed, generate
+    study, arm, models, train_file, eval_file, eval_records, split_ids, run_dir, eps, seed, generate, sft=None
 ):
     from preftune.config import load_config
     from preftune.trainer import Trainer
 
-    cfg = load_config(run_config(study, arm, models, train_file, eval_file, run_dir, eps, seed))
+    cfg = load_config(run_config(study, arm, models, train_file, eval_file, run_dir, eps, seed, sft))
     trainer = Trainer(cfg)
     # The held-out split is tokenized (and its reference scores cached) like any eval split, but the
     # trainer's own aggregate evaluation before and after training is skipped: measure() scores the
@@ -526,26 +544,22 @@ def _write_results(out: Path, study: Study) -> None:
 
 
 def plan(study: Study, arms: tuple[Arm, ...], regimes: list[str] | None = None) -> list[dict]:
-    """Every run in order: the ε sweep (validation only, on the first regime's first seed) first, then
-    the main runs of ``regimes`` (default all), regime by regime."""
+    """Every run in order: the sweeps of ε and of the SFT term's λ (validation only, on the first
+    regime's first seed) first, then the main runs of ``regimes`` (default all), regime by regime."""
     runs = []
     sweep_regime = next(iter(study.regimes))
+    first = {"kind": "sweep", "regime": sweep_regime, "seed": study.seeds[sweep_regime][0]}
     for arm in arms:
         if arm.sweep_eps:
-            for eps in study.eps_grid:
-                runs.append(
-                    {
-                        "kind": "sweep",
-                        "arm": arm,
-                        "regime": sweep_regime,
-                        "seed": study.seeds[sweep_regime][0],
-                        "eps": eps,
-                    }
-                )
+            runs += [{**first, "arm": arm, "eps": eps, "sft": None} for eps in study.eps_grid]
+        if arm.sweep_sft:
+            runs += [{**first, "arm": arm, "eps": None, "sft": lam} for lam in study.sft_grid]
     for regime in regimes or study.regimes:
         for seed in study.seeds[regime]:
             for arm in arms:
-                runs.append({"kind": "main", "arm": arm, "regime": regime, "seed": seed, "eps": None})
+                runs.append(
+                    {"kind": "main", "arm": arm, "regime": regime, "seed": seed, "eps": None, "sft": None}
+                )
     return runs
 
 
@@ -562,7 +576,7 @@ def run_study(
     """Run every unfinished run of the study (``study`` overrides FULL/QUICK, for tests).
 
     Several processes may run it on the same ``out`` at once (``--workers``): each claims a run with a
-    lock before starting it, and a main run whose ε sweep another process is still running waits."""
+    lock before starting it, and a main run whose sweep another process is still running waits."""
     study = study or (QUICK if quick else FULL)
     import torch
 
@@ -612,17 +626,22 @@ def _run_study(
         initial_answers(study, out, models["policy"], test_records, splits["test"])
     done_now = 0
     while True:
-        busy = waiting = progressed = False  # busy: claimed by another process; waiting: on an ε sweep
+        busy = waiting = progressed = False  # busy: claimed by another process; waiting: on a sweep
         for run in plan(study, chosen, regimes):
             arm, regime, seed = run["arm"], run["regime"], run["seed"]
-            eps = run["eps"]
+            eps, sft = run["eps"], run["sft"]
             if run["kind"] == "main" and arm.sweep_eps:
                 eps = analysis.selected_eps(out / "results.jsonl", arm.name, study.eps_grid)
-                if eps is None:
-                    waiting = True
-                    continue
-            run_id = f"{run['kind']}-{arm.name}-{regime}-s{seed}" + (
-                f"-eps{eps:g}" if eps is not None else ""
+            if run["kind"] == "main" and arm.sweep_sft:
+                sft = analysis.selected_sft(out / "results.jsonl", arm.name, study.sft_grid)
+            if (arm.sweep_eps and eps is None) or (arm.sweep_sft and sft is None):
+                waiting = True  # its sweep is not finished (another process may be running it)
+                continue
+            run = {**run, "eps": eps, "sft": sft}
+            run_id = (
+                f"{run['kind']}-{arm.name}-{regime}-s{seed}"
+                + (f"-eps{eps:g}" if eps is not None else "")
+                + (f"-sft{sft:g}" if sft is not None else "")
             )
             run_dir = out / "runs" / run_id
             if _finished(run_dir):
@@ -636,15 +655,13 @@ def _run_study(
                     continue
                 if _finished(run_dir):  # another process finished it while this one looked
                     continue
-                _one_run(
-                    study, out, run, arm, eps, run_id, run_dir, models, splits, test_records, val_records
-                )
+                _one_run(study, out, run, arm, run_id, run_dir, models, splits, test_records, val_records)
             done_now += 1
             progressed = True
             _write_results(out, study)
         if not busy:
             if waiting:
-                print("some main runs wait for an ε sweep that did not finish; rerun to continue", flush=True)
+                print("some main runs wait for a sweep that did not finish; rerun to continue", flush=True)
             break
         if not progressed:  # the rest is claimed by other processes: look again shortly
             time.sleep(poll_s)
@@ -652,8 +669,8 @@ def _run_study(
     return out
 
 
-def _one_run(study, out, run, arm, eps, run_id, run_dir, models, splits, test_records, val_records) -> None:
-    regime, seed = run["regime"], run["seed"]
+def _one_run(study, out, run, arm, run_id, run_dir, models, splits, test_records, val_records) -> None:
+    regime, seed, eps, sft = run["regime"], run["seed"], run["eps"], run["sft"]
     run_dir.mkdir(parents=True, exist_ok=True)
     train_file = out / "data" / f"train-{regime}-s{seed}.jsonl"
     run_models = dict(models)
@@ -676,7 +693,8 @@ def _one_run(study, out, run, arm, eps, run_id, run_dir, models, splits, test_re
         run_dir,
         eps,
         seed,
-        generate=not sweep,
+        generate=not sweep or arm.sweep_sft,  # λ is chosen on the validation answers
+        sft=sft,
     )
     import torch
 
@@ -688,6 +706,7 @@ def _one_run(study, out, run, arm, eps, run_id, run_dir, models, splits, test_re
         "pairs": study.regimes[regime],
         "seed": seed,
         "eps": eps,
+        "sft_weight": sft,
         "split": "validation" if sweep else "test",
         "split_rows": splits["validation"] if sweep else splits["test"],
         "train_rows": splits["train"][f"{regime}-s{seed}"],
