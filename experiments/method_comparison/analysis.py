@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +36,50 @@ def load(path: Path) -> list[dict]:
     return out
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """One value chosen per arm on the validation split: swept over ``Study.<grid>`` for the arms
+    with ``Arm.<flag>``, recorded as ``<key>``, chosen by the best mean ``metric``."""
+
+    key: str
+    metric: str
+    grid: str
+    flag: str
+    symbol: str
+    title: str
+    what: str
+
+
+EPS = Sweep(
+    "eps",
+    "preference_accuracy",
+    "eps_grid",
+    "sweep_eps",
+    "ε",
+    "ε chosen on the validation split",
+    "validation preference accuracy against the initial policy",
+)
+SFT = Sweep(
+    "sft_weight",
+    "exact_match",  # the demo's question: does training make the model answer better?
+    "sft_grid",
+    "sweep_sft",
+    "λ",
+    "λ of the SFT term chosen on the validation split",
+    "validation greedy exact match",
+)
+
+
 def selected_eps(path: Path, arm: str, grid) -> float | None:
     """The ε of ``arm`` with the best validation preference accuracy (ties: the smaller ε); None until
     every ε of the grid has a finished sweep run. Reads only sweep records (validation split)."""
-    return _selected(load(path), arm, grid, "eps", "preference_accuracy")
+    return _selected(load(path), arm, grid, EPS)
 
 
 def selected_sft(path: Path, arm: str, grid) -> float | None:
     """The λ of the SFT term with the best validation greedy exact match (ties: the smaller λ, the
     closer to the preference loss alone); None until every λ of the grid has a finished sweep run."""
-    return _selected(load(path), arm, grid, "sft_weight", "exact_match")
+    return _selected(load(path), arm, grid, SFT)
 
 
 def sweep_scores(records: list[dict], arm: str, key: str, metric: str) -> dict[float, float]:
@@ -54,8 +89,8 @@ def sweep_scores(records: list[dict], arm: str, key: str, metric: str) -> dict[f
     return {r[key]: float(np.mean(r["per_row"][metric])) for r in sweep}
 
 
-def _selected(records: list[dict], arm: str, grid, key: str, metric: str) -> float | None:
-    score = sweep_scores(records, arm, key, metric)
+def _selected(records: list[dict], arm: str, grid, sweep: Sweep) -> float | None:
+    score = sweep_scores(records, arm, sweep.key, sweep.metric)
     if any(v not in score for v in grid):
         return None
     return max(sorted(grid), key=lambda v: score[v])
@@ -149,22 +184,24 @@ def _knob(entry: dict) -> str:
     return "—" if entry.get("sft_weight") is None else f"λ={entry['sft_weight']:g}"
 
 
-def _sweep_table(title, what, arms, records, key, metric, grid, symbol) -> list[str]:
-    """Validation ``metric`` per swept value and the chosen one (ties: the smaller value)."""
-    if not arms:
+def _sweep_table(sweep: Sweep, arms, records: list[dict], study) -> list[str]:
+    """Validation ``sweep.metric`` per swept value and the chosen one (ties: the smaller value)."""
+    names = [a.name for a in arms if getattr(a, sweep.flag)]
+    if not names:
         return []
+    grid = getattr(study, sweep.grid)
     lines = [
-        f"## {title}",
+        f"## {sweep.title}",
         "",
-        "| arm | " + " | ".join(f"{symbol}={v:g}" for v in grid) + " | chosen |",
+        "| arm | " + " | ".join(f"{sweep.symbol}={v:g}" for v in grid) + " | chosen |",
         "|---|" + "---|" * (len(grid) + 1),
     ]
-    for name in arms:
-        score = sweep_scores(records, name, key, metric)
-        chosen = _selected(records, name, grid, key, metric)
+    for name in names:
+        score = sweep_scores(records, name, sweep.key, sweep.metric)
+        chosen = _selected(records, name, grid, sweep)
         cells = [f"{score[v]:.3f}" if v in score else "missing" for v in grid]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {'—' if chosen is None else f'{chosen:g}'} |")
-    return lines + ["", f"({what}; the test split is never read here)", ""]
+    return lines + ["", f"({sweep.what}; the test split is never read here)", ""]
 
 
 def _ci(v) -> str:
@@ -378,26 +415,8 @@ def write_results(out: Path, arms, study) -> Path:
             ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += _sweep_table(
-        "ε chosen on the validation split",
-        "validation preference accuracy against the initial policy",
-        [a.name for a in arms if a.sweep_eps],
-        records,
-        "eps",
-        "preference_accuracy",
-        study.eps_grid,
-        "ε",
-    )
-    lines += _sweep_table(
-        "λ of the SFT term chosen on the validation split",
-        "validation greedy exact match",
-        [a.name for a in arms if a.sweep_sft],
-        records,
-        "sft_weight",
-        "exact_match",
-        study.sft_grid,
-        "λ",
-    )
+    for sweep in (EPS, SFT):
+        lines += _sweep_table(sweep, arms, records, study)
     lines += [
         "## Claims (greedy exact match, paired Δ against DPO)",
         "",
