@@ -168,24 +168,13 @@ def worker(args) -> dict:
 
 
 def run(args, world: int, out_dir: Path) -> list[dict]:
-    import socket
+    from preftune.testing import free_port, rank_env
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = []
     for r in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(r),
-            LOCAL_RANK=str(r),
-            WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            MALLOC_MMAP_THRESHOLD_="131072",
-            OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // world)),
-            HF_HUB_OFFLINE="1",
-        )
+        threads = max(1, (os.cpu_count() or 2) // world)
+        env = rank_env(r, world, port, threads=threads, MALLOC_MMAP_THRESHOLD_="131072")
         out = out_dir / f"world{world}-rank{r}.json"
         cmd = [sys.executable, str(HERE), "--worker", str(out), *sys.argv[1:]]
         procs.append((subprocess.Popen(cmd, env=env), out))

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,14 +56,10 @@ def worker(args) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(procs: int, threads: int, workdir: Path, name: str) -> float:
-    port = str(_free_port())
+    from preftune.testing import free_port, rank_env
+
+    port = free_port()
     cache = workdir / f"cache-{name}"
     cmd = [
         sys.executable,
@@ -81,17 +76,7 @@ def run(procs: int, threads: int, workdir: Path, name: str) -> float:
     ]
     children = []
     for r in range(procs):
-        env = dict(
-            os.environ,
-            RANK=str(r),
-            LOCAL_RANK=str(r),
-            WORLD_SIZE=str(procs),
-            LOCAL_WORLD_SIZE=str(procs),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            OMP_NUM_THREADS=str(threads),
-            HF_HUB_OFFLINE="1",
-        )
+        env = rank_env(r, procs, port, threads=threads)
         children.append(
             subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         )

@@ -1,8 +1,11 @@
-"""Tiny random models and tokenizers, built offline in seconds: for tests, benchmarks and examples."""
+"""Tiny random models and tokenizers, built offline in seconds, and the environment of a one-node
+multi-process launch: for tests, benchmarks and examples."""
 
 from __future__ import annotations
 
 import functools
+import os
+import socket
 from pathlib import Path
 
 CHATML_TEMPLATE = (
@@ -90,3 +93,27 @@ def save_tiny_model(
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now (for MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int | str, *, threads: int = 1, **extra: str) -> dict[str, str]:
+    """The environment torchrun gives worker ``rank`` of a one-node job on this machine (offline,
+    ``threads`` OpenMP threads), plus ``extra``."""
+    return dict(
+        os.environ,
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        **extra,
+    )

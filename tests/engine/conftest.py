@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from preftune.testing import free_port, rank_env  # noqa: F401  (the distributed tests import them from here)
+
 
 def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
@@ -88,32 +90,6 @@ def losses_by_step(metrics_path) -> dict[int, float]:
 
 # --------------------------------------------------------------------------------------------------
 # Launching several processes (the distributed tests): torchrun's environment, or a launcher itself
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank_env(rank: int, world: int, port: int | str, **extra) -> dict:
-    """The environment torchrun gives worker ``rank`` of a one-node job on this machine."""
-    import os
-
-    return dict(
-        os.environ,
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-        **extra,
-    )
 
 
 def launch_processes(

@@ -8,8 +8,6 @@ torchrun would; both map the same token stores, which this process built before 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -79,27 +77,13 @@ def worker(workdir: Path) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(workdir: Path, world: int = 2, timeout: float = 300) -> list[int]:
-    port = str(_free_port())
+    from preftune.testing import free_port, rank_env
+
+    port = free_port()
     procs, logs = [], []
     for r in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(r),
-            LOCAL_RANK=str(r),
-            WORLD_SIZE=str(world),
-            LOCAL_WORLD_SIZE=str(world),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            OMP_NUM_THREADS="1",
-            HF_HUB_OFFLINE="1",
-        )
+        env = rank_env(r, world, port)
         logs.append(open(workdir / f"rank{r}.log", "w"))
         procs.append(
             subprocess.Popen(
