@@ -21,8 +21,8 @@ def test_demo_quick_runs_end_to_end(tmp_path, monkeypatch):
     from preftune.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--quick"]) == 0
-    run = tmp_path / "runs" / "demo-mrpo-quick"
+    assert main(["demo", "--quick", "--method", "mrpo"]) == 0  # both references, Gemma's tokenizer too
+    run = tmp_path / "runs" / "demo-mrpo-sft3-quick"
     evaluation = json.loads((run / "evaluation.json").read_text())
     for when in ("before", "after"):
         assert 0 <= evaluation[when]["exact_match"] <= 1
@@ -44,6 +44,23 @@ def test_demo_config_uses_two_references_with_mrpo_only(tmp_path):
     assert [r.model for r in mrpo.references] == ["policy", "gemma3-270m"]
     assert [r.model for r in dpo.references] == ["policy"]
     assert mrpo.lora.enabled and mrpo.model == "smollm2-135m-instruct"
+
+
+def test_demo_defaults_to_the_arm_the_method_comparison_selected(tmp_path):
+    """DPO + the SFT term with the λ chosen on the study's validation split, unless told otherwise."""
+    import inspect
+
+    from preftune.config import load_config
+    from preftune.demo import DEMO_SFT_WEIGHT, main, run_demo, run_name
+
+    assert inspect.signature(run_demo).parameters["method"].default == "dpo"
+    assert inspect.signature(run_demo).parameters["sft_weight"].default == DEMO_SFT_WEIGHT == 3.0
+    cfg = load_config(demo_config("dpo", QUICK, tmp_path, tmp_path))
+    assert cfg.method == "dpo" and cfg.sft_weight == 3.0
+    assert load_config(demo_config("dpo", QUICK, tmp_path, tmp_path, sft_weight=0.0)).sft_weight == 0.0
+    assert run_name("dpo", 3.0, False) == "demo-dpo-sft3" and run_name("mrpo", 0.0, True) == "demo-mrpo-quick"
+    with pytest.raises(SystemExit):
+        main(["--sft-weight", "-1"])
 
 
 def test_demo_table_shows_before_and_after():

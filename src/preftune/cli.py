@@ -18,7 +18,7 @@ USAGE = """usage: preftune <command> [options]    (preftune <command> --help for
   train CONFIG.yaml [KEY=VALUE ...]      train; writes a run directory (output_dir)
   precompute CONFIG.yaml [KEY=VALUE ...] score references / entropies / embeddings ahead of training
   eval RUN_DIR|CONFIG.yaml [--data FILE] held-out preference metrics (and answers) of a trained run
-  demo [--method M] [--quick]            MRPO on SmolLM2-135M with a Gemma-3 reference, before/after report
+  demo [--method M] [--quick]            DPO + SFT term on SmolLM2-135M (LoRA), before/after report
   report RUN_DIR [RUN_DIR ...]           plots and report.md for one run, or several runs compared
   config                                 every config key with its default and meaning
   presets                                the built-in models: size, where cached, whether converted
