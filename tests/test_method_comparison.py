@@ -190,6 +190,9 @@ def test_bootstrap_paired_differences_and_selection_by_hand(tmp_path):
     d = rpo["diff"]["exact_match"]
     assert d[0] == pytest.approx(rpo["metrics"]["exact_match"][0] - dpo["metrics"]["exact_match"][0])
     assert d[1] >= 0 and analysis.verdict(d).startswith(("holds", "inconclusive"))
+    # an arm that answers exactly what DPO answers is no difference, not an inconclusive one
+    same = analysis.summarise([*recs, *[{**r, "arm": "mdpo"} for r in recs if r["arm"] == "dpo"]], 100)
+    assert analysis.verdict(same["scarce", "mdpo"]["diff"]["exact_match"]).startswith("no difference")
     # rows that differ between arms are an error, not a silent mismatch
     with pytest.raises(ValueError, match="other rows"):
         analysis.summarise([*recs, _record("main", "dpo", 3, np.zeros(40), rows[::-1])], 10)

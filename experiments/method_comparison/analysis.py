@@ -231,6 +231,8 @@ def verdict(diff) -> str:
     if diff is None:
         return "not run yet"
     _, lo, hi = diff
+    if lo == hi == 0:
+        return "no difference (the same result on every problem)"
     return (
         "holds (CI above 0)"
         if lo > 0
@@ -287,34 +289,26 @@ def write_plots(summary: dict, regimes: list[str], arms: list[str], out: Path) -
     return files
 
 
-# (claim, regime, arm, metric, baseline): read from the paired difference arm − baseline
+def _in_both_regimes(claim: str, arm: str, metric: str = "exact_match", base: str = "dpo") -> tuple:
+    """A claim as rows (claim, regime, arm, metric, baseline), read in the scarce and larger regimes."""
+    return ((claim, "scarce", arm, metric, base), (f"{claim}, more data", "larger", arm, metric, base))
+
+
+# read from the paired difference arm − baseline
 CLAIMS = (
-    ("MRPO (adaptive) beats DPO, scarce data (paper)", "scarce", "mrpo_adaptive", "exact_match", "dpo"),
-    ("MRPO (adaptive) beats DPO, more data (paper)", "larger", "mrpo_adaptive", "exact_match", "dpo"),
-    ("RPO beats DPO (paper)", "scarce", "rpo", "exact_match", "dpo"),
-    ("RPO beats DPO, more data (paper)", "larger", "rpo", "exact_match", "dpo"),
-    ("MallowsPO-θ beats DPO (paper)", "scarce", "mallows_theta", "exact_match", "dpo"),
-    ("MallowsPO-ϕ beats DPO (paper)", "scarce", "mallows_phi", "exact_match", "dpo"),
-    ("validation-weighted MRPO (2 refs) beats DPO (follow-up)", "scarce", "mrpo_val2", "exact_match", "dpo"),
-    ("validation-weighted MRPO (3 refs) beats DPO (follow-up)", "scarce", "mrpo_val3", "exact_match", "dpo"),
-    (
-        "DPO with the domain reference beats DPO (follow-up: the right reference)",
-        "scarce",
-        "dpo_domain",
-        "exact_match",
-        "dpo",
+    *_in_both_regimes("MRPO (adaptive) beats DPO (paper)", "mrpo_adaptive"),
+    *_in_both_regimes("RPO beats DPO (paper)", "rpo"),
+    *_in_both_regimes("MallowsPO-θ beats DPO (paper)", "mallows_theta"),
+    *_in_both_regimes("MallowsPO-ϕ beats DPO (paper)", "mallows_phi"),
+    *_in_both_regimes("validation-weighted MRPO (2 refs) beats DPO (follow-up)", "mrpo_val2"),
+    *_in_both_regimes("validation-weighted MRPO (3 refs) beats DPO (follow-up)", "mrpo_val3"),
+    *_in_both_regimes(
+        "DPO with the domain reference beats DPO (follow-up: the right reference)", "dpo_domain"
     ),
-    ("an SFT term (λ from validation) beats DPO alone", "scarce", "dpo_sft", "exact_match", "dpo"),
-    ("an SFT term (λ from validation) beats DPO alone, more data", "larger", "dpo_sft", "exact_match", "dpo"),
-    ("DPO+SFT beats SFT alone in exact match", "scarce", "dpo_sft", "exact_match", "sft"),
-    ("DPO+SFT beats SFT alone in exact match, more data", "larger", "dpo_sft", "exact_match", "sft"),
-    ("DPO+SFT beats SFT alone in preference accuracy", "scarce", "dpo_sft", "preference_accuracy", "sft"),
-    (
-        "DPO+SFT beats SFT alone in preference accuracy, more data",
-        "larger",
-        "dpo_sft",
-        "preference_accuracy",
-        "sft",
+    *_in_both_regimes("an SFT term (λ from validation) beats DPO alone", "dpo_sft"),
+    *_in_both_regimes("DPO+SFT beats SFT alone in exact match", "dpo_sft", base="sft"),
+    *_in_both_regimes(
+        "DPO+SFT beats SFT alone in preference accuracy", "dpo_sft", "preference_accuracy", "sft"
     ),
 )
 
