@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -286,51 +285,18 @@ def run_config(
     return cfg
 
 
-_DONE_RE = re.compile(r"answer is\s*:?\s*\**\s*\$?\s*-?\d[\d,]*\s*\**\s*\.(?!\d)", re.IGNORECASE)
-
-
 def greedy_answers(model, tokenizer, prompts: list, *, max_new_tokens: int, batch_size: int) -> list[str]:
     """Batched greedy decoding with the KV cache; a row stops once it has stated "The answer is N."."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from preftune.generation import ANSWER_STATED, generate
 
-    from preftune.data import add_special_tokens_for
-    from preftune.generation import prompt_text
-
-    class AnswerStated(StoppingCriteria):
-        def __init__(self, start: int):
-            self.start = start
-
-        def __call__(self, input_ids, scores, **kwargs):
-            texts = tokenizer.batch_decode(input_ids[:, self.start :], skip_special_tokens=True)
-            return torch.tensor([bool(_DONE_RE.search(t)) for t in texts], device=input_ids.device)
-
-    texts = [prompt_text(p, tokenizer) for p in prompts]
-    # as in training: a real chat template writes its own special tokens
-    special = add_special_tokens_for(tokenizer, conversational=not isinstance(prompts[0], str))
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model.eval()
-    out: list[str] = []
-    try:
-        with torch.no_grad():
-            for s in range(0, len(texts), batch_size):
-                enc = tokenizer(
-                    texts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=special
-                )
-                start = enc["input_ids"].shape[1]
-                gen = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    use_cache=True,
-                    pad_token_id=pad,
-                    stopping_criteria=StoppingCriteriaList([AnswerStated(start)]),
-                )
-                out += tokenizer.batch_decode(gen[:, start:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return out
+    return generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        stop_when=ANSWER_STATED,
+    )
 
 
 def pair_logps(model, view, split: str, batch_pairs: int = 16):

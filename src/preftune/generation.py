@@ -1,7 +1,8 @@
 """Greedy generation and answer matching, as ``preftune eval --prompts`` and the demo use them.
 
-Generation is batched greedy decoding (left padding, KV cache), each row stopping at EOS. Answers
-are checked by one of :data:`MATCH_MODES`:
+Generation is batched greedy decoding (left padding, KV cache), each row stopping at EOS, or as
+soon as its new text matches ``stop_when`` (e.g. :data:`ANSWER_STATED` for the arithmetic data).
+Answers are checked by one of :data:`MATCH_MODES`:
 
 * ``exact``: the normalised output equals the normalised answer (lower case, punctuation, articles
   and extra spaces removed; SQuAD-style);
@@ -22,6 +23,9 @@ import torch
 from .config import MATCH_MODES  # also the choices of the generation_match key
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+# A row has stated its final answer: "The answer is N." (N an integer; "2.5." does not count).
+ANSWER_STATED = re.compile(r"answer is\s*:?\s*\**\s*\$?\s*-?\d[\d,]*\s*\**\s*\.(?!\d)", re.IGNORECASE)
 
 
 def normalize_answer(text) -> str:
@@ -82,8 +86,12 @@ def generate(
     batch_size: int = 16,
     chat_template: str | None = None,
     progress: bool = False,
+    stop_when: re.Pattern | None = None,
 ) -> list[str]:
-    """Greedy completions for prompts (text, or chat messages rendered with the model's template)."""
+    """Greedy completions for prompts (text, or chat messages rendered with the model's template).
+
+    With ``stop_when``, a row stops once its new text matches the pattern (the others go on): the
+    text up to that point is exactly what it would have been without stopping."""
     from tqdm.auto import tqdm
 
     from .data import add_special_tokens_for
@@ -106,6 +114,9 @@ def generate(
         for start in tqdm(range(0, len(texts), batch_size), desc="generate", disable=not progress):
             chunk = texts[start : start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
+            stopping = {}
+            if stop_when is not None:
+                stopping["stopping_criteria"] = _text_stops(tokenizer, stop_when, enc["input_ids"].shape[1])
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -113,12 +124,25 @@ def generate(
                 use_cache=True,  # KV cache: each new token costs one position, not the whole prefix
                 eos_token_id=tokenizer.eos_token_id,  # rows stop at EOS (finished rows are padded)
                 pad_token_id=tokenizer.pad_token_id,
+                **stopping,
             )
             outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return outputs
+
+
+def _text_stops(tokenizer, pattern: re.Pattern, start: int):
+    """``model.generate``'s stopping criteria: per row, whether its text after ``start`` matches."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class TextStops(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            texts = tokenizer.batch_decode(input_ids[:, start:], skip_special_tokens=True)
+            return torch.tensor([pattern.search(t) is not None for t in texts], device=input_ids.device)
+
+    return StoppingCriteriaList([TextStops()])
 
 
 def exact_match(model, tokenizer, items: list[dict], **kwargs) -> tuple[float, list[dict]]:

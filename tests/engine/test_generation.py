@@ -88,3 +88,19 @@ def test_generation_is_greedy_with_kv_cache_and_stops_at_eos(tiny_model_dir):
     assert seen["do_sample"] is False and seen["use_cache"] is True
     assert seen["eos_token_id"] == tok.eos_token_id
     assert seen["input_ids"].shape[0] == 2  # one batched call
+
+
+def test_a_row_stops_once_its_text_matches_stop_when_and_the_others_go_on(tiny_model_dir):
+    import re
+
+    model, tok = load_causal_lm(str(tiny_model_dir))
+    prompts = ["What is 2 plus 2?", "A much longer question about the sum of seventeen and twenty-five?"]
+    full = generate(model, tok, prompts, max_new_tokens=12, batch_size=2)
+    assert len(full[0]) > 4 and full[0][:4] not in full[1]  # the pattern below can only stop row 0
+    stop = re.compile(re.escape(full[0][:4]))
+    stopped = generate(model, tok, prompts, max_new_tokens=12, batch_size=2, stop_when=stop)
+    # row 0 ends at the first token whose text completes the match: a proper prefix of its full text
+    assert stop.search(stopped[0]) and full[0].startswith(stopped[0]) and len(stopped[0]) < len(full[0])
+    assert stopped[1] == full[1]  # the other row generated on, unchanged
+    # what a row writes before it stops does not depend on its batch
+    assert [generate(model, tok, [p], max_new_tokens=12, stop_when=stop)[0] for p in prompts] == stopped
