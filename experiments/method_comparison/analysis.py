@@ -242,7 +242,11 @@ def verdict(diff) -> str:
     )
 
 
-def write_plots(summary: dict, regimes: list[str], arms: list[str], out: Path) -> list[str]:
+def write_plots(
+    summary: dict, regimes: list[str], arms: list[str], out: Path, untrained: float | None = None
+) -> list[str]:
+    """The accuracy-vs-divergence scatter and per-regime bars; ``untrained``: the untrained policy's
+    exact match, drawn as a dashed line (at divergence 0 by definition)."""
     try:
         import matplotlib
 
@@ -260,6 +264,10 @@ def write_plots(summary: dict, regimes: list[str], arms: list[str], out: Path) -
             y = e["metrics"].get("exact_match", e["metrics"]["preference_accuracy"])[0]
             ax.scatter(e["metrics"]["divergence"][0], y, marker=marker)
             ax.annotate(f"{arm} ({regime})", (e["metrics"]["divergence"][0], y), fontsize=7)
+    if untrained is not None:
+        ax.axhline(untrained, ls="--", color="grey", lw=1)
+        ax.scatter(0.0, untrained, marker="*", s=120, color="black", zorder=3)
+        ax.annotate("untrained", (0.0, untrained), fontsize=8, xytext=(4, -12), textcoords="offset points")
     ax.set_xlabel("divergence from the initial policy (mean log-ratio, held-out chosen)")
     ax.set_ylabel("greedy exact match (held-out)")
     ax.set_title("accuracy vs divergence per arm")
@@ -280,6 +288,9 @@ def write_plots(summary: dict, regimes: list[str], arms: list[str], out: Path) -
                 errs[0].append(v[0] - v[1])
                 errs[1].append(v[2] - v[0])
             ax.bar(range(len(names)), mids, yerr=errs, capsize=3)
+            if metric == "exact_match" and untrained is not None:
+                ax.axhline(untrained, ls="--", color="grey", lw=1, label="untrained")
+                ax.legend(fontsize=7, loc="upper left")
             ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
             ax.set_title(f"{regime}: {metric} (95% CI)")
         fig.tight_layout()
@@ -475,7 +486,8 @@ def write_results(out: Path, arms, study) -> Path:
     reading = out / "READING.md"  # the hand-written reading of these numbers, kept across regenerations
     if reading.exists():
         lines += [reading.read_text().rstrip(), ""]
-    plots = write_plots(summary, regimes, names, out)
+    untrained = float(np.mean(initial["exact_match"])) if initial else None
+    plots = write_plots(summary, regimes, names, out, untrained)
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     path = out / "RESULTS.md"
