@@ -257,10 +257,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="preftune demo",
         description="A real preference fine-tuning run whose effect you can see, offline, on a CPU: "
-        f"{POLICY} (LoRA) learns from the bundled arithmetic pairs (DPO + an SFT term by default); held-out "
-        "preference accuracy, "
-        "likelihood accuracy and greedy answers are measured before and after, and report.md with "
-        "plots is written into the run directory.",
+        f"{POLICY} (LoRA) learns from the bundled arithmetic pairs (DPO + an SFT term by default); "
+        "held-out preference accuracy, likelihood accuracy and greedy answers are measured before and "
+        "after, and report.md with plots is written into the run directory.",
     )
     parser.add_argument(
         "--method",
