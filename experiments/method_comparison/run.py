@@ -285,18 +285,25 @@ def run_config(
     return cfg
 
 
-def greedy_answers(model, tokenizer, prompts: list, *, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Batched greedy decoding with the KV cache; a row stops once it has stated "The answer is N."."""
-    from preftune.generation import ANSWER_STATED, generate
+def answer_rows(model, tokenizer, records: list[dict], study: Study) -> dict[str, list]:
+    """Greedy answers to ``records`` (batched, KV cache; a row stops once it has stated "The answer
+    is N."), per row: exact match, whether it reached an answer at all, and the text."""
+    from preftune.generation import ANSWER_STATED, answer_match
 
-    return generate(
+    _, details = answer_match(
         model,
         tokenizer,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
+        records,
+        mode="numeric",
+        max_new_tokens=study.max_new_tokens,
+        batch_size=study.gen_batch,
         stop_when=ANSWER_STATED,
     )
+    return {
+        "exact_match": [float(d["correct"]) for d in details],
+        "reached_answer": [float(d["reached_answer_phrase"]) for d in details],
+        "generations": [d["output"] for d in details],
+    }
 
 
 def pair_logps(model, view, split: str, batch_pairs: int = 16):
@@ -363,8 +370,6 @@ def measure(
     """
     import torch
 
-    from preftune.data.arithmetic import extract_answer
-
     view, model = trainer.data.views[0], trainer.model
     lines = [it.row for it in view.tokenized["eval"]]  # 1-based line numbers of the JSONL file
     init_c, init_r = initial_logps(trainer, initial)
@@ -378,20 +383,7 @@ def measure(
         "divergence": rc.tolist(),
     }
     if generate:
-        records = [eval_records[i - 1] for i in lines]
-        texts = greedy_answers(
-            model,
-            trainer.tokenizer,
-            [r["prompt"] for r in records],
-            max_new_tokens=study.max_new_tokens,
-            batch_size=study.gen_batch,
-        )
-        got = [extract_answer(t) for t in texts]
-        per_row["exact_match"] = [
-            float(g is not None and g == int(r["answer"])) for g, r in zip(got, records)
-        ]
-        per_row["reached_answer"] = [float(g is not None) for g in got]
-        per_row["generations"] = texts
+        per_row.update(answer_rows(model, trainer.tokenizer, [eval_records[i - 1] for i in lines], study))
     return per_row
 
 
@@ -403,24 +395,10 @@ def initial_answers(study: Study, out: Path, policy: str, records: list[dict], s
     with _locked(out / "initial" / ".generation.lock"):
         if path.exists():
             return path
-        from preftune.data.arithmetic import extract_answer
         from preftune.models.loading import load_causal_lm
 
         model, tokenizer = load_causal_lm(policy)
-        texts = greedy_answers(
-            model,
-            tokenizer,
-            [r["prompt"] for r in records],
-            max_new_tokens=study.max_new_tokens,
-            batch_size=study.gen_batch,
-        )
-        got = [extract_answer(t) for t in texts]
-        per_row = {
-            "rows": list(split_ids),
-            "exact_match": [float(g is not None and g == int(r["answer"])) for g, r in zip(got, records)],
-            "reached_answer": [float(g is not None) for g in got],
-            "generations": texts,
-        }
+        per_row = {"rows": list(split_ids), **answer_rows(model, tokenizer, records, study)}
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(per_row))
         tmp.replace(path)
