@@ -86,6 +86,12 @@ POSITIVE = Range(gt=0)
 NON_NEGATIVE = Range(ge=0)
 AT_LEAST_ONE = Range(ge=1)
 FRACTION = Range(ge=0, le=1)
+# generation_eval without data.eval: said by validate() and by the data check, which may see a config
+# that was built without validate().
+NO_EVAL_FOR_GENERATION = (
+    "generation_eval: true needs data.eval, held-out rows of which those with an 'answer' field are "
+    "answered after training; set data.eval or generation_eval: false"
+)
 # How a generated answer is checked (implemented in preftune.generation, which imports this tuple).
 MATCH_MODES = ("contains", "exact", "regex", "numeric")
 
@@ -602,10 +608,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"mrpo.weights: adaptive_released is defined for exactly 2 references, got {num_references}"
         )
     if cfg.generation_eval and not cfg.data.eval:
-        raise ConfigError(
-            "generation_eval: true needs data.eval (its rows with an `answer` field are answered after "
-            "training); set data.eval or generation_eval: false"
-        )
+        raise ConfigError(NO_EVAL_FOR_GENERATION)
     if cfg.parallelism == "fsdp" and cfg.precision == "fp16":
         raise ConfigError("precision: fp16 is not supported with parallelism=fsdp; use bf16 or fp32")
     if cfg.reference_free and spec.reference.value != "single":

@@ -5,7 +5,6 @@ loaded.
 
     check = check_data(cfg, unpaired=False, log=print)   # raises DataError / ConfigError
     check.skipped["train"]                                # rows left out with data.on_error=skip
-    check.answers                                         # generation_eval: the prompts to answer
 
 With ``generation_eval: true`` the held-out rows that carry an ``answer`` are checked here too, so a
 run whose answers cannot be scored fails before training, not after it.
@@ -32,9 +31,6 @@ class DataCheck:
 
     loaded: dict[str, LoadedData] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
-    answers: list[dict[str, Any]] = field(
-        default_factory=list
-    )  # generation_eval's prompts (see answer_items)
 
     @property
     def report(self) -> dict[str, Any]:
@@ -91,13 +87,14 @@ def check_data(cfg, *, unpaired: bool = False, log=print) -> DataCheck:
     returns the counts. With ``generation_eval`` also the answers of the held-out rows
     (:func:`answer_items`): a ConfigError if none has one.
     """
-    from ..config import ConfigError
+    from ..config import NO_EVAL_FOR_GENERATION, ConfigError
 
     data_cfg = cfg.data
     if not data_cfg.train:
         raise ConfigError("data.train is required (a file, a folder, a hub name or builtin:arithmetic-train)")
-    if getattr(cfg, "generation_eval", False) and not data_cfg.eval:
-        raise ConfigError(_NO_EVAL)
+    answering = bool(getattr(cfg, "generation_eval", False))  # the tests' stand-in configs lack the key
+    if answering and not data_cfg.eval:
+        raise ConfigError(NO_EVAL_FOR_GENERATION)
     sources = {"train": ("data.train", data_cfg.train, data_cfg.train_split)}
     if data_cfg.eval:
         sources["eval"] = ("data.eval", data_cfg.eval, data_cfg.eval_split)
@@ -107,8 +104,7 @@ def check_data(cfg, *, unpaired: bool = False, log=print) -> DataCheck:
         check_source_exists(resolved[split], key)
     check = DataCheck()
     for split, (_key, source, hf_split) in sources.items():
-        answers = split == "eval" and bool(getattr(cfg, "generation_eval", False))
-        loaded = _load(cfg, resolved[split], hf_split, unpaired, with_answers=answers)
+        loaded = _load(cfg, resolved[split], hf_split, unpaired, with_answers=answering and split == "eval")
         check.loaded[split] = loaded
         check.skipped[split] = len(loaded.skipped)
         if loaded.skipped:
@@ -116,11 +112,11 @@ def check_data(cfg, *, unpaired: bool = False, log=print) -> DataCheck:
                 f"{split}: skipped {len(loaded.skipped)} bad rows of {source} (data.on_error=skip): "
                 + _describe_skipped(loaded)
             )
-    if getattr(cfg, "generation_eval", False):
+    if answering:  # checked now, answered after training (generation_items reads them again then)
         eval_data = check.loaded["eval"]
-        check.answers = answer_items(eval_data, cfg.generation_match, data_cfg.on_error, log)
+        items = answer_items(eval_data, cfg.generation_match, data_cfg.on_error, log)
         log(
-            f"generation_eval: {len(check.answers)} of {len(eval_data)} held-out rows carry an "
+            f"generation_eval: {len(items)} of {len(eval_data)} held-out rows carry an "
             f"'{ANSWER_FIELD}'; their prompts are answered after training "
             f"(generation_match={cfg.generation_match}, max_new_tokens={cfg.max_new_tokens})"
         )
@@ -143,11 +139,6 @@ def _load(cfg, resolved: str, split: str, unpaired: bool, *, with_answers: bool 
 
 # --------------------------------------------------------------------------------------------------
 # generation_eval: the held-out rows that carry an answer
-
-_NO_EVAL = (
-    "generation_eval: true needs data.eval, held-out rows of which those with an "
-    f"'{ANSWER_FIELD}' field are answered after training; set data.eval or generation_eval: false"
-)
 
 
 def answer_problem(answer: Any, mode: str) -> str | None:
@@ -214,10 +205,10 @@ def answer_items(loaded: LoadedData, mode: str, on_error: str = "raise", log=pri
 def generation_items(cfg, *, unpaired: bool = False, log=print) -> list[dict[str, Any]]:
     """generation_eval's prompts and answers read from ``cfg.data.eval`` (as :func:`check_data` found
     them before training): for the step after training, when the trainer and its data are gone."""
-    from ..config import ConfigError
+    from ..config import NO_EVAL_FOR_GENERATION, ConfigError
 
     if not cfg.data.eval:
-        raise ConfigError(_NO_EVAL)
+        raise ConfigError(NO_EVAL_FOR_GENERATION)
     resolved = resolve_source(cfg.data.eval, "data.eval")
     check_source_exists(resolved, "data.eval")
     loaded = _load(cfg, resolved, cfg.data.eval_split, unpaired, with_answers=True)
