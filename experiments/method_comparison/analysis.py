@@ -418,6 +418,7 @@ def write_results(out: Path, arms, study) -> Path:
         "problems). Preference accuracy uses the *initial policy* as the yardstick for every arm.",
         "",
     ]
+    before = initial_row(out, study.bootstrap)  # the same untrained row heads every regime's table
     for regime in regimes:
         lines += [
             f"## {regime} ({study.regimes[regime]} training pairs, seeds {list(study.seeds[regime])})",
@@ -428,7 +429,6 @@ def write_results(out: Path, arms, study) -> Path:
             " | mean weights |",
             "|" + "---|" * (len(METRICS) + 8),
         ]
-        before = initial_row(out, study.bootstrap)
         if before:
             lines.append(before)
         for name in names:
