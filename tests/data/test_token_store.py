@@ -132,3 +132,38 @@ def test_an_existing_store_is_mapped_not_rebuilt(tmp_path, tiny_tokenizer, monke
         != key
     )
     assert isinstance(TokenStore(tmp_path / key), TokenStore)
+
+
+class _ExamplesThatKillTheirWorker(list):
+    """Examples whose reading ends the process that reads them, as an out-of-memory kill would, but
+    only in a tokenizer worker."""
+
+    def __getitem__(self, i):
+        import multiprocessing
+        import os
+
+        if multiprocessing.parent_process() is not None:
+            os._exit(9)
+        return super().__getitem__(i)
+
+
+def test_a_worker_that_dies_raises_instead_of_hanging(tmp_path, tiny_tokenizer):
+    """With the pool's own timeout as the backstop: a dead worker's batch never arrives, and the
+    parent must say so, not wait for it; nothing half-written is left behind."""
+    loaded = _write(tmp_path, 40, seed=11)
+    loaded.examples = _ExamplesThatKillTheirWorker(loaded.examples)
+    with pytest.raises(RuntimeError, match="tokenizer worker process died.*num_proc"):
+        build_token_store(
+            loaded, tiny_tokenizer, tmp_path / "store", max_length=64, num_proc=2, batch_size=8,
+            progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "store").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_workers_do_not_fork_the_calling_process():
+    """A fork copies the caller's threads' locks as they are; the workers start from a fresh
+    interpreter (a fork server) instead."""
+    from preftune.data.store import _worker_context
+
+    assert _worker_context().get_start_method() in ("forkserver", "spawn")

@@ -15,6 +15,8 @@ it, the others (and later runs) map it.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import concurrent.futures.process
 import hashlib
 import json
 import multiprocessing
@@ -258,9 +260,9 @@ _WORKER_EXAMPLES: Sequence | None = None
 
 
 def _init_worker(settings: BatchSettings, examples: Sequence) -> None:
-    """Give this process the settings and the examples; a forked worker inherits both as they are
-    (a lazy :class:`~preftune.data.loading.StreamedExamples` is a few arrays and a path), so each
-    worker reads its own rows from the source instead of the parent sending them."""
+    """Give this process the settings and the examples. A worker receives both once, pickled (a
+    lazy :class:`~preftune.data.loading.StreamedExamples` is a few arrays and a path), so each worker
+    reads its own rows from the source instead of the parent sending them batch by batch."""
     global _WORKER_SETTINGS, _WORKER_EXAMPLES
     _WORKER_SETTINGS, _WORKER_EXAMPLES = settings, examples
 
@@ -297,16 +299,37 @@ def _offsets(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
-def _bounded_imap(pool, items, window: int):
-    """``pool.imap(_pack, items)`` with at most ``window`` batches in flight, so the packed results
-    waiting for the parent stay bounded."""
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Where tokenizer workers start: a fork server, else a fresh interpreter (spawn); never a plain
+    fork. Forking the calling process copies its threads' locks as they are (torch's, the Rust
+    tokenizer's, a process group's), and a worker that needs one held at that instant waits forever
+    (a test run that had already used tokenizers and torch hung in this pool once). As with any
+    spawned worker, a script that starts them needs an ``if __name__ == "__main__":`` guard."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def _bounded_map(pool: concurrent.futures.Executor, items, window: int):
+    """``pool.map(_pack, items)`` in order, with at most ``window`` batches in flight, so the packed
+    results waiting for the parent stay bounded. A worker that dies (killed, out of memory) raises
+    here instead of leaving the parent waiting for its batch."""
     pending: collections.deque = collections.deque()
+
+    def next_result():
+        try:
+            return pending.popleft().result()
+        except concurrent.futures.process.BrokenProcessPool as e:
+            raise RuntimeError(
+                f"a tokenizer worker process died ({e}); it may have run out of memory: "
+                "lower data.num_proc (1 tokenizes in this process)"
+            ) from e
+
     for item in items:
-        pending.append(pool.apply_async(_pack, (item,)))
+        pending.append(pool.submit(_pack, item))
         if len(pending) >= window:
-            yield pending.popleft().get()
+            yield next_result()
     while pending:
-        yield pending.popleft().get()
+        yield next_result()
 
 
 def build_token_store(
@@ -359,10 +382,13 @@ def build_token_store(
         files = {c: open(tmp / f"{c}.tokens", "wb") for c in columns}
         files["text"] = open(tmp / "prompt_text.bytes", "wb")
         if num_proc > 1 and len(examples) > batch_size:
-            # fork: the workers inherit the tokenizer instead of unpickling it; spawn where fork is missing
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = multiprocessing.get_context(method).Pool(num_proc, _init_worker, (settings, examples))
-            results = _bounded_imap(pool, batches, window=2 * num_proc)
+            pool = concurrent.futures.ProcessPoolExecutor(
+                num_proc,
+                mp_context=_worker_context(),
+                initializer=_init_worker,
+                initargs=(settings, examples),
+            )
+            results = _bounded_map(pool, batches, window=2 * num_proc)
         else:
             _init_worker(settings, examples)
             results = map(_pack, batches)
@@ -408,8 +434,7 @@ def build_token_store(
         bar.close()
         _init_worker(None, None)  # type: ignore[arg-type]  # this process keeps no reference to the rows
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
         for f in locals().get("files", {}).values():
             f.close()
         shutil.rmtree(tmp, ignore_errors=True)
