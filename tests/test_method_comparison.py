@@ -257,3 +257,31 @@ def test_differences_against_the_untrained_policy_are_paired_per_problem():
     assert point == pytest.approx(5.5 / 30) and 0 < lo <= point <= hi  # every problem moved up or not at all
     with pytest.raises(ValueError, match="other rows than the untrained policy"):
         analysis.summarise(recs, 10, {**initial, "rows": rows[::-1]})
+
+
+def test_a_grid_that_grew_keeps_only_the_main_runs_at_the_value_it_selects_now():
+    """λ=3 was chosen, its main runs finished, then λ=10 joined the grid and won on validation: the
+    tables read the λ=10 runs only (mixing both would average two different arms)."""
+    arm = next(a for a in run.ARMS if a.sweep_sft)
+    study = _small(run.FULL, sft_grid=(1.0, 3.0, 10.0))
+    recs = []
+    for value, em in ((1.0, [0.0, 0.0]), (3.0, [1.0, 0.0]), (10.0, [1.0, 1.0])):
+        r = _record("sweep", arm.name, 0, em, [7, 8], "validation")
+        r.update(sft_weight=value, run=f"sweep-{value}")
+        recs.append(r)
+    for value in (3.0, 10.0):
+        for seed in (0, 1, 2):
+            r = _record("main", arm.name, seed, [value / 10] * 4, [1, 2, 3, 4])
+            r.update(sft_weight=value, run=f"main-{seed}-{value}")
+            recs.append(r)
+    recs.append(_record("main", "dpo", 0, [0.0] * 4, [1, 2, 3, 4]))
+    kept = analysis.current(recs, run.ARMS, study)
+    assert {r.get("sft_weight") for r in kept if r["kind"] == "main" and r["arm"] == arm.name} == {10.0}
+    assert len([r for r in kept if r["kind"] == "sweep"]) == 3 and any(r["arm"] == "dpo" for r in kept)
+    assert analysis.summarise(kept, 50)["scarce", arm.name]["metrics"]["exact_match"][0] == pytest.approx(1.0)
+    # before λ=10 was run the grid selects nothing: no main run of the arm is current
+    assert not [
+        r
+        for r in analysis.current(recs[:2] + recs[3:], run.ARMS, study)
+        if r["arm"] == arm.name and r["kind"] == "main"
+    ]

@@ -82,6 +82,24 @@ def selected_sft(path: Path, arm: str, grid) -> float | None:
     return _selected(load(path), arm, grid, SFT)
 
 
+def current(records: list[dict], arms, study) -> list[dict]:
+    """The records without the main runs of a swept arm measured at a value its sweep no longer
+    selects (a grid that grew can select another): those runs stay on disk and in results.jsonl, and
+    count in the time spent, but leave the tables, the claims and the plots."""
+    chosen = {
+        (arm.name, sweep.key): _selected(records, arm.name, getattr(study, sweep.grid), sweep)
+        for arm in arms
+        for sweep in (EPS, SFT)
+        if getattr(arm, sweep.flag)
+    }
+    return [
+        r
+        for r in records
+        if r["kind"] != "main"
+        or all(r.get(key) == value for (name, key), value in chosen.items() if name == r["arm"])
+    ]
+
+
 def sweep_scores(records: list[dict], arm: str, key: str, metric: str) -> dict[float, float]:
     """Validation ``metric`` of each finished sweep run of ``arm``, by the swept value ``key``."""
     sweep = [r for r in records if r["kind"] == "sweep" and r["arm"] == arm and r.get(key) is not None]
@@ -391,7 +409,8 @@ def initial_row(out: Path, n_boot: int) -> str | None:
 def write_results(out: Path, arms, study) -> Path:
     """RESULTS.md (table, selection, claims, plots) from whatever results exist; missing arms marked."""
     out = Path(out)
-    records = load(out / "results.jsonl")
+    every = load(out / "results.jsonl")  # the time spent counts every run
+    records = current(every, arms, study)
     initial_path = out / "initial" / "test-generation.json"
     initial = json.loads(initial_path.read_text()) if initial_path.exists() else None
     summary = summarise(records, study.bootstrap, initial)
@@ -400,16 +419,16 @@ def write_results(out: Path, arms, study) -> Path:
     lines = [
         "# Method comparison: results",
         "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {len(records)} finished runs "
+        f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from {len(every)} finished runs "
         f"in `results.jsonl`{' (QUICK smoke run: tiny random models, numbers mean nothing)' if study.quick else ''}.",
         "",
     ]
-    machines = sorted({(r["machine"]["host"], r["machine"]["cpus"]) for r in records})
+    machines = sorted({(r["machine"]["host"], r["machine"]["cpus"]) for r in every})
     pauses = load_pauses(out / "pauses.jsonl")
-    total = sum(r["seconds"] for r in records)
+    total = sum(r["seconds"] for r in every)
     lines += [
         f"Machine(s): {', '.join(f'{h} ({c} CPUs)' for h, c in machines) or '—'}; summed run time "
-        f"{total / 3600:.2f} h; wall time {wall_hours(records, pauses):.2f} h (time during which a run was "
+        f"{total / 3600:.2f} h; wall time {wall_hours(every, pauses):.2f} h (time during which a run was "
         f"running, parallel workers overlapping; {len(pauses)} pause(s) for other work excluded: pauses.jsonl). Command: `python experiments/method_comparison/run.py"
         f"{' --quick' if study.quick else ''}`.",
         "",
