@@ -2,6 +2,9 @@
 
 Generation is batched greedy decoding (left padding, KV cache), each row stopping at EOS, or as
 soon as its new text matches ``stop_when`` (e.g. :data:`ANSWER_STATED` for the arithmetic data).
+Rows that have stopped leave the batch, with their part of the KV cache, every
+:data:`LOOK_EVERY` new tokens, so the rows still writing do not carry them to the longest one's
+end: the text is the same as one ``model.generate`` call over the whole batch.
 Answers are checked by one of :data:`MATCH_MODES`:
 
 * ``exact``: the normalised output equals the normalised answer (lower case, punctuation, articles
@@ -23,6 +26,9 @@ import torch
 from .config import MATCH_MODES  # also the choices of the generation_match key
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+# New tokens between two looks for rows that have stopped (which then leave the batch).
+LOOK_EVERY = 8
 
 # A row has stated its final answer: "The answer is N." (N an integer; "2.5." does not count).
 ANSWER_STATED = re.compile(r"answer is\s*:?\s*\**\s*\$?\s*-?\d[\d,]*\s*\**\s*\.(?!\d)", re.IGNORECASE)
@@ -114,23 +120,84 @@ def generate(
         for start in tqdm(range(0, len(texts), batch_size), desc="generate", disable=not progress):
             chunk = texts[start : start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
-            stopping = {}
-            if stop_when is not None:
-                stopping["stopping_criteria"] = _text_stops(tokenizer, stop_when, enc["input_ids"].shape[1])
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,  # KV cache: each new token costs one position, not the whole prefix
-                eos_token_id=tokenizer.eos_token_id,  # rows stop at EOS (finished rows are padded)
-                pad_token_id=tokenizer.pad_token_id,
-                **stopping,
-            )
-            outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            outputs += _greedy_batch(model, tokenizer, enc, max_new_tokens, stop_when)
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return outputs
+
+
+def _greedy_batch(model, tokenizer, enc, max_new_tokens: int, stop_when: re.Pattern | None) -> list[str]:
+    """The new text of each row of one left-padded batch ``enc``.
+
+    ``model.generate`` is called for :data:`LOOK_EVERY` tokens at a time, continuing from its own
+    KV cache; between two calls the rows that have stopped (EOS, ``stop_when``) are taken out of the
+    batch and of the cache. Rows write independently of each other, so a cache that cannot drop
+    rows (state-space layers, for one) keeps them: their text was taken when they stopped, and what
+    they write afterwards is ignored. A static cache (``generation_config.cache_implementation``)
+    runs the whole batch in one call."""
+    start = enc["input_ids"].shape[1]
+    common = dict(
+        do_sample=False,
+        use_cache=True,  # KV cache: each new token costs one position, not the whole prefix
+        eos_token_id=tokenizer.eos_token_id,  # rows stop at EOS (finished rows are padded)
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if stop_when is not None:
+        common["stopping_criteria"] = _text_stops(tokenizer, stop_when, start)
+    if getattr(model.generation_config, "cache_implementation", None) not in (None, "dynamic"):
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, **common)
+        return tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    texts: list[str | None] = [None] * ids.shape[0]
+    alive = torch.arange(ids.shape[0], device=ids.device)  # the batch rows still in the batch
+    cache: dict = {}  # ``cache=`` (transformers 5) or ``past_key_values=`` (4.x), as generate returned it
+    left = max_new_tokens
+    while True:
+        asked = min(LOOK_EVERY, left)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=asked,
+            return_dict_in_generate=True,
+            **cache,
+            **common,
+        )
+        seqs = out.sequences
+        name = "cache" if "cache" in out.keys() else "past_key_values"
+        cache = {name: out[name]}
+        got = seqs.shape[1] - ids.shape[1]
+        left -= got
+        new = seqs[:, start:]
+        decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+        stopped = (new == tokenizer.eos_token_id).any(1)
+        if stop_when is not None:
+            stopped |= torch.tensor([stop_when.search(t) is not None for t in decoded], device=new.device)
+        if left <= 0 or got < asked:  # out of tokens, or generate saw every row stop
+            stopped[:] = True
+        for i in torch.nonzero(stopped).flatten().tolist():
+            if texts[int(alive[i])] is None:
+                texts[int(alive[i])] = decoded[i]
+        if all(t is not None for t in texts):
+            return texts  # type: ignore[return-value]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], got)], dim=1)  # what a row wrote is real
+        keep = torch.nonzero(~stopped).flatten()
+        if len(keep) < len(alive) and _can_drop_rows(cache[name]):
+            cache[name].batch_select_indices(keep)
+            alive, ids, mask = alive[keep], seqs[keep], mask[keep]
+        else:
+            ids = seqs
+
+
+def _can_drop_rows(cache) -> bool:
+    """Whether ``cache.batch_select_indices`` drops rows from every layer: attention key/value
+    layers only (full or sliding window), not state-space or linear-attention states."""
+    layers = getattr(cache, "layers", None)
+    return (
+        bool(layers)
+        and hasattr(cache, "batch_select_indices")
+        and all(type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for layer in layers)
+    )
 
 
 def _text_stops(tokenizer, pattern: re.Pattern, start: int):

@@ -138,14 +138,15 @@ ARCHITECTURES = {
 }
 
 
-def build(name: str):
+def build(name: str, **overrides):
+    """A tiny random ``name`` (COMMON and its ARCHITECTURES entry; ``overrides`` on top)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type = name.split("-")[0]
     extra, _ = ARCHITECTURES[name]
     torch.manual_seed(0)
     try:
-        config = AutoConfig.for_model(model_type, **{**COMMON, **extra})
+        config = AutoConfig.for_model(model_type, **{**COMMON, **extra, **overrides})
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     except Exception as error:  # noqa: BLE001 - the reason is reported in the skip
         pytest.skip(f"transformers cannot build a tiny {name}: {type(error).__name__}: {error}")

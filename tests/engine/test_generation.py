@@ -104,3 +104,46 @@ def test_a_row_stops_once_its_text_matches_stop_when_and_the_others_go_on(tiny_m
     assert stopped[1] == full[1]  # the other row generated on, unchanged
     # what a row writes before it stops does not depend on its batch
     assert [generate(model, tok, [p], max_new_tokens=12, stop_when=stop)[0] for p in prompts] == stopped
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3_text", "qwen3", "falcon_h1"])
+def test_rows_that_stop_leave_the_batch_and_the_text_is_that_of_one_call(architecture, monkeypatch):
+    """Every LOOK_EVERY tokens the rows that stopped leave the batch and the KV cache (gemma3's
+    sliding-window layers and falcon_h1's state-space layers included): what each row writes is
+    what one ``model.generate`` call over the whole batch writes."""
+    from preftune import generation
+    from preftune.testing import tiny_tokenizer
+
+    from .test_architectures import build
+
+    tok = tiny_tokenizer(vocab_size=300, chat_template=None)
+    model = build(
+        architecture, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )
+    prompts = ["def f(x):", "The sum of two numbers", "import os", "class A: pass", "x = 1", "for i in"]
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    written = model.generate(**enc, max_new_tokens=14, do_sample=False, pad_token_id=tok.pad_token_id)
+    written = written[:, enc["input_ids"].shape[1] :]
+    # EOS := the 3rd token row 0 writes, unless it opens another row's text: row 0 stops early
+    eos = next(int(t) for t in written[0, 2:] if not (written[1:, :2] == t).any())
+    tok.eos_token = tok.convert_ids_to_tokens(eos)
+    assert tok.eos_token_id == eos
+
+    monkeypatch.setattr(generation, "LOOK_EVERY", 10**6)  # one call: the text to reproduce
+    once = generate(model, tok, prompts, max_new_tokens=14, batch_size=6)
+    monkeypatch.setattr(generation, "LOOK_EVERY", 3)
+    rows_per_call = []
+    original = model.generate
+
+    def counting(**kwargs):
+        rows_per_call.append(kwargs["input_ids"].shape[0])
+        return original(**kwargs)
+
+    monkeypatch.setattr(model, "generate", counting)
+    assert generate(model, tok, prompts, max_new_tokens=14, batch_size=6) == once
+    assert rows_per_call[0] == 6 and len(rows_per_call) > 1
+    if architecture == "falcon_h1":  # state-space layers cannot drop rows: every row stays
+        assert set(rows_per_call) == {6}
+    else:
+        assert rows_per_call[-1] < 6  # the rows still writing went on alone
