@@ -100,3 +100,13 @@ def test_memory_census_counts_activations_not_parameters(tmp_path):
     assert all(row["shape"] != [1000, 32] for row in plain["saved_top"])
     assert sum(row["mb"] for row in plain["saved_top"]) <= plain["saved_mb"] + 1e-9
     assert plain["grads_and_adam_mb"] > 0
+
+
+def test_generation_bench_times_both_ways_on_the_same_prompts(tmp_path):
+    stdout, report = _run_bench_script("generation.py", tmp_path / "generation.json", "--quick")
+    assert "ratio (fastest)" in stdout
+    assert report["identical"] is True  # the bench exits 1 when the texts differ
+    assert len(report["seconds"]["one call"]) == len(report["seconds"]["preftune"]) >= 1
+    assert report["ratio"] == pytest.approx(
+        min(report["seconds"]["one call"]) / min(report["seconds"]["preftune"])
+    )
