@@ -152,7 +152,7 @@ def test_a_worker_that_dies_raises_instead_of_hanging(tmp_path, tiny_tokenizer):
     parent must say so, not wait for it; nothing half-written is left behind."""
     loaded = _write(tmp_path, 40, seed=11)
     loaded.examples = _ExamplesThatKillTheirWorker(loaded.examples)
-    with pytest.raises(RuntimeError, match="tokenizer worker process died.*num_proc"):
+    with pytest.raises(RuntimeError, match="tokenizer worker process died.*data.num_proc: 1"):
         build_token_store(
             loaded, tiny_tokenizer, tmp_path / "store", max_length=64, num_proc=2, batch_size=8,
             progress=False,
@@ -167,3 +167,24 @@ def test_workers_do_not_fork_the_calling_process():
     from preftune.data.store import _worker_context
 
     assert _worker_context().get_start_method() in ("forkserver", "spawn")
+
+
+def test_a_script_without_a_main_guard_is_told_so_instead_of_hanging(tmp_path):
+    """Workers start from a fresh interpreter that imports the main module: a script that tokenizes
+    with num_proc > 1 at its top level would run again in it. It gets an error naming the guard."""
+    import subprocess
+    import sys
+
+    loaded = _write(tmp_path, 60, seed=12)
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from preftune.data import load_examples\n"
+        "from preftune.data.store import build_token_store\n"
+        "from preftune.testing import tiny_tokenizer\n"
+        f"loaded = load_examples({str(loaded.source)!r})\n"
+        f"build_token_store(loaded, tiny_tokenizer(), {str(tmp_path / 'store')!r}, max_length=64, num_proc=2,"
+        " batch_size=8, progress=False)\n"
+    )
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert 'if __name__ == "__main__":' in proc.stderr and "data.num_proc: 1" in proc.stderr

@@ -299,33 +299,49 @@ def _offsets(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
-def _worker_context() -> multiprocessing.context.BaseContext:
+def _worker_context(tokenizer: Any = None) -> multiprocessing.context.BaseContext:
     """Where tokenizer workers start: a fork server, else a fresh interpreter (spawn); never a plain
     fork. Forking the calling process copies its threads' locks as they are (torch's, the Rust
     tokenizer's, a process group's), and a worker that needs one held at that instant waits forever
-    (a test run that had already used tokenizers and torch hung in this pool once). As with any
-    spawned worker, a script that starts them needs an ``if __name__ == "__main__":`` guard."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    (a test run that had already used tokenizers and torch hung in this pool once). The fork server
+    imports this module and the tokenizer's class once, so each worker starts already holding them.
+    As with any spawned worker, a script that starts them needs an ``if __name__ == "__main__":``
+    guard: the workers import the script's main module."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    preload = ["__main__", __name__]  # __main__: the default, which spawned workers import anyway
+    if tokenizer is not None:
+        preload.append(type(tokenizer).__module__)
+    context.set_forkserver_preload(preload)  # taken when the server starts: its first use
+    return context
+
+
+_WORKER_FAILED = (
+    "a tokenizer worker process died or could not start ({error}). A worker can run out of memory; "
+    "and workers start from a fresh interpreter that imports the main module, so a script that "
+    'tokenizes with data.num_proc > 1 needs an `if __name__ == "__main__":` guard. '
+    "data.num_proc: 1 tokenizes in this process."
+)
 
 
 def _bounded_map(pool: concurrent.futures.Executor, items, window: int):
     """``pool.map(_pack, items)`` in order, with at most ``window`` batches in flight, so the packed
-    results waiting for the parent stay bounded. A worker that dies (killed, out of memory) raises
-    here instead of leaving the parent waiting for its batch."""
+    results waiting for the parent stay bounded. A worker that dies (killed, out of memory) or
+    cannot start raises here instead of leaving the parent waiting for its batch."""
     pending: collections.deque = collections.deque()
 
     def next_result():
         try:
             return pending.popleft().result()
         except concurrent.futures.process.BrokenProcessPool as e:
-            raise RuntimeError(
-                f"a tokenizer worker process died ({e}); it may have run out of memory: "
-                "lower data.num_proc (1 tokenizes in this process)"
-            ) from e
+            raise RuntimeError(_WORKER_FAILED.format(error=e)) from e
 
     for item in items:
-        pending.append(pool.submit(_pack, item))
+        try:
+            pending.append(pool.submit(_pack, item))
+        except (concurrent.futures.process.BrokenProcessPool, BrokenPipeError, EOFError) as e:
+            raise RuntimeError(_WORKER_FAILED.format(error=f"{type(e).__name__}: {e}")) from e
         if len(pending) >= window:
             yield next_result()
     while pending:
@@ -384,7 +400,7 @@ def build_token_store(
         if num_proc > 1 and len(examples) > batch_size:
             pool = concurrent.futures.ProcessPoolExecutor(
                 num_proc,
-                mp_context=_worker_context(),
+                mp_context=_worker_context(tokenizer),
                 initializer=_init_worker,
                 initargs=(settings, examples),
             )
