@@ -170,7 +170,12 @@ def _greedy_batch(model, tokenizer, enc, max_new_tokens: int, stop_when: re.Patt
         left -= got
         new = seqs[:, start:]
         decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
-        stopped = (new == tokenizer.eos_token_id).any(1)
+        eos = tokenizer.eos_token_id
+        stopped = (
+            (new == eos).any(1)
+            if eos is not None
+            else torch.zeros(len(new), dtype=torch.bool, device=new.device)
+        )
         if stop_when is not None:
             stopped |= torch.tensor([stop_when.search(t) is not None for t in decoded], device=new.device)
         if left <= 0 or got < asked:  # out of tokens, or generate saw every row stop

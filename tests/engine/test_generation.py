@@ -147,3 +147,17 @@ def test_rows_that_stop_leave_the_batch_and_the_text_is_that_of_one_call(archite
         assert set(rows_per_call) == {6}
     else:
         assert rows_per_call[-1] < 6  # the rows still writing went on alone
+
+
+def test_a_tokenizer_without_eos_generates_to_max_new_tokens_in_pieces(monkeypatch):
+    from preftune import generation
+    from preftune.testing import tiny_llama, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok))
+    tok.eos_token = None
+    monkeypatch.setattr(generation, "LOOK_EVERY", 3)
+    pieces = generate(model, tok, ["hello there", "a b"], max_new_tokens=10, batch_size=2)
+    monkeypatch.setattr(generation, "LOOK_EVERY", 100)
+    assert pieces == generate(model, tok, ["hello there", "a b"], max_new_tokens=10, batch_size=2)
+    assert all(len(tok(t, add_special_tokens=False).input_ids) >= 5 for t in pieces)  # nothing cut short
