@@ -28,8 +28,8 @@ from pathlib import Path
 POLICY = "smollm2-135m-instruct"
 SECOND_REFERENCE = "gemma3-270m"
 DEMO_METHODS = ("dpo", "mrpo", "mallows_theta", "mallows_phi", "rpo")
-# λ of the SFT term λ·(−log π(y_w|x)/|y_w|): chosen among {0.3, 1, 3} on the method comparison's
-# validation split by greedy exact match (experiments/method_comparison/results/RESULTS.md).
+# λ of the SFT term λ·(−log π(y_w|x)/|y_w|): chosen among {0.3, 1, 3, 10, 30} on the method comparison's
+# validation split by greedy exact match, 3 and 10 tying (experiments/method_comparison/results/RESULTS.md).
 DEMO_SFT_WEIGHT = 3.0
 
 
