@@ -204,8 +204,11 @@ def main(argv=None) -> dict:
     if args.quick:
         args.model, args.steps, args.prompt, args.completion = "toy", 2, 8, 16
     if args.worker:
+        from preftune.distributed import end_process_group
+
         result = worker(args)
         Path(args.worker).write_text(json.dumps(result))
+        end_process_group()
         return result
     import tempfile
 

@@ -35,7 +35,7 @@ def worker(args) -> None:
     import torch
 
     from preftune.data.store import TokenStore
-    from preftune.distributed import barrier, init_process_group, rank
+    from preftune.distributed import barrier, end_process_group, init_process_group, rank
     from preftune.references import PAIRED_SIDES, ModelView, precompute_references
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -52,8 +52,7 @@ def worker(args) -> None:
     seconds = time.perf_counter() - start
     if rank() == 0:
         print(json.dumps({"seconds": seconds}), flush=True)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 def run(procs: int, threads: int, workdir: Path, name: str) -> float:

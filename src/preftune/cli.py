@@ -240,7 +240,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread: leave Ctrl-C alone
         pass
     try:
-        return _run(command, rest)
+        code = _run(command, rest)
+        # under torchrun / accelerate every rank ends its process group together (a group can exist
+        # only where torch.distributed was imported: quick commands stay free of importing torch)
+        if code == 0 and "torch.distributed" in sys.modules:
+            from .distributed import end_process_group
+
+            end_process_group()
+        return code
     except KeyboardInterrupt:
         print(_interrupted(command, rest), file=sys.stderr)
         return 130

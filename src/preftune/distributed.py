@@ -120,6 +120,24 @@ def barrier(stage: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         ) from e
 
 
+def end_process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """At the end of a command that succeeded: wait for every rank, then destroy the process group.
+
+    A process that exits with its group alive leaves gloo's threads to interpreter teardown, where a
+    rank can abort after its work is done (``terminate called without an active exception``, exit
+    -6: the job fails although it trained); NCCL warns of the same. The barrier first, so no rank
+    tears its connections down while a peer still uses them. Only on success: after an error the rank
+    leaves at once (:func:`exit_on_error`), as a collective teardown could wait on a stuck peer.
+    """
+    global _MONITOR_GROUP
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if is_distributed():
+        barrier("end of run", timeout_s)
+    dist.destroy_process_group()
+    _MONITOR_GROUP = None
+
+
 @contextlib.contextmanager
 def exit_on_error(stage: str | Callable[[], str] = "training"):
     """In a multi-process run, on an exception: print it and end this process at once, exit code 1.

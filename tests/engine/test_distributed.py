@@ -47,20 +47,30 @@ RUNS = {
     "rpo_local": {"method": "rpo", "rpo": {"contrast_scope": "local"}},
 }
 WORKER = """
-import json, sys
+import json, os, sys
+import torch
+from preftune.cli import main
 from preftune.trainer import train
 for cfg in json.load(open(sys.argv[1])):
     train(cfg)
+code = main(["train", sys.argv[2]])  # the last run as `preftune train` runs it under torchrun
+ended = {"code": code, "group_alive": torch.distributed.is_initialized()}
+open(sys.argv[2] + f".rank{os.environ['RANK']}.json", "w").write(json.dumps(ended))
 """
 
 
 def launch(configs: list[dict], workdir) -> None:
-    """Run the configs in WORLD processes, as torchrun would; raise with their output on failure."""
-    spec = workdir / "configs.json"
-    spec.write_text(json.dumps(configs))
+    """Run the configs in WORLD processes, as torchrun would (the last one through the command line,
+    ``preftune train CONFIG``); raise with their output on failure."""
+    spec, cli_config = workdir / "configs.json", workdir / "cli.yaml"
+    spec.write_text(json.dumps(configs[:-1]))
+    cli_config.write_text(json.dumps(configs[-1]))  # JSON is YAML
     port = free_port()
     commands = [
-        ([sys.executable, "-c", WORKER, str(spec)], rank_env(r, WORLD, port, ACCELERATE_USE_CPU="1"))
+        (
+            [sys.executable, "-c", WORKER, str(spec), str(cli_config)],
+            rank_env(r, WORLD, port, ACCELERATE_USE_CPU="1"),
+        )
         for r in range(WORLD)
     ]
     codes, _ = launch_processes(commands, workdir, "ddp", timeout=300)
@@ -98,6 +108,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     launch([config(f"two-{name}", 2, **kw) for name, kw in RUNS.items()], root)
     for name in RUNS:
         out[f"two/{name}"] = metric_rows(root / f"two-{name}", "loss")
+    out["ended"] = [json.loads((root / f"cli.yaml.rank{r}.json").read_text()) for r in range(WORLD)]
     return out
 
 
@@ -131,3 +142,9 @@ def test_local_rpo_contrasts_only_each_process_pairs_and_differs(runs):
     assert local[0]["loss"] == pytest.approx(one[0]["loss"], abs=1e-5)
     assert abs(local[0]["grad_norm"] - one[0]["grad_norm"]) > 0.05 * one[0]["grad_norm"]
     assert abs(local[-1]["loss"] - one[-1]["loss"]) > 1e-2
+
+
+def test_preftune_train_ends_its_process_group_on_every_rank(runs):
+    # A rank that exits with its gloo group alive can abort in interpreter teardown (exit -6) after
+    # training finished, failing the job; `preftune train` destroys the group once every rank is done.
+    assert runs["ended"] == [{"code": 0, "group_alive": False}] * WORLD

@@ -280,7 +280,7 @@ def _worker_barrier(workdir: Path) -> None:
 
 
 def worker_main(scenario: str, workdir: str) -> None:
-    from preftune.distributed import exit_on_error, init_process_group
+    from preftune.distributed import end_process_group, exit_on_error, init_process_group
 
     torch.use_deterministic_algorithms(True)
     init_process_group(timeout_s=TIMEOUT_S, backend="gloo")
@@ -293,7 +293,7 @@ def worker_main(scenario: str, workdir: str) -> None:
             _worker_fail(workdir)
         elif scenario == "barrier":
             _worker_barrier(workdir)
-    torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 # --------------------------------------------------------------------------------------------------

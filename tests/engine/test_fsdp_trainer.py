@@ -63,6 +63,7 @@ FAIL_ENV = "PREFTUNE_TEST_FAIL_AT"  # "RANK:STEP": that rank raises in the middl
 
 
 def worker(spec: str) -> None:
+    from preftune.distributed import end_process_group
     from preftune.trainer import Trainer, train
 
     fail = os.environ.get(FAIL_ENV)
@@ -78,6 +79,7 @@ def worker(spec: str) -> None:
         Trainer._micro_batch = failing
     for cfg in json.loads(Path(spec).read_text()):
         train(cfg)
+    end_process_group()  # as `preftune train` does at its end
 
 
 # --------------------------------------------------------------------------------------------------

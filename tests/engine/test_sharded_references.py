@@ -51,7 +51,7 @@ def _score(setup: dict, cache_root: Path):
 def worker(workdir: Path) -> None:
     """Score in a process group of 2; then again, where every rank must hit the cache."""
     from preftune import references
-    from preftune.distributed import init_process_group, rank
+    from preftune.distributed import end_process_group, init_process_group, rank
 
     init_process_group(timeout_s=TIMEOUT_S, backend="gloo")
     setup = json.loads((workdir / "setup.json").read_text())
@@ -74,7 +74,7 @@ def worker(workdir: Path) -> None:
     sentence_transformers.SentenceTransformer = no_model
     refs, emb = _score(setup, workdir / "cache-2proc")
     (workdir / f"rank{rank()}.json").write_text(json.dumps({"scored": sum(scored), "emb": list(emb.shape)}))
-    torch.distributed.destroy_process_group()
+    end_process_group()
 
 
 def _launch(workdir: Path, world: int = 2, timeout: float = 300) -> list[int]:
