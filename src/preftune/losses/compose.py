@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .aggregation import ClipMode, ReferenceMode, WeightSpec, aggregate_references
 from .components import lookup
-from .family import F_DIVERGENCES, FDivergence, f_divergence_score
+from .divergences import F_DIVERGENCES, FDivergence, f_divergence_score
 from .links import Link, apply_link
 from .output import (
     LossOutput,

@@ -31,7 +31,8 @@ __all__ = ["Link", "LINKS", "apply_link"]
 Link = Literal["sigmoid", "ipo", "hinge", "mallows_phi"]
 
 
-def _sigmoid(margin: Tensor, beta: float, label_smoothing: float, phi: Tensor | None) -> Tensor:
+def sigmoid_link(margin: Tensor, beta: float, label_smoothing: float, phi: Tensor | None) -> Tensor:
+    """DPO's link (the ``dpo`` component); the DPO family's sigmoid-based links call it too."""
     z = beta * margin
     out = -F.logsigmoid(z)
     if label_smoothing:
@@ -67,7 +68,7 @@ register(
         "dpo",
         "link",
         "sigmoid",
-        _sigmoid,
+        sigmoid_link,
         summary="DPO: logistic (Bradley–Terry) link",
         formula="ℓ = −(1−ε)·log σ(β m) − ε·log σ(−β m)",
         paper="Rafailov et al. 2023, Direct Preference Optimization (arXiv:2305.18290)",

@@ -133,3 +133,13 @@ def sft_term(policy_chosen: Tensor, chosen_lengths: Tensor | None, sft_weight: f
             f"chosen_lengths has shape {tuple(lengths.shape)}, expected {tuple(policy_chosen.shape)}"
         )
     return sft_weight * (-policy_chosen / lengths.clamp(min=1.0))
+
+
+def checked_lengths(lengths: Tensor | None, name: str, like: Tensor, why: str) -> Tensor:
+    """Completion-token counts ``[B]`` (detached, in ``like``'s dtype, clamped to ≥ 1) for ``why``."""
+    if lengths is None:
+        raise ValueError(f"{why} needs {name} (completion-token counts, shape [B])")
+    out = torch.as_tensor(lengths, device=like.device).detach().to(like.dtype)
+    if out.shape != like.shape:
+        raise ValueError(f"{name} has shape {tuple(out.shape)}, expected {tuple(like.shape)}")
+    return out.clamp(min=1.0)
