@@ -105,14 +105,14 @@ def reward_metrics(
     ``rewards/accuracies_strict`` is TRL's number (ties count 0).
     """
     with torch.no_grad():
-        rc = beta * chosen_rewards.detach()
-        rr = beta * rejected_rewards.detach()
+        scaled_chosen = beta * chosen_rewards.detach()
+        scaled_rejected = beta * rejected_rewards.detach()
         return {
-            "rewards/chosen": rc.mean(),
-            "rewards/rejected": rr.mean(),
-            "rewards/margins": (rc - rr).mean(),
-            "rewards/accuracies": preference_accuracy(rc, rr).to(rc.dtype),
-            "rewards/accuracies_strict": (rc > rr).to(rc.dtype).mean(),
+            "rewards/chosen": scaled_chosen.mean(),
+            "rewards/rejected": scaled_rejected.mean(),
+            "rewards/margins": (scaled_chosen - scaled_rejected).mean(),
+            "rewards/accuracies": preference_accuracy(scaled_chosen, scaled_rejected).to(scaled_chosen.dtype),
+            "rewards/accuracies_strict": (scaled_chosen > scaled_rejected).to(scaled_chosen.dtype).mean(),
             "logps/chosen": policy_chosen.detach().mean(),
             "logps/rejected": policy_rejected.detach().mean(),
         }
