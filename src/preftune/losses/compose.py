@@ -183,8 +183,8 @@ def _row_factors(
 
 
 @dataclass(frozen=True)
-class _Rows:
-    """What the links of one :func:`preference_loss` call are computed from (per pair or row)."""
+class _LinkInputs:
+    """What the links of one :func:`preference_loss` call are computed from: per-row tensors, settings."""
 
     policy_chosen: Tensor  # [B] logp_θ(y_w), with grad
     policy_rejected: Tensor
@@ -195,81 +195,59 @@ class _Rows:
     scale: Tensor | None  # MallowsPO-θ's c [B]
     phi: Tensor | None  # MallowsPO-ϕ's φ [B]
     chosen_lengths: Tensor | None
+    beta: float
+    label_smoothing: float
+    gamma: float
+    pairing: Pairing
+    diagonal_weight: float
+    link_options: dict | None
 
 
-def _link_loss(
-    component: Component,
-    rows: _Rows,
-    *,
-    beta: float,
-    label_smoothing: float,
-    gamma: float,
-    pairing: Pairing,
-    diagonal_weight: float,
-    link_options: dict | None,
-) -> Tensor:
+def _link_loss(component: Component, inputs: _LinkInputs) -> Tensor:
     """``ℓ_t`` ``[B]`` of one link, by its kind: a margin, a pair's rewards or the whole batch."""
+    beta, references, scale = inputs.beta, inputs.references, inputs.scale
     if component.takes == "margin":
         losses = _contrast_losses(
-            contrasts(rows.scores_chosen, rows.scores_rejected, pairing),
-            weight=rows.contrast_weight,
-            gamma=gamma,
-            scale=rows.scale,
+            contrasts(inputs.scores_chosen, inputs.scores_rejected, inputs.pairing),
+            weight=inputs.contrast_weight,
+            gamma=inputs.gamma,
+            scale=scale,
             link=cast(Link, component.value),
             beta=beta,
-            label_smoothing=label_smoothing,
-            phi=rows.phi,
-            ref_weights=rows.references.weights,
-            link_options=link_options,
+            label_smoothing=inputs.label_smoothing,
+            phi=inputs.phi,
+            ref_weights=references.weights,
+            link_options=inputs.link_options,
         )
-        return reduce_rows(losses, pairing, diagonal_weight)
+        return reduce_rows(losses, inputs.pairing, inputs.diagonal_weight)
     if component.takes == "unpaired":
         raise ValueError(f"the {component.value} link is for unpaired data (unpaired rows, not pairs)")
-    if pairing != "diagonal":
+    if inputs.pairing != "diagonal":
         raise ValueError(f"the {component.value} link takes whole pairs, not RPO's contrasts")
-    options = component.own_options(link_options)
+    options = component.own_options(inputs.link_options)
     if component.takes == "rewards":
-        scale = rows.scale
         if scale is None:
-            stacked = component.impl(rows.scores_chosen, rows.scores_rejected, beta, **options)
+            stacked = component.impl(inputs.scores_chosen, inputs.scores_rejected, beta, **options)
         else:
             stacked = component.impl(
-                rows.scores_chosen * scale, rows.scores_rejected * scale, beta, **options
+                inputs.scores_chosen * scale, inputs.scores_rejected * scale, beta, **options
             )
     else:
-        if rows.scale is not None:
+        if scale is not None:
             raise ValueError(f"the {component.value} link sorts or pools the batch: no per-pair scale")
-        refs = rows.references
-        logps = (rows.policy_chosen, rows.policy_rejected, refs.chosen, refs.rejected)
-        stacked = component.impl(*logps, beta, label_smoothing, rows.chosen_lengths, **options)
-    return _mix(stacked, rows.references.weights)
+        logps = (inputs.policy_chosen, inputs.policy_rejected, references.chosen, references.rejected)
+        stacked = component.impl(*logps, beta, inputs.label_smoothing, inputs.chosen_lengths, **options)
+    return _mix(stacked, references.weights)
 
 
 def _summed_links(
-    components: list[Component],
-    loss_weights: tuple[float, ...] | list[float],
-    rows: _Rows,
-    beta: float,
-    label_smoothing: float,
-    gamma: float,
-    pairing: Pairing,
-    diagonal_weight: float,
-    link_options: dict | None,
+    components: list[Component], loss_weights: tuple[float, ...] | list[float], inputs: _LinkInputs
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``Σ_t w_t ℓ_t`` ``[B]`` over the links, and each ``ℓ_t`` by its pipeline value."""
     losses: Tensor | None = None
     per_link: dict[str, Tensor] = {}
     for component, weight in zip(components, loss_weights, strict=True):
-        ell = _link_loss(
-            component,
-            rows,
-            beta=beta,
-            label_smoothing=label_smoothing,
-            gamma=gamma,
-            pairing=pairing,
-            diagonal_weight=diagonal_weight,
-            link_options=link_options,
-        )
+        ell = _link_loss(component, inputs)
         per_link[component.value] = ell
         losses = weight * ell if losses is None else losses + weight * ell
     assert losses is not None
@@ -277,29 +255,29 @@ def _summed_links(
 
 
 def _metrics(
-    beta: float,
-    rows: _Rows,
+    inputs: _LinkInputs,
     logratio_chosen: Tensor,
     logratio_rejected: Tensor,
     per_link: dict[str, Tensor],
     sft: Tensor | None,
     sft_weight: float,
     omega: Tensor | None,
-    link_options: dict | None,
 ) -> dict[str, Tensor]:
     """TRL's reward metrics and each component's own (``mallows/*``, ``rpo/*``, ``loss/<link>``...)."""
-    if not rows.policy_chosen.shape[0]:
+    if not inputs.policy_chosen.shape[0]:
         return {}
     metrics = {
-        **reward_metrics(beta, logratio_chosen, logratio_rejected, rows.policy_chosen, rows.policy_rejected),
-        **rows.references.metrics,
+        **reward_metrics(
+            inputs.beta, logratio_chosen, logratio_rejected, inputs.policy_chosen, inputs.policy_rejected
+        ),
+        **inputs.references.metrics,
     }
-    if rows.scale is not None:
-        metrics["mallows/neg_log_dispersion"] = rows.scale.mean()
-    if rows.phi is not None:
-        metrics["mallows/dispersion"] = rows.phi.mean()
-    if rows.contrast_weight is not None:
-        metrics["rpo/weight_diag"] = torch.diagonal(rows.contrast_weight).mean()
+    if inputs.scale is not None:
+        metrics["mallows/neg_log_dispersion"] = inputs.scale.mean()
+    if inputs.phi is not None:
+        metrics["mallows/dispersion"] = inputs.phi.mean()
+    if inputs.contrast_weight is not None:
+        metrics["rpo/weight_diag"] = torch.diagonal(inputs.contrast_weight).mean()
     if sft is not None:
         metrics["sft/loss"] = (sft / sft_weight).mean()
     if len(per_link) > 1:
@@ -308,6 +286,7 @@ def _metrics(
         metrics.update({f"loss/{name}": ell.detach().mean() for name, ell in per_link.items()})
     if omega is not None:
         metrics["wpo/weight"] = omega.mean()
+    link_options = inputs.link_options
     if link_options and "delta" in link_options and "bco_pair" in per_link:
         metrics["bco/delta"] = (
             torch.as_tensor(link_options["delta"], dtype=logratio_chosen.dtype).detach().clone()
@@ -400,11 +379,13 @@ def preference_loss(
     scores_chosen = f_divergence_score(policy_chosen - references.chosen, divergence, f_alpha)  # [K', B]
     scores_rejected = f_divergence_score(policy_rejected - references.rejected, divergence, f_alpha)
     contrast_weight = _pair_weights(pairing, batch, prompt_embeddings, tau, dtype, device)
-    rows = _Rows(policy_chosen, policy_rejected, references, scores_chosen, scores_rejected, contrast_weight,
-                 row_scale, phi, chosen_lengths)  # fmt: skip
-    losses, per_link = _summed_links(
-        components, loss_weights, rows, beta, label_smoothing, gamma, pairing, diagonal_weight, link_options
-    )
+    inputs = _LinkInputs(
+        policy_chosen=policy_chosen, policy_rejected=policy_rejected, references=references,
+        scores_chosen=scores_chosen, scores_rejected=scores_rejected, contrast_weight=contrast_weight,
+        scale=row_scale, phi=phi, chosen_lengths=chosen_lengths, beta=beta, label_smoothing=label_smoothing,
+        gamma=gamma, pairing=pairing, diagonal_weight=diagonal_weight, link_options=link_options,
+    )  # fmt: skip
+    losses, per_link = _summed_links(components, loss_weights, inputs)
     omega = None if pair_weights is None else _row_vector(pair_weights, "pair_weights", batch, dtype, device)
     if omega is not None:
         losses = losses * omega
@@ -414,9 +395,7 @@ def preference_loss(
     with torch.no_grad():
         logratio_chosen = policy_chosen.detach() - references.reward_chosen
         logratio_rejected = policy_rejected.detach() - references.reward_rejected
-        metrics = _metrics(
-            beta, rows, logratio_chosen, logratio_rejected, per_link, sft, sft_weight, omega, link_options
-        )
+        metrics = _metrics(inputs, logratio_chosen, logratio_rejected, per_link, sft, sft_weight, omega)
     return LossOutput(
         loss=safe_mean(losses),
         losses=losses,
