@@ -118,7 +118,7 @@ register(
 
 
 # --------------------------------------------------------------------------------------------------
-# the named losses: aot, aot_unpaired, sft as :func:`~preftune.losses.family.dpo_family_loss` computes them
+# the named losses: dpo_family_loss of one type, as TRL computes it (exported from preftune.losses)
 
 
 def aot(

@@ -17,7 +17,7 @@ module adds TRL's conventions around them (one reference, ψ divided by length f
 =================  ================================================================  ===========
 type               ``ℓ_i``                                                           paper
 =================  ================================================================  ===========
-``sigmoid``        ``−(1−ε) log σ(z) − ε log σ(−z)`` (ε ignored by TRL, see below)   2305.18290
+``sigmoid``        ``−(1−ε) log σ(z) − ε log σ(−z)`` (TRL ignores ε here)            2305.18290
 ``hinge``          ``max(0, 1 − z)``                                                  2305.10425
 ``ipo``            ``(ψ_w/|y_w| − ψ_l/|y_l| − 1/(2β))²``                              2310.12036
 ``exo_pair``       ``KL([σ(z), σ(−z)] ‖ [1−ε, ε])``                                   2402.00856
@@ -38,12 +38,13 @@ type               ``ℓ_i``                                                    
 
 * :func:`dpo_family_loss`: any weighted sum of TRL's 15 loss types (``loss_types`` /
   ``loss_weights``, e.g. MPO), with an f-divergence and WPO pair weights;
-* named losses: :func:`robust`, :func:`exo_pair`, :func:`nca_pair`, :func:`bco_pair`,
-  :func:`sppo_hard`, :func:`aot`, :func:`aot_unpaired`, :func:`apo_zero`, :func:`apo_down`,
-  :func:`discopop`, :func:`sigmoid_norm`, :func:`sft`, :func:`f_dpo`, :func:`mpo`, :func:`ld_dpo`.
+* :func:`f_dpo` (an f-divergence) and :func:`mpo` (``sigmoid + bco_pair + sft``), named losses of it.
 
-The modifiers live with their formulas: :func:`~.divergences.f_divergence_score`, the LD-DPO and WPO
-pieces in :mod:`.length_weighting`, :func:`~.reward_links.bco_running_delta`.
+The named losses of one type (``robust``, ``nca_pair``, ``aot``, ...) are ``dpo_family_loss`` of that
+type, written next to their links in :mod:`.margin_links`, :mod:`.reward_links` and
+:mod:`.batch_links`; the modifiers live with their formulas: :func:`~.divergences.f_divergence_score`,
+LD-DPO (:func:`~.length_weighting.ld_dpo`) and WPO in :mod:`.length_weighting`,
+:func:`~.reward_links.bco_running_delta`. All are exported from :mod:`preftune.losses`.
 """
 
 from __future__ import annotations
@@ -202,7 +203,7 @@ def dpo_family_loss(
 
     Args:
         policy_chosen, policy_rejected: ``[B]`` summed policy log-probs (with grad). For LD-DPO pass
-            :func:`ld_logps` of them (and of the references).
+            :func:`~.length_weighting.ld_logps` of them (and of the references).
         ref_chosen, ref_rejected: ``[B]`` (or ``[K, B]``, index 0 used) reference log-probs.
         loss_types: one type or a list (:data:`LOSS_TYPES`); MPO is ``["sigmoid", "bco_pair", "sft"]``.
         loss_weights: ``w_t`` per type (default all 1).
@@ -210,16 +211,16 @@ def dpo_family_loss(
         label_smoothing: ε of ``robust`` (flip rate, [0, ½)), ``exo_pair`` ((0, 1), paper 1e-3),
             ``aot``/``aot_unpaired`` and — unlike TRL 1.16, which ignores it there — ``sigmoid``
             (conservative DPO, as :func:`preftune.losses.dpo`).
-        f_divergence: ψ (:func:`f_divergence_score`); a non-default value is allowed only when every
+        f_divergence: ψ (:func:`~.divergences.f_divergence_score`); a non-default value is allowed only when every
             type is in :data:`MARGIN_LOSS_TYPES`, as in TRL.
         f_alpha: α of ``alpha_divergence`` (TRL's ``f_alpha_divergence_coef``).
         discopop_tau: τ of ``discopop`` (paper and TRL: 0.05).
         bco_delta: δ, BCO's reward shift in β-scaled reward units (TRL 1.16 uses 0; see
-            :func:`bco_running_delta` for the paper's running mean).
+            :func:`~.reward_links.bco_running_delta` for the paper's running mean).
         chosen_lengths, rejected_lengths: ``[B]`` completion-token counts (``ipo``, ``sigmoid_norm``,
             ``sft``); clamped to ≥ 1.
         pair_weights: ``[B]`` per-pair weights ``ω_i`` multiplying every type's ``ℓ_t,i`` (WPO:
-            :func:`wpo_weights`); detached here. Not allowed with ``aot``/``aot_unpaired`` (they sort).
+            :func:`~.length_weighting.wpo_weights`); detached here. Not allowed with ``aot``/``aot_unpaired`` (they sort).
 
     Returns:
         :class:`LossOutput`: ``losses[i] = Σ_t w_t ω_i ℓ_t,i`` (for ``aot`` types, position i of the
@@ -305,7 +306,7 @@ def f_dpo(
     """f-DPO (Wang et al., arXiv 2309.16240): DPO under an f-divergence regulariser.
 
     ``ℓ = −log σ(β·(f'(π_θ(y_w)/π_ref(y_w)) − f'(π_θ(y_l)/π_ref(y_l))))``, ψ as in
-    :func:`f_divergence_score`; ``divergence="reverse_kl"`` is DPO. ``**options`` may pick another
+    :func:`~.divergences.f_divergence_score`; ``divergence="reverse_kl"`` is DPO. ``**options`` may pick another
     margin loss (``loss_types="hinge"``, ...).
     """
     options.setdefault("loss_types", "sigmoid")

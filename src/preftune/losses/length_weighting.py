@@ -3,7 +3,7 @@
 Both apply to any paired loss (the trainer's ``ld_alpha`` and ``wpo`` keys) and need from the scorer
 more than the summed log-prob of each sequence: LD-DPO the part beyond the pair's shared length
 (:func:`shared_length_split`), WPO the per-token ``log Σ_v π(v|·)²`` (:func:`log_sum_sq_probs`). See
-docs/methods.md#the-dpo-family; :func:`preftune.losses.ld_dpo` is DPO on :func:`ld_logps`.
+docs/methods.md#the-dpo-family; :func:`ld_dpo` is DPO on :func:`ld_logps`.
 
 * LD-DPO (Liu et al., arXiv 2409.06411): ``logp̂ = logp_prefix + α·logp_tail``;
 * WPO (Zhou et al., arXiv 2406.11827): pair weight ``w(x, y_w)·w(x, y_l)``,
@@ -127,7 +127,7 @@ def wpo_weights(
 
 
 # --------------------------------------------------------------------------------------------------
-# the named losses: ld_dpo as :func:`~preftune.losses.family.dpo_family_loss` computes them
+# LD-DPO as a loss: dpo_family_loss of the desensitised log-probs
 
 
 def ld_dpo(

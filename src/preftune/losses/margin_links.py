@@ -153,7 +153,7 @@ register(
 
 
 # --------------------------------------------------------------------------------------------------
-# the named losses: robust, exo_pair, discopop, sigmoid_norm as :func:`~preftune.losses.family.dpo_family_loss` computes them
+# the named losses: dpo_family_loss of one type, as TRL computes it (exported from preftune.losses)
 
 
 def robust(

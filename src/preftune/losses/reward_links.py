@@ -149,7 +149,7 @@ def bco_running_delta(
 
 
 # --------------------------------------------------------------------------------------------------
-# the named losses: nca_pair, bco_pair, sppo_hard, apo_zero, apo_down as :func:`~preftune.losses.family.dpo_family_loss` computes them
+# the named losses: dpo_family_loss of one type, as TRL computes it (exported from preftune.losses)
 
 
 def nca_pair(
