@@ -10,8 +10,8 @@ docs/methods.md#links.
 * ``mallows_phi``: ``−(1−ε)·log g_φ(β m) − ε·log g_φ(−β m)``
 
 A new link is one function plus one :func:`register` call, in this file or next to its implementation
-(the DPO family's links are registered in :mod:`.family`, SimPO/ORPO in :mod:`.reference_free`, KTO in
-:mod:`.kto`), and its tests and docs.
+(the DPO family's links in :mod:`.margin_links`, :mod:`.reward_links` and :mod:`.batch_links` by what
+they are a function of, SimPO/ORPO in :mod:`.reference_free`, KTO in :mod:`.kto`), and its tests and docs.
 """
 
 from __future__ import annotations
