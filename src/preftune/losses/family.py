@@ -254,25 +254,22 @@ def dpo_family_loss(
     # a Python float must not pass through float32 on its way to a float64 computation
     delta = as_float(torch.as_tensor(bco_delta, dtype=dtype, device=policy_chosen.device), dtype, detach=True)
     logps = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    lengths = (chosen_lengths, rejected_lengths)
     total: Tensor | None = None
     per_type: dict[str, Tensor] = {}
     for loss_type, weight in zip(types, weights, strict=True):
         component = lookup("link", loss_type)
         options = component.own_options({"tau": discopop_tau, "delta": delta})
-        lengths = (chosen_lengths, rejected_lengths)
         ell = _type_loss(component, beta, label_smoothing, options, logps, scores, lengths)
         if omega is not None:
             ell = ell * omega
         per_type[loss_type] = ell
         total = weight * ell if total is None else total + weight * ell
     assert total is not None
+    metrics: dict[str, Tensor] = {}
     with torch.no_grad():
-        metrics = (
-            reward_metrics(beta, r_w.detach(), r_l.detach(), policy_chosen, policy_rejected)
-            if policy_chosen.numel()
-            else {}
-        )
         if policy_chosen.numel():
+            metrics = reward_metrics(beta, r_w.detach(), r_l.detach(), policy_chosen, policy_rejected)
             if len(types) > 1:
                 for name, ell in per_type.items():
                     metrics[f"loss/{name}"] = ell.detach().mean()
