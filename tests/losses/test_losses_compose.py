@@ -292,3 +292,12 @@ def test_parse_method_rejects_unknown_names_listing_valid_ones(method):
         L.parse_method(method)
     for n in ("dpo", "mrpo", "mallows_theta", "rpo_unpaired"):
         assert n in str(err.value)
+
+
+def test_preference_loss_docstring_names_every_paired_link():
+    """The ``link`` argument's documentation lists every registered link the pipeline can run."""
+    doc = L.preference_loss.__doc__ or ""
+    paired = [c.value for c in L.COMPONENTS.values() if c.slot == "link" and c.takes != "unpaired"]
+    assert len(paired) >= 18
+    missing = [value for value in paired if f'``"{value}"``' not in doc]
+    assert not missing, f"preference_loss's docstring does not name the links {missing}"

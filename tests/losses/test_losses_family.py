@@ -184,12 +184,12 @@ def test_bco_reward_shift_and_its_running_mean():
     delta, count, history = 0.0, 0, []
     for step in range(4):
         shift = 0.5 * step
-        out = FAM.bco_pair(pc + shift, pr, rc, rr, beta=0.2, delta=delta)
+        out = L.bco_pair(pc + shift, pr, rc, rr, beta=0.2, delta=delta)
         expected = expected_pairwise("bco_pair", *lists(pc + shift, pr, rc, rr, lc, lr), 0.2, delta=delta)
         close(out.losses, expected)
         if step:
             close(out.metrics["bco/delta"], delta)
-        delta_t, count = FAM.bco_running_delta(delta, count, out.chosen_rewards, out.rejected_rewards)
+        delta_t, count = L.bco_running_delta(delta, count, out.chosen_rewards, out.rejected_rewards)
         rewards = [float(v) for v in out.chosen_rewards] + [float(v) for v in out.rejected_rewards]
         history.append(sum(rewards) / len(rewards))
         delta = float(delta_t)
@@ -207,22 +207,22 @@ def test_aot_sorts_over_the_batch():
     expected = [
         -(1 - eps) * log_sigmoid(beta * (a - b)) - eps * log_sigmoid(-beta * (a - b)) for a, b in zip(u, v)
     ]
-    close(FAM.aot(pc, pr, rc, rr, beta=beta, label_smoothing=eps).losses, expected)
+    close(L.aot(pc, pr, rc, rr, beta=beta, label_smoothing=eps).losses, expected)
     # unpaired AOT: sort r_w and r_l separately
     sw = sorted(a - b for a, b in zip(pcl, rcl))
     sl = sorted(a - b for a, b in zip(prl, rrl))
     expected = [-log_sigmoid(beta * (a - b)) for a, b in zip(sw, sl)]
-    close(FAM.aot_unpaired(pc, pr, rc, rr, beta=beta).losses, expected)
+    close(L.aot_unpaired(pc, pr, rc, rr, beta=beta).losses, expected)
     # the batch is coupled: AOT is not the mean of per-pair DPO losses
     assert (
-        abs(FAM.aot(pc, pr, rc, rr, beta=beta).loss.item() - L.dpo(pc, pr, rc, rr, beta=beta).loss.item())
+        abs(L.aot(pc, pr, rc, rr, beta=beta).loss.item() - L.dpo(pc, pr, rc, rr, beta=beta).loss.item())
         > 1e-3
     )
 
 
 def test_sft_type_is_the_batch_token_mean():
     pc, pr, rc, rr, lc, lr = batch(seed=5)
-    out = FAM.sft(pc, pr, rc, rr, chosen_lengths=lc)
+    out = L.sft(pc, pr, rc, rr, chosen_lengths=lc)
     expected = -sum(float(v) for v in pc) / sum(int(n) for n in lc)
     close(out.loss, expected)
     close(out.losses, [expected] * B)
@@ -287,7 +287,7 @@ def token_batch(n: int, seed: int):
 def test_shared_length_split_by_loops():
     tok, mask, lengths = token_batch(10, seed=8)
     shared = torch.randint(0, 9, (10,), generator=torch.Generator().manual_seed(1))
-    prefix, tail = FAM.shared_length_split(tok, mask, shared)
+    prefix, tail = L.shared_length_split(tok, mask, shared)
     for i in range(10):
         seen, pre, rest = 0, 0.0, 0.0
         for j in range(tok.shape[1]):
@@ -312,7 +312,7 @@ def test_ld_dpo_matches_its_definition_and_alpha_one_is_dpo():
     kw = dict(policy_chosen_tail=tails[0], ref_chosen_tail=tails[1], policy_rejected_tail=tails[2],
               ref_rejected_tail=tails[3])  # fmt: skip
     beta, alpha = 0.2, 0.35
-    out = FAM.ld_dpo(pc, pr, rc, rr, beta=beta, ld_alpha=alpha, **kw)
+    out = L.ld_dpo(pc, pr, rc, rr, beta=beta, ld_alpha=alpha, **kw)
     cols = lists(pc, pr, rc, rr, *tails)
     expected = []
     for i in range(B):
@@ -326,24 +326,24 @@ def test_ld_dpo_matches_its_definition_and_alpha_one_is_dpo():
     close(out.metrics["logps/chosen"], sum(hat_c for hat_c in [cols[0][i] - (1 - alpha) * cols[4][i]
                                                              for i in range(B)]) / B)  # fmt: skip
     close(
-        FAM.ld_dpo(pc, pr, rc, rr, beta=beta, ld_alpha=1.0, **kw).losses,
+        L.ld_dpo(pc, pr, rc, rr, beta=beta, ld_alpha=1.0, **kw).losses,
         L.dpo(pc, pr, rc, rr, beta=beta).losses,
     )
     with pytest.raises(ValueError, match="ld_alpha"):
-        FAM.ld_dpo(pc, pr, rc, rr, ld_alpha=1.5, **kw)
+        L.ld_dpo(pc, pr, rc, rr, ld_alpha=1.5, **kw)
 
 
 def test_wpo_weights_by_loops():
     tok, mask, lengths = token_batch(8, seed=10)
     logits = torch.randn(8, tok.shape[1], 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    lss = FAM.log_sum_sq_probs(logits)
+    lss = L.log_sum_sq_probs(logits)
     for i in range(8):
         for j in range(tok.shape[1]):
             z = [float(v) for v in logits[i, j]]
             norm = sum(math.exp(v) for v in z)
             close(lss[i, j], math.log(sum((math.exp(v) / norm) ** 2 for v in z)))
-    aligned = FAM.wpo_aligned_logps(tok, mask, lss)
-    w = FAM.wpo_weights(aligned[:4], aligned[4:], lengths[:4], lengths[4:])
+    aligned = L.wpo_aligned_logps(tok, mask, lss)
+    w = L.wpo_weights(aligned[:4], aligned[4:], lengths[:4], lengths[4:])
     for i in range(4):
         per_seq = []
         for k in (i, 4 + i):
@@ -353,7 +353,7 @@ def test_wpo_weights_by_loops():
         close(w[i], per_seq[0] * per_seq[1])
     assert not w.requires_grad
     # without alignment: exp of the mean log-prob
-    plain = FAM.wpo_weights(
+    plain = L.wpo_weights(
         aligned[:4] * 0 - 6.0, aligned[4:] * 0 - 3.0, torch.full((4,), 3), torch.full((4,), 1)
     )
     close(plain, [math.exp(-2.0 - 3.0)] * 4)
@@ -446,7 +446,7 @@ def test_reductions_to_dpo():
     pc, pr, rc, rr, lc, lr = batch(seed=15)
     beta = 0.3
     dpo = L.dpo(pc, pr, rc, rr, beta=beta)
-    close(FAM.robust(pc, pr, rc, rr, beta=beta, label_smoothing=0.0).losses, dpo.losses)
+    close(L.robust(pc, pr, rc, rr, beta=beta, label_smoothing=0.0).losses, dpo.losses)
     close(FAM.f_dpo(pc, pr, rc, rr, beta=beta, divergence="reverse_kl").losses, dpo.losses)
     close(FAM.f_dpo(pc, pr, rc, rr, beta=beta, divergence="alpha_divergence", alpha=1.0).losses, dpo.losses)
     close(FAM.dpo_family_loss(pc, pr, rc, rr, loss_types=["sigmoid"], loss_weights=[1.0], beta=beta).losses,
@@ -456,11 +456,11 @@ def test_reductions_to_dpo():
     # AOT on one pair: sorting one element is the identity
     for i in range(3):
         s = slice(i, i + 1)
-        close(FAM.aot(pc[s], pr[s], rc[s], rr[s], beta=beta).losses, dpo.losses[s])
-        close(FAM.aot_unpaired(pc[s], pr[s], rc[s], rr[s], beta=beta).losses, dpo.losses[s])
+        close(L.aot(pc[s], pr[s], rc[s], rr[s], beta=beta).losses, dpo.losses[s])
+        close(L.aot_unpaired(pc[s], pr[s], rc[s], rr[s], beta=beta).losses, dpo.losses[s])
     # DiscoPOP: τ → 0 is −log σ(ρ) below 0 and e^{−ρ} above
     z = [beta * ((a - c) - (b - d)) for a, b, c, d in zip(*lists(pc, pr, rc, rr))]
-    close(FAM.discopop(pc, pr, rc, rr, beta=beta, tau=1e-6).losses,
+    close(L.discopop(pc, pr, rc, rr, beta=beta, tau=1e-6).losses,
           [-log_sigmoid(v) if v < 0 else math.exp(-v) for v in z])  # fmt: skip
     # IPO with lengths 1 is preftune's IPO
     ones = torch.ones(B)
@@ -472,7 +472,7 @@ def test_reductions_to_dpo():
 def test_sigmoid_norm_with_equal_lengths_is_dpo_with_beta_over_length(n):
     pc, pr, rc, rr, _, _ = batch(seed=16)
     lengths = torch.full((B,), n)
-    out = FAM.sigmoid_norm(pc, pr, rc, rr, beta=0.5, chosen_lengths=lengths, rejected_lengths=lengths)
+    out = L.sigmoid_norm(pc, pr, rc, rr, beta=0.5, chosen_lengths=lengths, rejected_lengths=lengths)
     close(out.losses, L.dpo(pc, pr, rc, rr, beta=0.5 / n).losses)
 
 
@@ -480,7 +480,7 @@ def test_single_type_in_a_list_with_weight_one_is_that_type():
     pc, pr, rc, rr, lc, lr = batch(seed=17)
     for kind in ("nca_pair", "apo_zero", "sppo_hard", "discopop"):
         a = FAM.dpo_family_loss(pc, pr, rc, rr, loss_types=[kind], loss_weights=[1.0])
-        b = getattr(FAM, kind)(pc, pr, rc, rr)
+        b = getattr(L, kind)(pc, pr, rc, rr)
         close(a.losses, b.losses)
         close(a.loss, b.loss)
 
@@ -508,15 +508,15 @@ def _gradcheck(fn, *tensors):
 def test_gradcheck_float64():
     pc, pr, rc, rr, lc, lr = batch(6, seed=19)
     pc, pr = rc + (pc - rc) / 4, rr + (pr - rr) / 4
-    _gradcheck(lambda a, b: FAM.discopop(a, b, rc, rr, beta=0.2, tau=0.5).loss, pc, pr)
-    _gradcheck(lambda a, b: FAM.exo_pair(a, b, rc, rr, beta=0.2, label_smoothing=0.01).loss, pc, pr)
-    _gradcheck(lambda a, b: FAM.robust(a, b, rc, rr, beta=0.2, label_smoothing=0.2).loss, pc, pr)
+    _gradcheck(lambda a, b: L.discopop(a, b, rc, rr, beta=0.2, tau=0.5).loss, pc, pr)
+    _gradcheck(lambda a, b: L.exo_pair(a, b, rc, rr, beta=0.2, label_smoothing=0.01).loss, pc, pr)
+    _gradcheck(lambda a, b: L.robust(a, b, rc, rr, beta=0.2, label_smoothing=0.2).loss, pc, pr)
     _gradcheck(
         lambda a, b: FAM.dpo_family_loss(a, b, rc, rr, loss_types=["sigmoid_norm", "sft"], f_divergence="js_divergence",
                                          chosen_lengths=lc, rejected_lengths=lr).loss, pc, pr,
     )  # fmt: skip
-    _gradcheck(lambda a, b: FAM.aot(a, b, rc, rr, beta=0.2).loss, pc, pr)
-    _gradcheck(lambda a, b: FAM.nca_pair(a, b, rc, rr, beta=0.2).loss, pc, pr)
+    _gradcheck(lambda a, b: L.aot(a, b, rc, rr, beta=0.2).loss, pc, pr)
+    _gradcheck(lambda a, b: L.nca_pair(a, b, rc, rr, beta=0.2).loss, pc, pr)
     _gradcheck(
         lambda a, b: RF.simpo(a, b, beta=2.0, gamma=0.5, chosen_lengths=lc, rejected_lengths=lr).loss, pc, pr
     )
@@ -552,7 +552,7 @@ def test_float32_and_bf16_inputs_compute_in_float32(kind):
 def test_discopop_stays_finite_where_exp_overflows_in_float32():
     # ρ = −150: e^{−ρ} overflows float32, but its gate σ(ρ/τ) is 0; the loss is −log σ(ρ) = 150
     pc = torch.tensor([-200.0, -10.0])
-    out = FAM.discopop(pc, torch.tensor([-50.0, -10.0]), torch.zeros(2), torch.zeros(2), beta=1.0)
+    out = L.discopop(pc, torch.tensor([-50.0, -10.0]), torch.zeros(2), torch.zeros(2), beta=1.0)
     assert torch.isfinite(out.losses).all()
     close(out.losses[0].double(), 150.0, tol=1e-5)
 
@@ -566,15 +566,15 @@ def test_bad_inputs_are_rejected():
     with pytest.raises(ValueError, match="chosen_lengths"):
         FAM.dpo_family_loss(pc, pr, rc, rr, loss_types="sigmoid_norm")
     with pytest.raises(ValueError, match="robust"):
-        FAM.robust(pc, pr, rc, rr, label_smoothing=0.5)
+        L.robust(pc, pr, rc, rr, label_smoothing=0.5)
     with pytest.raises(ValueError, match="exo_pair"):
-        FAM.exo_pair(pc, pr, rc, rr, label_smoothing=0.0)
+        L.exo_pair(pc, pr, rc, rr, label_smoothing=0.0)
     with pytest.raises(ValueError, match="aot"):
-        FAM.aot(pc, pr, rc, rr, pair_weights=torch.ones(4))
+        L.aot(pc, pr, rc, rr, pair_weights=torch.ones(4))
     with pytest.raises(ValueError, match="beta"):
-        FAM.nca_pair(pc, pr, rc, rr, beta=0.0)
+        L.nca_pair(pc, pr, rc, rr, beta=0.0)
     with pytest.raises(ValueError, match="ref_chosen"):
-        FAM.apo_zero(pc, pr, rc[:3], rr)
+        L.apo_zero(pc, pr, rc[:3], rr)
     with pytest.raises(ValueError, match="rejected_lengths"):
         RF.simpo(pc, pr, chosen_lengths=lc, rejected_lengths=None)
     with pytest.raises(ValueError, match="< 0"):

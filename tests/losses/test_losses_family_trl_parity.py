@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import preftune.losses as L
 from preftune.losses import family as FAM
 from preftune.losses import reference_free as RF
 
@@ -200,22 +201,22 @@ def test_named_wrappers_match_trl():
     x = ours_inputs(batch)
     args = (x.pc, x.pr, x.rc, x.rr)
     cases = [
-        (FAM.robust(*args, beta=0.2, label_smoothing=0.3), "robust", {"label_smoothing": 0.3}),
-        (FAM.exo_pair(*args, beta=0.2, label_smoothing=0.01), "exo_pair", {"label_smoothing": 0.01}),
-        (FAM.nca_pair(*args, beta=0.2), "nca_pair", {}),
-        (FAM.bco_pair(*args, beta=0.2), "bco_pair", {}),
-        (FAM.sppo_hard(*args, beta=0.2), "sppo_hard", {}),
-        (FAM.aot(*args, beta=0.2, label_smoothing=0.05), "aot", {"label_smoothing": 0.05}),
-        (FAM.aot_unpaired(*args, beta=0.2), "aot_unpaired", {}),
-        (FAM.apo_zero(*args, beta=0.2), "apo_zero", {}),
-        (FAM.apo_down(*args, beta=0.2), "apo_down", {}),
-        (FAM.discopop(*args, beta=0.2, tau=0.2), "discopop", {"discopop_tau": 0.2}),
+        (L.robust(*args, beta=0.2, label_smoothing=0.3), "robust", {"label_smoothing": 0.3}),
+        (L.exo_pair(*args, beta=0.2, label_smoothing=0.01), "exo_pair", {"label_smoothing": 0.01}),
+        (L.nca_pair(*args, beta=0.2), "nca_pair", {}),
+        (L.bco_pair(*args, beta=0.2), "bco_pair", {}),
+        (L.sppo_hard(*args, beta=0.2), "sppo_hard", {}),
+        (L.aot(*args, beta=0.2, label_smoothing=0.05), "aot", {"label_smoothing": 0.05}),
+        (L.aot_unpaired(*args, beta=0.2), "aot_unpaired", {}),
+        (L.apo_zero(*args, beta=0.2), "apo_zero", {}),
+        (L.apo_down(*args, beta=0.2), "apo_down", {}),
+        (L.discopop(*args, beta=0.2, tau=0.2), "discopop", {"discopop_tau": 0.2}),
         (
-            FAM.sigmoid_norm(*args, beta=0.2, chosen_lengths=x.len_c, rejected_lengths=x.len_r),
+            L.sigmoid_norm(*args, beta=0.2, chosen_lengths=x.len_c, rejected_lengths=x.len_r),
             "sigmoid_norm",
             {},
         ),
-        (FAM.sft(*args, beta=0.2, chosen_lengths=x.len_c), "sft", {}),
+        (L.sft(*args, beta=0.2, chosen_lengths=x.len_c), "sft", {}),
     ]
     for ours, loss_type, kwargs in cases:
         trl_loss, _ = trl_dpo(batch, loss_type, 0.2, **kwargs)
@@ -291,11 +292,11 @@ def test_ld_alpha_matches_trl_with_tails_from_shared_length_split(ld_alpha, loss
     # what the scorer provides: full sums and the sums beyond each pair's shared length
     shift = batch.mask[:, 1:]
     shared = torch.minimum(batch.lengths[:b], batch.lengths[b:]).repeat(2)
-    pol_prefix, pol_tail = FAM.shared_length_split(batch.pol_tok, shift, shared)
-    ref_prefix, ref_tail = FAM.shared_length_split(batch.ref_tok, shift, shared)
+    pol_prefix, pol_tail = L.shared_length_split(batch.pol_tok, shift, shared)
+    ref_prefix, ref_tail = L.shared_length_split(batch.ref_tok, shift, shared)
     pol, ref = pol_prefix + pol_tail, ref_prefix + ref_tail
     torch.testing.assert_close(pol, batch.pol_tok.sum(1), **TOL64)
-    ours = FAM.ld_dpo(
+    ours = L.ld_dpo(
         pol[:b], pol[b:], ref[:b], ref[b:], beta=0.2, ld_alpha=ld_alpha, loss_types=loss_type,
         policy_chosen_tail=pol_tail[:b], policy_rejected_tail=pol_tail[b:],
         ref_chosen_tail=ref_tail[:b], ref_rejected_tail=ref_tail[b:],
@@ -315,8 +316,8 @@ def test_wpo_weighting_matches_trl_use_weighting(loss_types):
     x = ours_inputs(batch)
     weights = [0.8, 0.2, 1.0][: len(loss_types)]
     trl_loss, _ = trl_dpo(batch, loss_types, 0.1, loss_weights=weights, use_weighting=True)
-    aligned = FAM.wpo_aligned_logps(batch.pol_tok, batch.mask[:, 1:], batch.lss)
-    omega = FAM.wpo_weights(aligned[:b], aligned[b:], x.len_c, x.len_r)
+    aligned = L.wpo_aligned_logps(batch.pol_tok, batch.mask[:, 1:], batch.lss)
+    omega = L.wpo_weights(aligned[:b], aligned[b:], x.len_c, x.len_r)
     ours = FAM.dpo_family_loss(
         x.pc, x.pr, x.rc, x.rr, loss_types=loss_types, loss_weights=weights, beta=0.1, pair_weights=omega,
         chosen_lengths=x.len_c, rejected_lengths=x.len_r,

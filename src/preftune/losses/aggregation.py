@@ -260,8 +260,8 @@ def aggregate_references(
 def _single(
     refs_chosen: Tensor, refs_rejected: Tensor, weights: WeightSpec, clip_eps: float, clip: ClipMode
 ) -> ReferenceAggregate:
-    c, r = refs_chosen[:1], refs_rejected[:1]
-    return ReferenceAggregate(c, r, torch.ones_like(c), c[0], r[0])
+    chosen, rejected = refs_chosen[:1], refs_rejected[:1]
+    return ReferenceAggregate(chosen, rejected, torch.ones_like(chosen), chosen[0], rejected[0])
 
 
 def _weighted_clipped(
@@ -289,9 +289,16 @@ def _mrpo(
     alpha, clipped_c, clipped_r, metrics = _weighted_clipped(
         "mrpo", refs_chosen, refs_rejected, weights, clip_eps, clip
     )
-    vc = _log_harmonic_mix(clipped_c, alpha)
-    vr = _log_harmonic_mix(clipped_r, alpha)
-    return ReferenceAggregate(vc[None], vr[None], torch.ones_like(vc[None]), vc, vr, metrics)
+    virtual_chosen = _log_harmonic_mix(clipped_c, alpha)
+    virtual_rejected = _log_harmonic_mix(clipped_r, alpha)
+    return ReferenceAggregate(
+        virtual_chosen[None],
+        virtual_rejected[None],
+        torch.ones_like(virtual_chosen[None]),
+        virtual_chosen,
+        virtual_rejected,
+        metrics,
+    )
 
 
 def _mdpo(

@@ -125,6 +125,16 @@ class Component:
     refuses: Mapping[str, str] = field(default_factory=dict, compare=False)
     check: Callable[[Callable[[str], Any]], str | None] | None = field(default=None, compare=False)
 
+    def own_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The entries of ``options`` that this component's implementation declares as its own.
+
+        Those of its :attr:`options` with ``link=True``, by keyword (``discopop.tau`` → ``tau``).
+        """
+        if not options:
+            return {}
+        names = {o.kwarg for o in self.options if o.link}
+        return {k: v for k, v in options.items() if k in names}
+
     def __post_init__(self) -> None:
         if self.slot not in SLOTS:
             raise ValueError(f"component {self.name!r}: slot must be one of {SLOTS}, got {self.slot!r}")

@@ -28,31 +28,33 @@ def kto_reference_point(kl_policy_logps: Tensor, kl_ref_logps: Tensor) -> Tensor
     """
     with torch.no_grad():
         dtype = compute_dtype(kl_policy_logps, kl_ref_logps)
-        p = kl_policy_logps.detach().to(dtype).reshape(-1)
-        r = as_ref_stack(kl_ref_logps, dtype)[0].to(p.device)
-        if p.shape != r.shape:
+        policy = kl_policy_logps.detach().to(dtype).reshape(-1)
+        reference = as_ref_stack(kl_ref_logps, dtype)[0].to(policy.device)
+        if policy.shape != reference.shape:
             raise ValueError(
-                f"mismatched-pair log-probs {tuple(p.shape)} and {tuple(r.shape)} differ in shape"
+                f"mismatched-pair log-probs {tuple(policy.shape)} and {tuple(reference.shape)} differ in shape"
             )
-        if p.numel() == 0:
+        if policy.numel() == 0:
             raise ValueError("KTO's reference point needs at least one mismatched pair")
-        return (p - r).mean().clamp(min=0.0)
+        return (policy - reference).mean().clamp(min=0.0)
 
 
 def _unpaired_inputs(
     policy_logps: Tensor, ref_logps: Tensor, labels: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     dtype = compute_dtype(policy_logps, ref_logps)
-    p = as_float(policy_logps, dtype, detach=False)
-    if p.dim() != 1:
-        raise ValueError(f"policy log-probs must be [N], got {tuple(p.shape)}")
-    r = as_ref_stack(ref_logps, dtype)[0].to(p.device)
-    if r.shape != p.shape:
-        raise ValueError(f"reference log-probs have shape {tuple(r.shape)}, expected {tuple(p.shape)}")
-    lab = torch.as_tensor(labels, device=p.device)
-    if lab.shape != p.shape:
-        raise ValueError(f"labels have shape {tuple(lab.shape)}, expected {tuple(p.shape)}")
-    return p, r, lab.to(torch.bool)
+    policy = as_float(policy_logps, dtype, detach=False)
+    if policy.dim() != 1:
+        raise ValueError(f"policy log-probs must be [N], got {tuple(policy.shape)}")
+    reference = as_ref_stack(ref_logps, dtype)[0].to(policy.device)
+    if reference.shape != policy.shape:
+        raise ValueError(
+            f"reference log-probs have shape {tuple(reference.shape)}, expected {tuple(policy.shape)}"
+        )
+    label_tensor = torch.as_tensor(labels, device=policy.device)
+    if label_tensor.shape != policy.shape:
+        raise ValueError(f"labels have shape {tuple(label_tensor.shape)}, expected {tuple(policy.shape)}")
+    return policy, reference, label_tensor.to(torch.bool)
 
 
 def _output(
@@ -60,18 +62,18 @@ def _output(
 ) -> LossOutput:
     with torch.no_grad():
         metrics = dict(extra)
-        rw = beta * reward.detach()
+        rewards = beta * reward.detach()
         n_d, n_u = int(desirable.sum()), int((~desirable).sum())
         if n_d:
-            metrics["rewards/chosen"] = rw[desirable].mean()
+            metrics["rewards/chosen"] = rewards[desirable].mean()
             metrics["logps/chosen"] = p.detach()[desirable].mean()
         if n_u:
-            metrics["rewards/rejected"] = rw[~desirable].mean()
+            metrics["rewards/rejected"] = rewards[~desirable].mean()
             metrics["logps/rejected"] = p.detach()[~desirable].mean()
         if n_d and n_u:
             metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-    rw = beta * reward.detach()
-    return LossOutput(safe_mean(losses), losses, metrics, rw[desirable], rw[~desirable])
+    rewards = beta * reward.detach()
+    return LossOutput(safe_mean(losses), losses, metrics, rewards[desirable], rewards[~desirable])
 
 
 def kto(
@@ -118,16 +120,20 @@ def kto(
         raise ValueError(
             f"desirable/undesirable weights must be >= 0, got {desirable_weight}, {undesirable_weight}"
         )
-    p, r, desirable = _unpaired_inputs(policy_logps, ref_logps, labels)
+    policy, reference, desirable = _unpaired_inputs(policy_logps, ref_logps, labels)
     if reference_point is not None:
-        z = torch.as_tensor(reference_point, dtype=p.dtype, device=p.device).detach().to(p.dtype)
+        z = (
+            torch.as_tensor(reference_point, dtype=policy.dtype, device=policy.device)
+            .detach()
+            .to(policy.dtype)
+        )
     elif kl_policy_logps is None or kl_ref_logps is None:
         raise ValueError(
             "kto needs kl_policy_logps and kl_ref_logps (mismatched prompt/completion pairs) or reference_point"
         )
     else:
-        z = kto_reference_point(kl_policy_logps, kl_ref_logps).to(device=p.device, dtype=p.dtype)
-    reward = p - r
+        z = kto_reference_point(kl_policy_logps, kl_ref_logps).to(device=policy.device, dtype=policy.dtype)
+    reward = policy - reference
     value = torch.where(
         desirable,
         desirable_weight * torch.sigmoid(beta * (reward - z)),
@@ -139,7 +145,7 @@ def kto(
         torch.full_like(reward, undesirable_weight),
     )
     losses = lam - value
-    return _output(beta, p, reward, desirable, losses, {"kl": z.detach().clone()})
+    return _output(beta, policy, reward, desirable, losses, {"kl": z.detach().clone()})
 
 
 def apo_zero_unpaired(
@@ -156,14 +162,14 @@ def apo_zero_unpaired(
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    p, r, desirable = _unpaired_inputs(policy_logps, ref_logps, labels)
-    reward = p - r
+    policy, reference, desirable = _unpaired_inputs(policy_logps, ref_logps, labels)
+    reward = policy - reference
     losses = torch.where(
         desirable,
         desirable_weight * (1 - torch.sigmoid(beta * reward)),
         undesirable_weight * torch.sigmoid(beta * reward),
     )
-    return _output(beta, p, reward, desirable, losses, {})
+    return _output(beta, policy, reward, desirable, losses, {})
 
 
 # --------------------------------------------------------------------------------------------------

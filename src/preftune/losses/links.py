@@ -10,8 +10,8 @@ docs/methods.md#links.
 * ``mallows_phi``: ``−(1−ε)·log g_φ(β m) − ε·log g_φ(−β m)``
 
 A new link is one function plus one :func:`register` call, in this file or next to its implementation
-(the DPO family's links are registered in :mod:`.family`, SimPO/ORPO in :mod:`.reference_free`, KTO in
-:mod:`.kto`), and its tests and docs.
+(the DPO family's links in :mod:`.margin_links`, :mod:`.reward_links` and :mod:`.batch_links` by what
+they are a function of, SimPO/ORPO in :mod:`.reference_free`, KTO in :mod:`.kto`), and its tests and docs.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ __all__ = ["Link", "LINKS", "apply_link"]
 Link = Literal["sigmoid", "ipo", "hinge", "mallows_phi"]
 
 
-def _sigmoid(margin: Tensor, beta: float, label_smoothing: float, phi: Tensor | None) -> Tensor:
+def sigmoid_link(margin: Tensor, beta: float, label_smoothing: float, phi: Tensor | None) -> Tensor:
+    """DPO's link (the ``dpo`` component); the DPO family's sigmoid-based links call it too."""
     z = beta * margin
     out = -F.logsigmoid(z)
     if label_smoothing:
@@ -67,7 +68,7 @@ register(
         "dpo",
         "link",
         "sigmoid",
-        _sigmoid,
+        sigmoid_link,
         summary="DPO: logistic (Bradley–Terry) link",
         formula="ℓ = −(1−ε)·log σ(β m) − ε·log σ(−β m)",
         paper="Rafailov et al. 2023, Direct Preference Optimization (arXiv:2305.18290)",

@@ -163,9 +163,9 @@ def neg_log_dispersion(entropy_chosen: Tensor, entropy_rejected: Tensor, phi_sta
         Detached ``c`` ``[B]`` (float32, or float64 for float64 input); ``φ(x) = exp(−c)``. The mean
         entropy is clamped into ``[tiny, 1]`` so ``c`` is finite and ``≥ 0``.
     """
-    hc, hr = _float(entropy_chosen).detach(), _float(entropy_rejected).detach()
-    dtype = torch.promote_types(hc.dtype, hr.dtype)
-    h_bar = ((hc.to(dtype) + hr.to(dtype)) / 2).clamp(min=torch.finfo(dtype).tiny, max=1.0)
+    entropy_w, entropy_l = _float(entropy_chosen).detach(), _float(entropy_rejected).detach()
+    dtype = torch.promote_types(entropy_w.dtype, entropy_l.dtype)
+    h_bar = ((entropy_w.to(dtype) + entropy_l.to(dtype)) / 2).clamp(min=torch.finfo(dtype).tiny, max=1.0)
     # A Python float goes straight to the compute dtype (via float32 it would lose digits in float64).
     phi_star = torch.as_tensor(phi_star, dtype=dtype, device=h_bar.device).detach()
     return -phi_star * torch.log(h_bar)

@@ -105,14 +105,14 @@ def reward_metrics(
     ``rewards/accuracies_strict`` is TRL's number (ties count 0).
     """
     with torch.no_grad():
-        rc = beta * chosen_rewards.detach()
-        rr = beta * rejected_rewards.detach()
+        scaled_chosen = beta * chosen_rewards.detach()
+        scaled_rejected = beta * rejected_rewards.detach()
         return {
-            "rewards/chosen": rc.mean(),
-            "rewards/rejected": rr.mean(),
-            "rewards/margins": (rc - rr).mean(),
-            "rewards/accuracies": preference_accuracy(rc, rr).to(rc.dtype),
-            "rewards/accuracies_strict": (rc > rr).to(rc.dtype).mean(),
+            "rewards/chosen": scaled_chosen.mean(),
+            "rewards/rejected": scaled_rejected.mean(),
+            "rewards/margins": (scaled_chosen - scaled_rejected).mean(),
+            "rewards/accuracies": preference_accuracy(scaled_chosen, scaled_rejected).to(scaled_chosen.dtype),
+            "rewards/accuracies_strict": (scaled_chosen > scaled_rejected).to(scaled_chosen.dtype).mean(),
             "logps/chosen": policy_chosen.detach().mean(),
             "logps/rejected": policy_rejected.detach().mean(),
         }
@@ -133,3 +133,13 @@ def sft_term(policy_chosen: Tensor, chosen_lengths: Tensor | None, sft_weight: f
             f"chosen_lengths has shape {tuple(lengths.shape)}, expected {tuple(policy_chosen.shape)}"
         )
     return sft_weight * (-policy_chosen / lengths.clamp(min=1.0))
+
+
+def checked_lengths(lengths: Tensor | None, name: str, like: Tensor, why: str) -> Tensor:
+    """Completion-token counts ``[B]`` (detached, in ``like``'s dtype, clamped to ≥ 1) for ``why``."""
+    if lengths is None:
+        raise ValueError(f"{why} needs {name} (completion-token counts, shape [B])")
+    out = torch.as_tensor(lengths, device=like.device).detach().to(like.dtype)
+    if out.shape != like.shape:
+        raise ValueError(f"{name} has shape {tuple(out.shape)}, expected {tuple(like.shape)}")
+    return out.clamp(min=1.0)

@@ -28,21 +28,23 @@ def _averaged(
     policy_chosen: Tensor, policy_rejected: Tensor, chosen_lengths: Tensor, rejected_lengths: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dtype = compute_dtype(policy_chosen, policy_rejected)
-    pc = as_float(policy_chosen, dtype, detach=False)
-    pr = as_float(policy_rejected, dtype, detach=False)
-    if pc.dim() != 1 or pc.shape != pr.shape:
-        raise ValueError(f"policy log-probs must both be [B], got {tuple(pc.shape)} and {tuple(pr.shape)}")
+    chosen = as_float(policy_chosen, dtype, detach=False)
+    rejected = as_float(policy_rejected, dtype, detach=False)
+    if chosen.dim() != 1 or chosen.shape != rejected.shape:
+        raise ValueError(
+            f"policy log-probs must both be [B], got {tuple(chosen.shape)} and {tuple(rejected.shape)}"
+        )
     out = []
     for name, lengths in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
         if lengths is None:
             raise ValueError(
                 f"{name} (completion-token counts [B]) is required; pass ones if already averaged"
             )
-        t = torch.as_tensor(lengths, device=pc.device).detach().to(dtype)
-        if t.shape != pc.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(pc.shape)}")
-        out.append(t.clamp(min=1.0))
-    return pc, pr, pc / out[0], pr / out[1]
+        counts = torch.as_tensor(lengths, device=chosen.device).detach().to(dtype)
+        if counts.shape != chosen.shape:
+            raise ValueError(f"{name} has shape {tuple(counts.shape)}, expected {tuple(chosen.shape)}")
+        out.append(counts.clamp(min=1.0))
+    return chosen, rejected, chosen / out[0], rejected / out[1]
 
 
 def simpo(
@@ -81,10 +83,7 @@ def simpo(
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
     _, _, avg_c, avg_r = _averaged(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
-    z = beta * (avg_c - avg_r) - gamma
-    losses = -F.logsigmoid(z)
-    if label_smoothing:
-        losses = (1 - label_smoothing) * losses - label_smoothing * F.logsigmoid(-z)
+    losses = _simpo_link(avg_c - avg_r, beta, label_smoothing, None, gamma)
     metrics: dict[str, Tensor] = {}
     if sft_weight:
         losses = losses + sft_weight * (-avg_c)
@@ -133,7 +132,7 @@ def orpo(
     _, _, avg_c, avg_r = _averaged(policy_chosen, policy_rejected, chosen_lengths, rejected_lengths)
     if bool((avg_c.detach() >= 0).any()) or bool((avg_r.detach() >= 0).any()):
         raise ValueError("orpo needs log-probs < 0 (a sequence probability of 1 has infinite odds)")
-    log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
+    log_odds = _log_odds_ratio(avg_c, avg_r)
     ratio = F.logsigmoid(log_odds)
     if nll is None:
         sft_losses = -avg_c
@@ -159,6 +158,11 @@ def orpo(
 # policy log-probs ā as rewards: these methods set ``reference_free`` and ``length_normalize``).
 
 
+def _log_odds_ratio(a_w: Tensor, a_l: Tensor) -> Tensor:
+    """``log odds(y_w) − log odds(y_l)`` with ``log odds = ā − log(1 − e^ā)`` (ā < 0)."""
+    return (a_w - a_l) - (log1mexp(a_w) - log1mexp(a_l))
+
+
 def _simpo_link(margin: Tensor, beta: float, label_smoothing: float, phi: Tensor | None, gamma: float = 0.5):
     z = beta * margin - gamma
     out = -F.logsigmoid(z)
@@ -171,7 +175,7 @@ def _orpo_link(r_w: Tensor, r_l: Tensor, beta: float) -> Tensor:
     # r = ā (no reference, length-normalised); ā → 0 would be an infinite odds: keep it just below 0
     below = -torch.finfo(r_w.dtype).eps
     a_w, a_l = r_w.clamp(max=below), r_l.clamp(max=below)
-    log_odds = (a_w - a_l) - (log1mexp(a_w) - log1mexp(a_l))
+    log_odds = _log_odds_ratio(a_w, a_l)
     return -a_w - beta * F.logsigmoid(log_odds)
 
 

@@ -22,12 +22,14 @@ from typing import Any
 
 # Importing the implementations registers their components (each module declares its own).
 from . import aggregation as _aggregation  # noqa: F401
-from . import family as _family  # noqa: F401
+from . import batch_links as _batch_links  # noqa: F401
 from . import kto as _kto  # noqa: F401
 from . import links as _links  # noqa: F401
 from . import mallows as _mallows  # noqa: F401
+from . import margin_links as _margin_links  # noqa: F401
 from . import pairing as _pairing  # noqa: F401
 from . import reference_free as _reference_free  # noqa: F401
+from . import reward_links as _reward_links  # noqa: F401
 from .components import MODIFIERS, NEEDS, SLOTS, Component, Option, Slot, lookup, registered
 
 __all__ = [
