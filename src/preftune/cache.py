@@ -273,7 +273,16 @@ CACHE_KINDS = {
     "references": "reference log-probs and entropies per (model, data) (recomputed on next run)",
     "embeddings": "RPO prompt embeddings (recomputed on next run)",
     "fingerprints": "digests of model weight files (recomputed on next run)",
+    "tokens": "tokenized data per (data, tokenizer, max_length) (tokenized again on next run)",
 }
+# Files beside the entries that are not entries: locks of concurrent writers, unfinished writes.
+_NOT_ENTRIES = (".lock", ".tmp")
+
+
+def _entries(folder: Path) -> int:
+    """Entries of a cache folder: one per key, whatever files it is stored in (``KEY.safetensors`` +
+    ``KEY.json``, ``KEY.meta.json``, a ``KEY/`` folder), locks and unfinished writes not counted."""
+    return len({p.name.split(".")[0] for p in folder.iterdir() if not p.name.endswith(_NOT_ENTRIES)})
 
 
 def _tree_bytes(path: Path) -> int:
@@ -289,14 +298,13 @@ def cache_usage(root: str | os.PathLike | None = None) -> list[dict]:
     if not root.is_dir():
         return rows
     for path in sorted(root.iterdir()):
-        entries = (
-            [p for p in path.iterdir() if not p.name.endswith(".meta.json")] if path.is_dir() else [path]
-        )
+        if path.name.endswith(_NOT_ENTRIES):
+            continue
         rows.append(
             {
                 "kind": path.name,
                 "path": str(path),
-                "entries": len(entries),
+                "entries": _entries(path) if path.is_dir() else 1,
                 "bytes": _tree_bytes(path),
                 "meaning": CACHE_KINDS.get(path.name, ""),
             }

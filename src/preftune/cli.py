@@ -130,7 +130,7 @@ def _cache(argv: list[str]) -> int:
         width = max(len(r["kind"]) for r in rows)
         for r in rows:
             print(
-                f"  {r['kind']:<{width}}  {human_bytes(r['bytes']):>8}  {r['entries']:>4} entries  {r['meaning']}"
+                f"  {r['kind']:<{width}}  {human_bytes(r['bytes']):>8}  {r['entries']:>4} {'entry  ' if r['entries'] == 1 else 'entries'}  {r['meaning']}"
             )
         print(f"  {'total':<{width}}  {human_bytes(sum(r['bytes'] for r in rows)):>8}")
         return 0

@@ -155,6 +155,24 @@ def test_cache_ls_and_clear(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_cache_ls_counts_entries_not_their_files_and_knows_every_kind(tmp_path, capsys):
+    refs = tmp_path / "references"
+    refs.mkdir()
+    for key in ("k1", "k2"):  # one entry: its scores and its metadata
+        (refs / f"{key}.safetensors").write_bytes(b"0" * 10)
+        (refs / f"{key}.json").write_text("{}")
+    (refs / "k1.safetensors.lock").write_text("")  # a writer's lock: not an entry
+    (tmp_path / "tokens" / "store-a").mkdir(parents=True)
+    (tmp_path / "tokens" / "store-a" / "prompt.tokens").write_bytes(b"0" * 8)
+    (tmp_path / "tokens" / "store-b.lock").write_text("")
+    assert main(["cache", "--cache-dir", str(tmp_path), "ls"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "2 entries" in rows["references"] and "1 entry " in rows["tokens"], rows
+    assert "tokenized" in rows["tokens"]  # a documented kind, with its meaning
+    assert main(["cache", "--cache-dir", str(tmp_path), "clear", "tokens"]) == 0
+    assert not (tmp_path / "tokens").exists() and refs.exists()
+
+
 def test_third_party_deprecation_warnings_are_quiet(monkeypatch):
     import sys
     import warnings
