@@ -17,10 +17,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .loading import _HUB_NAME, _JSON_SUFFIXES, MAX_REPORTED_ROWS, _bad_rows_error, load_examples
+from .loading import MAX_REPORTED_ROWS, _bad_rows_error, load_examples
 from .records import ANSWER_FIELD, Columns, DataError, LoadedData
+from .sources import HUB_NAME, JSON_SUFFIXES
 
-_DATA_SUFFIXES = (*_JSON_SUFFIXES, ".parquet", ".csv", ".arrow")
+_DATA_SUFFIXES = (*JSON_SUFFIXES, ".parquet", ".csv", ".arrow")
 
 
 @dataclass
@@ -65,7 +66,7 @@ def check_source_exists(source: str, key: str) -> None:
     path = os.path.expanduser(source)
     if os.path.exists(path):
         return
-    looks_local = path.lower().endswith(_DATA_SUFFIXES) or not _HUB_NAME.match(source) or path.startswith(".")
+    looks_local = path.lower().endswith(_DATA_SUFFIXES) or not HUB_NAME.match(source) or path.startswith(".")
     if looks_local:
         raise DataError(f"file not found (set by {key}); check the path", source=source)
 
