@@ -86,7 +86,7 @@ def _missing_columns(
 MAX_REPORTED_ROWS = 10
 
 
-def _bad_rows_error(
+def bad_rows_error(
     problems: list[tuple[int, str | None, str]], count: int, source: str, row_kind: RowKind
 ) -> DataError:
     """One error for the first bad rows: the first in full (row, field), then up to nine more;
@@ -344,7 +344,7 @@ def load_examples(
         found = validate(implicit=implicit)
 
     if found.problems and on_error == "raise":
-        raise _bad_rows_error(found.problems, found.problem_count, source, reading.row_kind)
+        raise bad_rows_error(found.problems, found.problem_count, source, reading.row_kind)
     if not found.rows:
         first = found.problems[0]
         where = DataError(first[2], source=source, row=first[0], field=first[1], row_kind=reading.row_kind)
