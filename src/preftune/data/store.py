@@ -365,11 +365,8 @@ def build_token_store(
     directory = Path(directory)
     if (directory / "meta.json").is_file():
         return TokenStore(directory)
-    settings, user_names = batch_settings(
-        loaded, tokenizer, max_length=max_length, on_error=on_error, chat_template=chat_template
-    )
+    settings, user_names = batch_settings(loaded, tokenizer, max_length, on_error, chat_template)
     examples = loaded.examples
-    unpaired = settings.unpaired
     columns = ["prompt", *settings.slots]
     report = TokenizeReport(total=len(examples))
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -421,7 +418,7 @@ def build_token_store(
         np.save(tmp / "labels.npy", np.concatenate(labels) if labels else np.zeros(0, np.int8))
         meta = {
             "format": STORE_FORMAT,
-            "unpaired": unpaired,
+            "unpaired": settings.unpaired,
             "columns": columns,
             "report": {"truncated": report.truncated, "skipped": report.skipped, "total": report.total},
         }

@@ -252,7 +252,7 @@ class BatchSettings:
 
 
 def batch_settings(
-    loaded: LoadedData, tokenizer: Any, *, max_length: int | None, on_error: str, chat_template: str | None
+    loaded: LoadedData, tokenizer: Any, max_length: int | None, on_error: str, chat_template: str | None
 ) -> tuple[BatchSettings, dict[str, str]]:
     """Check the arguments, then the settings every batch of ``loaded`` is tokenized with, and each
     field's name in the user's data (for errors). Shared by :func:`tokenize_dataset` and
@@ -334,10 +334,7 @@ def tokenize_dataset(
     ``TokenizeReport.skipped``. Which rows are skipped depends on the tokenizer: align the outputs
     of several tokenizers by ``.row``.
     """
-    settings, user_names = batch_settings(
-        loaded, tokenizer, max_length=max_length, on_error=on_error, chat_template=chat_template
-    )
-    unpaired = settings.unpaired
+    settings, user_names = batch_settings(loaded, tokenizer, max_length, on_error, chat_template)
     report = TokenizeReport(total=len(loaded.examples))
     outputs: list[TokenizedExample | TokenizedUnpaired] = []
 
@@ -356,7 +353,7 @@ def tokenize_dataset(
                 handle(example, problem)
             for example, prompt_text, prompt_ids, completion_ids, truncated in kept:
                 report.truncated += truncated
-                if unpaired:
+                if settings.unpaired:
                     outputs.append(
                         TokenizedUnpaired(
                             prompt_ids,
