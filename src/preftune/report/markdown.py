@@ -195,6 +195,7 @@ def _plots_section(plot_names: Sequence[str]) -> str:
 def report_with_plots(
     run_dir: str | Path, extra_sections: dict[str, str] | None, label: str | None, plots: bool
 ) -> tuple[Path, list[Path]]:
+    """:func:`write_report`, returning the plots it links as well (``preftune report`` lists them)."""
     run = load_run(run_dir, label=label)
     if plots:
         plot_paths = plot_runs([run], run.path)
