@@ -7,24 +7,30 @@ unpickled). Every directory is written under a temporary name and renamed into p
 (disk full, a crash) leaves the previous checkpoint intact. The last file written before the rename is
 ``manifest.json``: each file's size and sha256. Resuming verifies the newest checkpoint against it and
 falls back to the newest intact one (:func:`select_resume_checkpoint`).
+
+Under ``parallelism=fsdp`` a checkpoint is sharded: torch.distributed.checkpoint (DCP) files of the
+model's trainable parameters and the optimizer, written by every rank, in place of ``model/`` and
+``optimizer.*``. Both kinds are written by :func:`save_checkpoint` and read by :func:`load_checkpoint`
+(``sharded=True`` for the second, called on every rank). The RNG streams are :mod:`preftune.seeding`'s.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import random
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import statefile
 from .config import TrainConfig
+from .distributed import DEFAULT_TIMEOUT_S, barrier, rank, replace_directory
 from .rundir import CHECKPOINT_MODEL, CHECKPOINT_STATE, MANIFEST, RunDir
+from .seeding import rng_state, set_rng_state
 
 
 class TrainingError(RuntimeError):
@@ -85,46 +91,6 @@ def clear_outputs(output_dir: Path, log: Callable[[str], None] = print) -> list[
 def find_checkpoints(output_dir: Path) -> list[Path]:
     """Complete step checkpoints of a run directory, oldest first."""
     return RunDir(output_dir).checkpoints()
-
-
-# --------------------------------------------------------------------------------------------------
-# RNG state
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:
-        pass
-
-
-def rng_state() -> dict:
-    """Python's, torch's (CPU and CUDA) and numpy's global RNG states."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:
-        pass
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,12 +159,7 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> None:
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingError(f"could not write {final}: {e.strerror or e}") from e
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, final)
 
 
 def rotate_checkpoints(output_dir: Path, keep: int) -> list[Path]:
@@ -210,8 +171,26 @@ def rotate_checkpoints(output_dir: Path, keep: int) -> list[Path]:
 
 
 def save_checkpoint(
-    output_dir: Path, step: int, model, tokenizer, optimizer, scheduler, state: dict, keep: int
+    output_dir: Path,
+    step: int,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    state: dict,
+    keep: int,
+    *,
+    sharded: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Path:
+    """Write ``checkpoint-N`` (model, optimizer, scheduler, RNG and trainer ``state``), then keep the
+    ``keep`` newest. Plain: ``model`` is the policy, saved as safetensors by this process. ``sharded``
+    (parallelism=fsdp): ``model`` is the sharded root and every rank calls this
+    (:func:`save_sharded_checkpoint`)."""
+    if sharded:
+        return save_sharded_checkpoint(
+            output_dir, step, model, tokenizer, optimizer, scheduler, state, keep, timeout_s
+        )
     path = RunDir(output_dir).checkpoint(step)
 
     def write(tmp: Path) -> None:
@@ -232,8 +211,12 @@ def save_checkpoint(
 # Reading
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG states from ``path``; returns its trainer state."""
+def load_checkpoint(path: Path, model, optimizer, scheduler, *, sharded: bool = False) -> dict:
+    """Restore weights, optimizer, scheduler and RNG states from ``path``; returns its trainer state.
+    ``sharded``: a checkpoint written with ``sharded=True``, loaded into the root ``model``
+    (:func:`load_sharded_checkpoint`; collective)."""
+    if sharded:
+        return load_sharded_checkpoint(path, model, optimizer, scheduler)
     from safetensors.torch import load_file
 
     weights = path / CHECKPOINT_MODEL
@@ -357,6 +340,7 @@ def select_resume_checkpoint(output_dir: Path, log: Callable[[str], None] = prin
     return None
 
 
+# --------------------------------------------------------------------------------------------------
 # Sharded checkpoints (parallelism=fsdp): torch.distributed.checkpoint, every rank writes its shards
 
 SHARDED = "fsdp"
@@ -387,8 +371,6 @@ def save_sharded_checkpoint(
     """Collective: every rank writes its shards of the model (trainable parameters) and optimizer
     into ``checkpoint-N.tmp``; rank 0 adds scheduler, RNG state, tokenizer and trainer state, and
     renames it once all ranks are done (an earlier checkpoint survives any failure); then rotates."""
-    from . import distributed as D
-
     path = RunDir(output_dir).checkpoint(step)
 
     def write(tmp: Path) -> None:
@@ -400,10 +382,10 @@ def save_sharded_checkpoint(
         write_manifest(tmp)
 
     try:
-        D.save_checkpoint(path, root, _plain_optimizer(optimizer), write=write, timeout_s=timeout_s)
+        save_dcp_state(path, root, _plain_optimizer(optimizer), write=write, timeout_s=timeout_s)
     except OSError as e:
         raise TrainingError(f"could not write {path}: {e.strerror or e}") from e
-    if D.rank() == 0:
+    if rank() == 0:
         rotate_checkpoints(output_dir, keep)
     return path
 
@@ -411,9 +393,7 @@ def save_sharded_checkpoint(
 def load_sharded_checkpoint(path: Path, root, optimizer, scheduler) -> dict:
     """Restore a :func:`save_sharded_checkpoint` into ``root`` (sharded over any number of
     processes, or not sharded at all) and the optimizer, scheduler and RNG; returns the trainer state."""
-    from . import distributed as D
-
-    D.load_checkpoint(path, root, _plain_optimizer(optimizer))
+    load_dcp_state(path, root, _plain_optimizer(optimizer))
     scheduler.load_state_dict(load_training_state(path, "scheduler"))
     set_rng_state(load_training_state(path, "rng"))
     return json.loads((path / CHECKPOINT_STATE).read_text())
@@ -422,3 +402,111 @@ def load_sharded_checkpoint(path: Path, root, optimizer, scheduler) -> dict:
 def _plain_optimizer(optimizer):
     """The torch optimizer inside accelerate's wrapper (one process prepares it)."""
     return getattr(optimizer, "optimizer", optimizer)
+
+
+# The sharded state itself (DCP): model (trainable parameters) and optimizer, resharded on load
+
+
+def _state_options(root: nn.Module, **extra):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # LoRA: the frozen base is the model file already on disk; a checkpoint holds what trains
+    frozen = any(not p.requires_grad for p in root.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen, **extra)
+
+
+def _check_loaded(path: Path, root: nn.Module, result) -> None:
+    """Non-strict loading (LoRA) may skip the frozen parameters, nothing else."""
+    if result is None:
+        return
+    frozen = {name for name, p in root.named_parameters() if not p.requires_grad}
+    missing = [k for k in result.missing_keys if k not in frozen]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
+            f"unexpected {list(result.unexpected_keys)[:3]})"
+        )
+
+
+def save_dcp_state(
+    path: str | Path,
+    root: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    json_files: dict[str, Any] | None = None,
+    write: Callable[[Path], None] | None = None,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> Path:
+    """Save the sharded model (its trainable parameters) and optimizer state to ``path``.
+
+    Every rank writes its own shards into ``<path>.tmp``; rank 0 adds ``json_files`` (name -> a
+    JSON-serialisable object: scheduler, trainer state, ...), calls ``write(tmp_dir)`` for anything
+    else (tokenizer, RNG state files) and, once every rank has finished (barrier), renames the
+    directory to ``path``. A crash at any point leaves no half-written ``path``: an earlier one
+    stays intact. Collective: every rank must call it.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(f"checkpoint {path.name}: start", timeout_s)
+    options = _state_options(root)
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = {"model": get_model_state_dict(root, options=options)}
+    else:
+        model_sd, optim_sd = get_state_dict(root, optimizer, options=options)
+        state = {"model": model_sd, "optimizer": optim_sd}
+    dcp.save(state, checkpoint_id=str(tmp))
+    if rank() == 0:
+        for name, value in (json_files or {}).items():
+            (tmp / name).write_text(json.dumps(value, indent=1))
+        if write is not None:
+            write(tmp)
+    barrier(f"checkpoint {path.name}: written", timeout_s)
+    if rank() == 0:
+        replace_directory(tmp, path)
+    barrier(f"checkpoint {path.name}: renamed", timeout_s)
+    return path
+
+
+def load_dcp_state(
+    path: str | Path, root: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Load a :func:`save_dcp_state` directory into ``root`` (and ``optimizer``), resharding to
+    this run's number of processes (any world size, one process without a process group included).
+    Returns the JSON files saved with it (name -> object). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path} is not a sharded checkpoint (no .metadata)")
+    options = _state_options(root)
+    if optimizer is None:
+        state = {"model": get_model_state_dict(root, options=options)}
+        dcp.load(state, checkpoint_id=str(path))
+        _check_loaded(path, root, set_model_state_dict(root, state["model"], options=options))
+    else:
+        model_sd, optim_sd = get_state_dict(root, optimizer, options=options)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(path))
+        result = set_state_dict(
+            root,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=options,
+        )
+        _check_loaded(path, root, result)
+    return {f.name: json.loads(f.read_text()) for f in sorted(path.glob("*.json"))}

@@ -451,14 +451,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         # Prefer the member that is the value's own type (`str | list[str]` keeps "all-linear" a string).
         if type(value) in args:
             return _coerce(value, type(value), key)
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass  # try the next member; the error names the whole union
         raise ConfigError(f"{key}: {value!r} does not fit {tp}")
     if _is_dataclass_type(tp):
         if isinstance(tp, type) and isinstance(value, tp):

@@ -1,5 +1,6 @@
-"""Sharded (FSDP2) training pieces: sharding, gradient sync, clipping, DCP checkpoints, consolidation,
-process-group timeouts and data-parallel scoring.
+"""Sharded (FSDP2) training pieces: sharding, gradient sync, clipping, consolidation, process-group
+timeouts and data-parallel scoring. Sharded checkpoints (DCP) live with the others in
+:mod:`preftune.checkpointing`.
 
 preftune never calls the Hugging Face model's ``forward``: the module that is called is the scoring
 wrapper (``PolicyScorer``), whose forward runs the backbone and then reads the head's weight directly
@@ -20,7 +21,6 @@ Nothing here imports transformers or peft at module import; every collective hel
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -286,115 +286,6 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_ty
 
 
 # --------------------------------------------------------------------------------------------------
-# Checkpoints (torch.distributed.checkpoint): every rank writes its shards
-
-
-def _state_options(root: nn.Module, **extra):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    # LoRA: the frozen base is the model file already on disk; a checkpoint holds what trains
-    frozen = any(not p.requires_grad for p in root.parameters())
-    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen, **extra)
-
-
-def _check_loaded(path: Path, root: nn.Module, result) -> None:
-    """Non-strict loading (LoRA) may skip the frozen parameters, nothing else."""
-    if result is None:
-        return
-    frozen = {name for name, p in root.named_parameters() if not p.requires_grad}
-    missing = [k for k in result.missing_keys if k not in frozen]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
-            f"unexpected {list(result.unexpected_keys)[:3]})"
-        )
-
-
-def save_checkpoint(
-    path: str | Path,
-    root: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    *,
-    json_files: dict[str, Any] | None = None,
-    write: Callable[[Path], None] | None = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-) -> Path:
-    """Save the sharded model (its trainable parameters) and optimizer state to ``path``.
-
-    Every rank writes its own shards into ``<path>.tmp``; rank 0 adds ``json_files`` (name -> a
-    JSON-serialisable object: scheduler, trainer state, ...), calls ``write(tmp_dir)`` for anything
-    else (tokenizer, RNG state files) and, once every rank has finished (barrier), renames the
-    directory to ``path``. A crash at any point leaves no half-written ``path``: an earlier one
-    stays intact. Collective: every rank must call it.
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(f"checkpoint {path.name}: start", timeout_s)
-    options = _state_options(root)
-    if optimizer is None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        state = {"model": get_model_state_dict(root, options=options)}
-    else:
-        model_sd, optim_sd = get_state_dict(root, optimizer, options=options)
-        state = {"model": model_sd, "optimizer": optim_sd}
-    dcp.save(state, checkpoint_id=str(tmp))
-    if rank() == 0:
-        for name, value in (json_files or {}).items():
-            (tmp / name).write_text(json.dumps(value, indent=1))
-        if write is not None:
-            write(tmp)
-    barrier(f"checkpoint {path.name}: written", timeout_s)
-    if rank() == 0:
-        _replace_directory(tmp, path)
-    barrier(f"checkpoint {path.name}: renamed", timeout_s)
-    return path
-
-
-def load_checkpoint(
-    path: str | Path, root: nn.Module, optimizer: torch.optim.Optimizer | None = None
-) -> dict[str, Any]:
-    """Load a :func:`save_checkpoint` directory into ``root`` (and ``optimizer``), resharding to
-    this run's number of processes (any world size, one process without a process group included).
-    Returns the JSON files saved with it (name -> object). Collective."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_state_dict,
-        set_model_state_dict,
-        set_state_dict,
-    )
-
-    path = Path(path)
-    if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"{path} is not a sharded checkpoint (no .metadata)")
-    options = _state_options(root)
-    if optimizer is None:
-        state = {"model": get_model_state_dict(root, options=options)}
-        dcp.load(state, checkpoint_id=str(path))
-        _check_loaded(path, root, set_model_state_dict(root, state["model"], options=options))
-    else:
-        model_sd, optim_sd = get_state_dict(root, optimizer, options=options)
-        state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
-        result = set_state_dict(
-            root,
-            optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optimizer"],
-            options=options,
-        )
-        _check_loaded(path, root, result)
-    return {f.name: json.loads(f.read_text()) for f in sorted(path.glob("*.json"))}
-
-
-# --------------------------------------------------------------------------------------------------
 # Consolidation: one ordinary Hugging Face directory from the shards
 
 
@@ -481,10 +372,11 @@ def _atomic_directory(final: str | Path):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     yield tmp
-    _replace_directory(tmp, final)
+    replace_directory(tmp, final)
 
 
-def _replace_directory(tmp: Path, final: Path) -> None:
+def replace_directory(tmp: Path, final: Path) -> None:
+    """Rename the written ``tmp`` to ``final``; an existing ``final`` is moved aside, then removed."""
     old = final.with_name(final.name + ".old")
     if final.exists():
         os.replace(final, old)

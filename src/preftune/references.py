@@ -52,25 +52,26 @@ class ModelView:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
+    def _columns(self, split: str) -> TokenStore | _TokenList:
+        """``split``'s tokenized examples behind a token store's column methods (a store already has
+        them; a list, tokenized in this process, gets them from :class:`_TokenList`)."""
+        items = self.tokenized[split]
+        return items if isinstance(items, TokenStore) else _TokenList(items)
+
     def sequences(self, split: str, side: str, index=None) -> tuple[list[list[int]], list[list[int]]]:
         """Prompt and completion ids of ``side`` for the items ``index`` (all by default), as lists.
 
         Side ``kl`` pairs item i's prompt with item (i − 1)'s completion (mod N): TRL's KTO rotates
         the completions of each batch of the dataset by one in the same way, before shuffling.
         """
-        items = self.tokenized[split]
         if side == MISMATCHED_SIDE:
-            n = len(items)
+            n = len(self.tokenized[split])
             index = list(range(n) if index is None else index)
             prompts, _ = self.sequences(split, "completion", index)
             _, completions = self.sequences(split, "completion", [(i - 1) % n for i in index])
             return prompts, completions
-        if isinstance(items, TokenStore):
-            return items.ids("prompt", index), items.ids(side, index)
-        if index is not None:
-            items = [items[i] for i in index]
-        attr = {"chosen": "chosen_ids", "rejected": "rejected_ids", "completion": "completion_ids"}[side]
-        return [it.prompt_ids for it in items], [getattr(it, attr) for it in items]
+        columns = self._columns(split)
+        return columns.ids("prompt", index), columns.ids(side, index)
 
     def shared_lengths(self, split: str, index=None) -> list[int]:
         """LD-DPO: each pair's shared completion length ``min(|y_w|, |y_l|)`` in this model's tokens."""
@@ -80,27 +81,47 @@ class ModelView:
 
     def prompt_texts(self, split: str) -> Sequence[str]:
         """The rendered prompts of ``split`` (lazily decoded from a token store)."""
-        items = self.tokenized[split]
-        if isinstance(items, TokenStore):
-            return items.prompt_texts
-        return [it.prompt_text for it in items]
+        return self._columns(split).prompt_texts
 
     def labels(self, split: str, index) -> list[bool]:
         """Unpaired labels of the examples ``index``."""
-        items = self.tokenized[split]
-        if isinstance(items, TokenStore):
-            return [bool(v) for v in items.labels(index)]
-        return [bool(items[i].label) for i in index]
+        return [bool(label) for label in self._columns(split).labels(index)]
 
     def token_key(self, split: str, sides: tuple[str, ...]) -> str:
         # KTO's mismatched side is the completions rotated by one: those and the rule name it
         columns = [s for s in sides if s != MISMATCHED_SIDE]
         suffix = "+kl-rotated-by-1" if len(columns) < len(sides) else ""
-        items = self.tokenized[split]
-        if isinstance(items, TokenStore):  # the same digest, streamed from the files
-            return items.token_key(["prompt", *columns]) + suffix
-        prompts = self.sequences(split, columns[0])[0]
-        return hash_token_lists(prompts, *(self.sequences(split, s)[1] for s in columns)) + suffix
+        # a store streams the digest from its files; a list hashes its ids (the same digest)
+        return self._columns(split).token_key(["prompt", *columns]) + suffix
+
+
+class _TokenList:
+    """A list of tokenized examples with the column methods of a
+    :class:`~preftune.data.store.TokenStore` (``ids``, ``prompt_texts``, ``labels``, ``token_key``)."""
+
+    _ID_FIELDS = {
+        "prompt": "prompt_ids",
+        "chosen": "chosen_ids",
+        "rejected": "rejected_ids",
+        "completion": "completion_ids",
+    }
+
+    def __init__(self, items: list):
+        self.items = items
+
+    def ids(self, column: str, index=None) -> list[list[int]]:
+        items = self.items if index is None else [self.items[i] for i in index]
+        return [getattr(it, self._ID_FIELDS[column]) for it in items]
+
+    @property
+    def prompt_texts(self) -> list[str]:
+        return [it.prompt_text for it in self.items]
+
+    def labels(self, index) -> list:
+        return [self.items[i].label for i in index]
+
+    def token_key(self, columns: Sequence[str]) -> str:
+        return hash_token_lists(*(self.ids(column) for column in columns))
 
 
 @dataclass
@@ -205,9 +226,8 @@ def precompute_references(
     """Score every (reference, split, side) once, reusing cached results when the inputs match.
 
     ``views[k].name == "policy"`` scores with the in-memory initial ``policy`` (adapters disabled);
-    other references are loaded only on a cache miss and freed afterwards. ``tails`` (LD-DPO) also
-    stores ``<side>_tail``: the log-prob beyond each pair's shared length (a separate cache entry).
-    other references are loaded only on a cache miss and freed before the next one. Under
+    other references are loaded only on a cache miss and freed before the next one. ``tails`` (LD-DPO) also
+    stores ``<side>_tail``: the log-prob beyond each pair's shared length (a separate cache entry). Under
     torch.distributed every process calls this: each scores its own rows (``rank::world``), the main
     process merges them into the one cache entry a single process would write (same key, same rows)
     and the others wait for it (a barrier with ``timeout_s``). Every process then reads the entry

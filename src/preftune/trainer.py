@@ -39,7 +39,6 @@ from .checkpointing import (
     save_final,
     save_sharded_checkpoint,
     select_resume_checkpoint,
-    set_seed,
 )
 from .config import ConfigError, TrainConfig, load_config, save_config
 from .data.check import check_data
@@ -59,6 +58,7 @@ from .references import (
 )
 from .rundir import CHECKPOINT_STATE, RunDir
 from .scoring import shared_prompt_support
+from .seeding import set_seed
 from .step import (
     DataOrder,
     LossComputer,

@@ -333,3 +333,35 @@ def test_no_source_file_loads_pickles():
                 continue
             unsafe.append(f"{path.name}: {m.group(0)}")
     assert unsafe == []
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_one_interface_writes_and_restores_both_formats(tmp_path, tiny_model_dir, sharded):
+    """save_checkpoint/load_checkpoint hold both formats: safetensors, and DCP (sharded=True; one
+    process without a process group here), each restoring the weights, the optimizer and the RNG."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from preftune.checkpointing import checkpoint_format, save_checkpoint
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    opt.step()
+    saved = copy.deepcopy(model.state_dict())
+    torch.manual_seed(5)
+    ckpt = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"step": 1}, keep=2, sharded=sharded)
+    expected_draw = torch.rand(3)
+    assert checkpoint_format(ckpt) == ("fsdp" if sharded else "ddp")
+
+    # resume as the trainer does: new model and optimizer objects (the initial weights, no state)
+    resumed = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    fresh = torch.optim.AdamW(resumed.parameters(), lr=1e-3)
+    fresh_sched = torch.optim.lr_scheduler.LambdaLR(fresh, lambda s: 1.0)
+    assert not torch.equal(resumed.state_dict()["lm_head.weight"], saved["lm_head.weight"])
+    assert load_checkpoint(ckpt, resumed, fresh, fresh_sched, sharded=sharded)["step"] == 1
+    assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues from the save
+    for name, value in resumed.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    assert _same(fresh.state_dict()["state"], opt.state_dict()["state"])

@@ -159,14 +159,8 @@ def _worker_train(workdir: Path, lora: bool, micro_batches: int) -> None:
     from safetensors.torch import save_file
 
     import preftune.scoring as scoring
-    from preftune.distributed import (
-        full_state_dict,
-        load_checkpoint,
-        rank,
-        save_checkpoint,
-        save_consolidated,
-        shard_policy,
-    )
+    from preftune.checkpointing import load_dcp_state, save_dcp_state
+    from preftune.distributed import full_state_dict, rank, save_consolidated, shard_policy
     from preftune.testing import tiny_tokenizer
 
     name = "lora" if lora else "full"
@@ -196,7 +190,7 @@ def _worker_train(workdir: Path, lora: bool, micro_batches: int) -> None:
         refs = reference_scores(root, pairs)
     history = train_steps(root, params, optimizer, scheduler, pairs, refs, range(SAVE_AT), micro_batches)
     ckpt = workdir / f"{name}-ckpt"
-    save_checkpoint(
+    save_dcp_state(
         ckpt,
         root,
         optimizer,
@@ -233,7 +227,7 @@ def _worker_train(workdir: Path, lora: bool, micro_batches: int) -> None:
 
     # resume: new model and optimizer objects, state from the sharded checkpoint
     model, root, params, optimizer, scheduler = fresh()
-    saved = load_checkpoint(ckpt, root, optimizer)
+    saved = load_dcp_state(ckpt, root, optimizer)
     scheduler.load_state_dict(saved["scheduler.json"])
     start = saved["trainer_state.json"]["step"]
     result["resumed"] = train_steps(
@@ -248,7 +242,8 @@ def _worker_train(workdir: Path, lora: bool, micro_batches: int) -> None:
 
 def _worker_fail(workdir: Path) -> None:
     """Train one step, checkpoint, then rank 1 raises in the middle of step 2."""
-    from preftune.distributed import save_checkpoint, shard_policy
+    from preftune.checkpointing import save_dcp_state
+    from preftune.distributed import shard_policy
 
     pairs = make_pairs()
     model = make_policy(lora=False, checkpointing=True)
@@ -256,7 +251,7 @@ def _worker_fail(workdir: Path) -> None:
     params, optimizer, scheduler = make_optimizer(root)
     refs = reference_scores(root, pairs)
     train_steps(root, params, optimizer, scheduler, pairs, refs, range(1), 2)
-    save_checkpoint(
+    save_dcp_state(
         workdir / "ckpt",
         root,
         optimizer,
@@ -322,7 +317,8 @@ def logs(workdir: Path, scenario: str, world: int = 2) -> str:
 
 def single_process_run(lora: bool, steps=range(STEPS), resume_from: Path | None = None):
     """The reference: no process group, one micro-batch of 4 pairs per step, no checkpointing."""
-    from preftune.distributed import load_checkpoint, scatter_score
+    from preftune.checkpointing import load_dcp_state
+    from preftune.distributed import scatter_score
 
     pairs = make_pairs()
     model = make_policy(lora, checkpointing=False)
@@ -335,7 +331,7 @@ def single_process_run(lora: bool, steps=range(STEPS), resume_from: Path | None 
     else:
         refs = score_pairs(root, pairs, index)
     if resume_from is not None:
-        saved = load_checkpoint(resume_from, root, optimizer)
+        saved = load_dcp_state(resume_from, root, optimizer)
         scheduler.load_state_dict(saved["scheduler.json"])
         steps = range(saved["trainer_state.json"]["step"], STEPS)
     history = train_steps(root, params, optimizer, scheduler, pairs, refs, steps, 1)

@@ -17,10 +17,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .loading import _HUB_NAME, _JSON_SUFFIXES, MAX_REPORTED_ROWS, _bad_rows_error, load_examples
+from .loading import MAX_REPORTED_ROWS, bad_rows_error, load_examples
 from .records import ANSWER_FIELD, Columns, DataError, LoadedData
+from .sources import HUB_NAME, JSON_SUFFIXES
 
-_DATA_SUFFIXES = (*_JSON_SUFFIXES, ".parquet", ".csv", ".arrow")
+_DATA_SUFFIXES = (*JSON_SUFFIXES, ".parquet", ".csv", ".arrow")
 
 
 @dataclass
@@ -65,7 +66,7 @@ def check_source_exists(source: str, key: str) -> None:
     path = os.path.expanduser(source)
     if os.path.exists(path):
         return
-    looks_local = path.lower().endswith(_DATA_SUFFIXES) or not _HUB_NAME.match(source) or path.startswith(".")
+    looks_local = path.lower().endswith(_DATA_SUFFIXES) or not HUB_NAME.match(source) or path.startswith(".")
     if looks_local:
         raise DataError(f"file not found (set by {key}); check the path", source=source)
 
@@ -90,21 +91,19 @@ def check_data(cfg, *, unpaired: bool = False, log=print) -> DataCheck:
     from ..config import NO_EVAL_FOR_GENERATION, ConfigError
 
     data_cfg = cfg.data
-    if not data_cfg.train:
-        raise ConfigError("data.train is required (a file, a folder, a hub name or builtin:arithmetic-train)")
+    sources = configured_sources(cfg)
     answering = bool(getattr(cfg, "generation_eval", False))  # the tests' stand-in configs lack the key
     if answering and not data_cfg.eval:
         raise ConfigError(NO_EVAL_FOR_GENERATION)
-    sources = {"train": ("data.train", data_cfg.train, data_cfg.train_split)}
-    if data_cfg.eval:
-        sources["eval"] = ("data.eval", data_cfg.eval, data_cfg.eval_split)
     resolved = {}
     for split, (key, source, _) in sources.items():  # every path first: one missing file, one short run
         resolved[split] = resolve_source(source, key)
         check_source_exists(resolved[split], key)
     check = DataCheck()
     for split, (_key, source, hf_split) in sources.items():
-        loaded = _load(cfg, resolved[split], hf_split, unpaired, with_answers=answering and split == "eval")
+        loaded = load_split(
+            cfg, resolved[split], hf_split, unpaired, with_answers=answering and split == "eval"
+        )
         check.loaded[split] = loaded
         check.skipped[split] = len(loaded.skipped)
         if loaded.skipped:
@@ -123,7 +122,23 @@ def check_data(cfg, *, unpaired: bool = False, log=print) -> DataCheck:
     return check
 
 
-def _load(cfg, resolved: str, split: str, unpaired: bool, *, with_answers: bool = False) -> LoadedData:
+def configured_sources(cfg) -> dict[str, tuple[str, str, str]]:
+    """The splits ``cfg.data`` names: ``{"train": ("data.train", source, split within it), "eval": ...}``
+    (eval only when set). A ConfigError without ``data.train``."""
+    from ..config import ConfigError
+
+    data_cfg = cfg.data
+    if not data_cfg.train:
+        raise ConfigError("data.train is required (a file, a folder, a hub name or builtin:arithmetic-train)")
+    sources = {"train": ("data.train", data_cfg.train, data_cfg.train_split)}
+    if data_cfg.eval:
+        sources["eval"] = ("data.eval", data_cfg.eval, data_cfg.eval_split)
+    return sources
+
+
+def load_split(cfg, resolved: str, split: str, unpaired: bool, *, with_answers: bool = False) -> LoadedData:
+    """:func:`~preftune.data.loading.load_examples` of one resolved source, with ``cfg.data``'s
+    columns, ``on_error`` and ``max_rows``."""
     from ..config import to_dict
 
     return load_examples(
@@ -193,7 +208,7 @@ def answer_items(loaded: LoadedData, mode: str, on_error: str = "raise", log=pri
             continue
         items.append({"prompt": example.prompt, "answer": answer, "row": example.row})
     if problems and (on_error == "raise" or not items):
-        raise _bad_rows_error(problems, len(problems), loaded.source, loaded.row_kind)
+        raise bad_rows_error(problems, len(problems), loaded.source, loaded.row_kind)
     if problems:
         log(
             f"generation_eval: left out {len(problems)} rows of {loaded.source} whose answer cannot be "
@@ -211,5 +226,5 @@ def generation_items(cfg, *, unpaired: bool = False, log=print) -> list[dict[str
         raise ConfigError(NO_EVAL_FOR_GENERATION)
     resolved = resolve_source(cfg.data.eval, "data.eval")
     check_source_exists(resolved, "data.eval")
-    loaded = _load(cfg, resolved, cfg.data.eval_split, unpaired, with_answers=True)
+    loaded = load_split(cfg, resolved, cfg.data.eval_split, unpaired, with_answers=True)
     return answer_items(loaded, cfg.generation_match, cfg.data.on_error, log)

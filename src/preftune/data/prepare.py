@@ -13,14 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from ..config import ConfigError, TrainConfig, to_dict
+from ..config import ConfigError, TrainConfig
 from ..metrics import log
 from ..models.loading import config_dtype, resolve_causal_lm
 from ..models.presets import default_cache_dir
 from ..references import ModelView
-from .check import resolve_source
-from .loading import load_examples
-from .records import Columns, LoadedData
+from .check import configured_sources, load_split, resolve_source
+from .records import LoadedData
 from .store import TokenStore, build_token_store, store_key
 from .tokenize import tokenize_dataset
 
@@ -65,27 +64,15 @@ def prepare_data(
     """
     from transformers import AutoTokenizer
 
-    columns = Columns(**to_dict(cfg.data.columns))
-    sources = {"train": (cfg.data.train, cfg.data.train_split)}
-    if cfg.data.eval:
-        sources["eval"] = (cfg.data.eval, cfg.data.eval_split)
-    if not cfg.data.train:
-        raise ConfigError("data.train is required (a file, a folder, a hub name or builtin:arithmetic-train)")
+    sources = configured_sources(cfg)
     if loaded is not None:  # loaded (and reported) by preftune.data.check: not read twice
         loaded = dict(loaded)
     else:
         loaded = {}
-    for split, (source, hf_split) in sources.items():
+    for split, (key, source, hf_split) in sources.items():
         if split in loaded:
             continue
-        loaded[split] = load_examples(
-            resolve_source(source, f"data.{split}"),
-            unpaired=unpaired,
-            columns=columns,
-            on_error=cfg.data.on_error,
-            split=hf_split,
-            max_rows=cfg.data.max_rows,
-        )
+        loaded[split] = load_split(cfg, resolve_source(source, key), hf_split, unpaired)
         if loaded[split].skipped:
             log(f"{split}: skipped {len(loaded[split].skipped)} bad rows of {source} (data.on_error=skip)")
 
@@ -151,8 +138,8 @@ def prepare_data(
             }
         for view, (items, rows) in zip(views, per_view):
             view.tokenized[split] = _keep(items, rows, kept_rows)
-        if not len(view.tokenized[split]):
-            raise ConfigError(f"{split}: no usable rows in {sources[split][0]}")
+        if not len(policy_view.tokenized[split]):  # every view keeps the same rows
+            raise ConfigError(f"{split}: no usable rows in {sources[split][1]}")
     splits = list(loaded)
     loaded.clear()  # the streamed splits (row offsets) are not needed any more: only the token stores stay
     return PreparedData(splits, views, reference_views, unpaired, report)

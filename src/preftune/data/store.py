@@ -22,7 +22,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,13 +29,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .formatting import add_special_tokens_for
-from .records import ExampleDigest, LoadedData, UnpairedExample
+from .records import ExampleDigest, LoadedData
 from .tokenize import (
     BatchSettings,
     TokenizedExample,
     TokenizedUnpaired,
     TokenizeReport,
+    batch_settings,
+    progress_bar,
     tokenize_batch,
 )
 
@@ -365,23 +365,9 @@ def build_token_store(
     directory = Path(directory)
     if (directory / "meta.json").is_file():
         return TokenStore(directory)
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if max_length is not None and max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
-    from tqdm.auto import tqdm
-
+    settings, user_names = batch_settings(loaded, tokenizer, max_length, on_error, chat_template)
     examples = loaded.examples
-    unpaired = loaded.unpaired or any(isinstance(e, UnpairedExample) for e in examples[:1])
-    slots = ("completion",) if unpaired else ("chosen", "rejected")
-    columns = ["prompt", *slots]
-    cols = loaded.columns
-    user_names = {"prompt": cols.prompt, "chosen": cols.chosen, "rejected": cols.rejected}
-    user_names["completion"] = cols.completion
-    add_special = add_special_tokens_for(
-        tokenizer, conversational=loaded.conversational, chat_template=chat_template
-    )
-    settings = BatchSettings(tokenizer, chat_template, slots, add_special, max_length)
+    columns = ["prompt", *settings.slots]
     report = TokenizeReport(total=len(examples))
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -391,9 +377,7 @@ def build_token_store(
     lengths: dict[str, list[np.ndarray]] = {c: [] for c in columns}
     text_lengths, rows, truncated, labels = [], [], [], []
     pool = None
-    bar = tqdm(
-        total=len(examples), desc="Tokenizing", unit="ex", disable=not progress or not sys.stderr.isatty()
-    )
+    bar = progress_bar(len(examples), progress)
     try:
         files = {c: open(tmp / f"{c}.tokens", "wb") for c in columns}
         files["text"] = open(tmp / "prompt_text.bytes", "wb")
@@ -434,7 +418,7 @@ def build_token_store(
         np.save(tmp / "labels.npy", np.concatenate(labels) if labels else np.zeros(0, np.int8))
         meta = {
             "format": STORE_FORMAT,
-            "unpaired": unpaired,
+            "unpaired": settings.unpaired,
             "columns": columns,
             "report": {"truncated": report.truncated, "skipped": report.skipped, "total": report.total},
         }

@@ -246,6 +246,42 @@ class BatchSettings:
     add_special_tokens: bool
     max_length: int | None
 
+    @property
+    def unpaired(self) -> bool:
+        return self.slots == ("completion",)
+
+
+def batch_settings(
+    loaded: LoadedData, tokenizer: Any, max_length: int | None, on_error: str, chat_template: str | None
+) -> tuple[BatchSettings, dict[str, str]]:
+    """Check the arguments, then the settings every batch of ``loaded`` is tokenized with, and each
+    field's name in the user's data (for errors). Shared by :func:`tokenize_dataset` and
+    :func:`~preftune.data.store.build_token_store`, so both tokenize alike."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    columns = loaded.columns
+    unpaired = loaded.unpaired or any(isinstance(example, UnpairedExample) for example in loaded.examples[:1])
+    user_names = {
+        "prompt": columns.prompt,
+        "chosen": columns.chosen,
+        "rejected": columns.rejected,
+        "completion": columns.completion,
+    }
+    add_special = add_special_tokens_for(
+        tokenizer, conversational=loaded.conversational, chat_template=chat_template
+    )
+    slots = ("completion",) if unpaired else ("chosen", "rejected")
+    return BatchSettings(tokenizer, chat_template, slots, add_special, max_length), user_names
+
+
+def progress_bar(total: int, progress: bool):
+    """The "Tokenizing" bar: shown only with ``progress`` and a terminal on stderr."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="Tokenizing", unit="ex", disable=not progress or not sys.stderr.isatty())
+
 
 def tokenize_batch(batch, settings: BatchSettings):
     """Render and tokenize one batch of examples.
@@ -298,24 +334,7 @@ def tokenize_dataset(
     ``TokenizeReport.skipped``. Which rows are skipped depends on the tokenizer: align the outputs
     of several tokenizers by ``.row``.
     """
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    if max_length is not None and max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
-    from tqdm.auto import tqdm
-
-    columns = loaded.columns
-    unpaired = loaded.unpaired or any(isinstance(example, UnpairedExample) for example in loaded.examples[:1])
-    slots = ["completion"] if unpaired else ["chosen", "rejected"]
-    user_names = {
-        "prompt": columns.prompt,
-        "chosen": columns.chosen,
-        "rejected": columns.rejected,
-        "completion": columns.completion,
-    }
-    add_special = add_special_tokens_for(
-        tokenizer, conversational=loaded.conversational, chat_template=chat_template
-    )
+    settings, user_names = batch_settings(loaded, tokenizer, max_length, on_error, chat_template)
     report = TokenizeReport(total=len(loaded.examples))
     outputs: list[TokenizedExample | TokenizedUnpaired] = []
 
@@ -325,13 +344,7 @@ def tokenize_dataset(
             raise loaded.error(example.row, field_name, problem.reason)
         report.skipped.append((example.row, field_name, problem.reason))
 
-    bar = tqdm(
-        total=len(loaded.examples),
-        desc="Tokenizing",
-        unit="ex",
-        disable=not progress or not sys.stderr.isatty(),
-    )
-    settings = BatchSettings(tokenizer, chat_template, tuple(slots), add_special, max_length)
+    bar = progress_bar(len(loaded.examples), progress)
     try:
         for start in range(0, len(loaded.examples), batch_size):
             batch = loaded.examples[start : start + batch_size]
@@ -340,7 +353,7 @@ def tokenize_dataset(
                 handle(example, problem)
             for example, prompt_text, prompt_ids, completion_ids, truncated in kept:
                 report.truncated += truncated
-                if unpaired:
+                if settings.unpaired:
                     outputs.append(
                         TokenizedUnpaired(
                             prompt_ids,

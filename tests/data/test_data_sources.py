@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from preftune.data import DataError, loading
+from preftune.data import DataError, loading, sources
 
 
 @pytest.mark.parametrize("why", ["env", "unreachable"])
@@ -17,7 +17,7 @@ def test_hub_name_fails_fast_offline(why, monkeypatch):
     else:
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-        monkeypatch.setattr(loading, "_hub_reachable", lambda: calls.append(1) or False)
+        monkeypatch.setattr(sources, "_hub_reachable", lambda: calls.append(1) or False)
     started = time.perf_counter()
     with pytest.raises(DataError) as error:
         loading.load_examples("some-org/some-dataset-that-is-not-cached")
@@ -33,7 +33,7 @@ def test_offline_mode_is_restored_after_a_load(monkeypatch):
     import huggingface_hub.constants as hub_constants
 
     before = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
-    monkeypatch.setattr(loading, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     with pytest.raises(DataError):
