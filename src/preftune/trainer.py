@@ -69,6 +69,7 @@ from .step import (
     micro_batch_loss,
     shares_prompt,
 )
+from .trackers import require_trackers
 
 __all__ = ["RunResult", "Trainer", "TrainingError", "train"]
 
@@ -107,6 +108,7 @@ class Trainer:
         self.fsdp = cfg.parallelism == "fsdp" and acc.num_processes > 1
         self.scorer = None  # under FSDP: the sharded PolicyScorer, the only module that may run
         D.barrier("start", cfg.dist_timeout_s)  # every rank is up (and NCCL's side gloo group exists)
+        require_trackers(cfg.report_to)  # a requested tracker that is not installed: before any model loads
         # data errors surface here, all at once, before any model loads (preftune.data.check)
         self.data_check = check_data(cfg, unpaired=self.unpaired, log=lambda m: log(m, acc))
         self.output_dir = (
