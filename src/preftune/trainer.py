@@ -45,6 +45,7 @@ from .config import ConfigError, TrainConfig, load_config, save_config
 from .data.check import check_data
 from .data.prepare import carve_validation, prepare_data
 from .metrics import HeldOutMetrics, MetricsLog, log, mean_over_processes, peak_memory_mb
+from .model_card import write_model_cards
 from .models.loading import load_policy, mixed_precision
 from .mrpo_validation import fixed_weights, uses_validation_weights, with_weights
 from .nonfinite import NonFiniteError, nonfinite_part, weights_finite
@@ -520,6 +521,8 @@ class Trainer:
                 save_final(model, self.tokenizer, self.output_dir, save_merged=cfg.save_merged)
             if lora and not cfg.save_merged:  # LoRA runs keep the adapter alone unless asked
                 final = self.run_dir.final_adapter
+        if acc.is_main_process:  # README.md of final/ and final-adapter/ (preftune.model_card)
+            write_model_cards(self.output_dir, cfg, total, acc.num_processes)
         metrics_log.close()
         acc.wait_for_everyone()
         log(f"done: {total} steps; model in {final}", acc)
