@@ -431,6 +431,13 @@ class TrainConfig:
     )
     run_name: str | None = _f(None, "The run's name in the trackers (default: the output_dir's folder name).")
     progress: bool = _f(True, "Show progress bars.")
+    threads: int | None = _f(
+        None,
+        "Intra-op CPU threads per process. null: OMP_NUM_THREADS if set, else the CPUs this process may "
+        "use (its affinity) divided between the local ranks; on an oversubscribed machine one line "
+        "says so and how many to set. See docs/config.md#threads.",
+        range=AT_LEAST_ONE,
+    )
     generation_eval: bool = _f(
         False,
         "After training, greedy-generate answers to the prompts of the data.eval rows that carry an "

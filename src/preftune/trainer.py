@@ -70,6 +70,7 @@ from .step import (
     micro_batch_loss,
     shares_prompt,
 )
+from .threads import configure_threads
 from .trackers import require_trackers
 
 __all__ = ["RunResult", "Trainer", "TrainingError", "train"]
@@ -93,6 +94,7 @@ class Trainer:
         from accelerate import Accelerator
 
         self.cfg = cfg
+        configure_threads(cfg.threads, log=log)  # intra-op threads from the CPUs this process may use
         self.spec = L.parse_method(cfg.method)
         self.unpaired = bool(self.spec.get("unpaired"))
         self.sides = UNPAIRED_SIDES if self.unpaired else PAIRED_SIDES
