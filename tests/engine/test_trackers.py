@@ -33,9 +33,9 @@ print("DONE", result.steps)
 """
 
 
-def _tracker_env(root: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
+def _tracker_vars(root: Path) -> dict[str, str]:
+    """Every tracker writes under ``root``, offline."""
+    return dict(
         TRACKIO_DIR=str(root / "trackio"),
         WANDB_MODE="offline",
         WANDB_DIR=str(root),
@@ -43,6 +43,10 @@ def _tracker_env(root: Path) -> dict[str, str]:
         MLFLOW_TRACKING_URI=f"file:{root / 'mlruns'}",
         MLFLOW_ALLOW_FILE_STORE="true",
     )
+
+
+def _tracker_env(root: Path) -> dict[str, str]:
+    env = {**os.environ, **_tracker_vars(root)}
     env.pop("WANDB_PROJECT", None)
     env.pop("MLFLOW_EXPERIMENT_NAME", None)
     return env
@@ -245,3 +249,58 @@ def test_a_missing_tracker_is_one_line_before_any_model_loads(
     capsys.readouterr()
     assert cli.main(["train", str(path)]) == 2
     assert capsys.readouterr().err.strip() == f"preftune train: error: {hint}"
+
+
+DDP_WORKER = """
+import json, sys, torch
+from preftune.trainer import train
+train(json.load(open(sys.argv[1])))
+print("THREADS", torch.get_num_threads())
+"""
+
+
+@pytest.mark.distributed
+def test_under_two_processes_only_the_main_one_logs_and_threads_are_shared(
+    tiny_model_dir, pair_files, tmp_path
+):
+    """A 2-process DDP run (as torchrun starts it, OMP_NUM_THREADS unset): one MLflow run holding
+    each step once, and each rank with its share of the usable CPUs."""
+    pytest.importorskip("mlflow")
+    if not torch_distributed_gloo():
+        pytest.skip("torch.distributed with gloo is not available")
+    from .conftest import free_port, launch_processes, process_logs, rank_env
+
+    config = {
+        "model": str(tiny_model_dir),
+        "data": {"train": pair_files[0]},
+        "batch_size": 2,
+        "max_steps": 2,
+        "logging_steps": 1,
+        "output_dir": str(tmp_path / "run"),
+        "cache_dir": str(tmp_path / "cache"),
+        "progress": False,
+        "report_to": ["mlflow"],
+    }
+    spec = tmp_path / "config.json"
+    spec.write_text(json.dumps(config))
+    port = free_port()
+    commands = []
+    for r in range(2):
+        env = rank_env(r, 2, port, ACCELERATE_USE_CPU="1", **_tracker_vars(tmp_path))
+        env = {k: v for k, v in env.items() if k != "OMP_NUM_THREADS"}
+        commands.append(([sys.executable, "-c", DDP_WORKER, str(spec)], env))
+    codes, _ = launch_processes(commands, tmp_path, "ddp", timeout=400)
+    assert codes == [0, 0], process_logs(tmp_path, "ddp", 2)
+    runs = [p for p in (tmp_path / "mlruns").glob("*/*") if (p / "metrics").is_dir()]
+    assert len(runs) == 1, runs
+    steps = [line.split()[2] for line in (runs[0] / "metrics" / "loss").read_text().splitlines()]
+    assert steps == ["1", "2"]
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    for r in range(2):
+        assert f"THREADS {share}" in (tmp_path / f"ddp-{r}.log").read_text(), process_logs(tmp_path, "ddp", 2)
+
+
+def torch_distributed_gloo() -> bool:
+    import torch
+
+    return torch.distributed.is_available() and torch.distributed.is_gloo_available()
