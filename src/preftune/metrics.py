@@ -26,13 +26,19 @@ def log(msg: str, accelerator=None) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl (always) + TensorBoard (optional), TRL's names, written by the main process."""
+    """metrics.jsonl (always) + TensorBoard and the trackers of ``report_to`` (Trackio, W&B, MLflow:
+    :mod:`preftune.trackers`), TRL's names, written by the main process only (``enabled``); every
+    training row also feeds the :class:`ClipWatch` (MRPO/MDPO reducing to DPO)."""
 
     def __init__(self, output_dir: Path, report_to: list[str], enabled: bool):
+        from .trackers import Trackers
+
         run = RunDir(output_dir)
         self.path = run.metrics
         self.enabled = enabled
         self.tb = None
+        self.trackers = Trackers(output_dir, report_to if enabled else [], log)
+        self.clip_watch = ClipWatch(_clip_eps(run))
         if enabled and "tensorboard" in report_to:
             try:
                 require("tensorboard", "tensorboard")
@@ -45,9 +51,12 @@ class MetricsLog:
                 log(f"TensorBoard is unavailable ({error}); logging to metrics.jsonl only")
 
     def reset(self) -> None:
-        """A run starting at step 0 (fresh, or resumed without a checkpoint) starts the file afresh."""
+        """A run starting at step 0 (fresh, or resumed without a checkpoint) starts the file afresh,
+        and new tracker runs."""
         if self.enabled and self.path.is_file():
             self.path.unlink()
+        if self.enabled:
+            self.trackers.forget()
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines a crashed run wrote after its last checkpoint."""
@@ -63,6 +72,8 @@ class MetricsLog:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
+        for line in kept:  # the watch goes on from the steps already trained
+            self.clip_watch.add(json.loads(line), quiet=True)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -75,10 +86,19 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and math.isfinite(v) and k != "epoch":
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        self.trackers.write(step, values)
+        warning = self.clip_watch.add(row)
+        if warning:
+            log(f"warning: {warning}")
 
     def close(self) -> None:
+        """Close TensorBoard and the trackers; a run shorter than the watch's window is judged here."""
         if self.tb is not None:
             self.tb.close()
+        self.trackers.close()
+        warning = self.clip_watch.finish() if self.enabled else None
+        if warning:
+            log(f"warning: {warning}")
 
 
 def strict_json(value):
@@ -158,3 +178,155 @@ class HeldOutMetrics:
                 }
             )
         return result
+
+
+# --------------------------------------------------------------------------------------------------
+# Methods that reduce to another: MRPO/MDPO whose CTRO clipping pins every other reference
+
+
+CLIP_FRACTION_LIMIT = 0.9  # above this, the other references barely differ from the primary
+CLIP_WINDOW_STEPS = 10  # optimizer steps the fraction must stay above the limit (or the whole run)
+DIAGNOSTIC_PREFIXES = ("mrpo/", "mdpo/")  # the multi-reference methods' own training metrics
+
+DIAGNOSTIC_MEANINGS = {
+    "clip_fraction": "share of the other references' log-probs CTRO clipped into the primary's band "
+    "(1 = they act as the primary: the run is DPO with it)",
+    "alpha": "mean weight α_k of reference k (index 0: the primary)",
+}
+
+
+def _clip_eps(run: RunDir) -> float | None:
+    """mrpo.clip_eps of the run's saved config (None when there is none)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(run.config.read_text()) if run.config.is_file() else None
+        return float(data["mrpo"]["clip_eps"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _clip_key(row: dict) -> str | None:
+    return next(
+        (k for k in DIAGNOSTIC_PREFIXES if isinstance(row.get(k + "clip_fraction"), (int, float))), None
+    )
+
+
+class ClipWatch:
+    """Says once when an MRPO/MDPO run's ``mrpo/clip_fraction`` stays above 0.9: averaged over the
+    last ``window`` optimizer steps (each logged row stands for the steps since the previous one), or
+    over the whole run when it is shorter (:meth:`finish`). Then CTRO clips nearly every log-prob of
+    the other references onto the primary's band: the virtual reference is the primary, and the run
+    is DPO with it. The message names ``mrpo.clip_eps``, the band's radius."""
+
+    def __init__(
+        self, clip_eps: float | None, window: int = CLIP_WINDOW_STEPS, limit: float = CLIP_FRACTION_LIMIT
+    ):
+        self.clip_eps, self.window, self.limit = clip_eps, window, limit
+        self.rows: list[tuple[int, int, float]] = []  # (first step, last step, mean fraction)
+        self.key: str | None = None
+        self.last_step = 0
+        self.warned = False
+
+    def add(self, row: dict, quiet: bool = False) -> str | None:
+        """Feed one metrics row; the warning (once) when the last window is above the limit."""
+        key = _clip_key(row)
+        if key is None or "step" not in row:
+            return None
+        step = int(row["step"])
+        if step <= self.last_step:  # rows of an earlier attempt at these steps: start over from them
+            self.rows = [r for r in self.rows if r[1] < step]
+        first = self.rows[-1][1] + 1 if self.rows else 1
+        self.rows.append((min(first, step), step, float(row[key + "clip_fraction"])))
+        self.key, self.last_step = key, step
+        window = self._mean(self.window)
+        if window is None or quiet:
+            return None
+        return self._warn(*window)
+
+    def finish(self) -> str | None:
+        """At the end: a run shorter than the window is judged over all its steps."""
+        whole = self._mean(None)
+        return self._warn(*whole) if whole is not None else None
+
+    def _mean(self, steps: int | None) -> tuple[float, int, int] | None:
+        """(step-weighted mean, first step, last step) over the last ``steps`` steps (None: all rows);
+        None when fewer steps than that were logged."""
+        if not self.rows:
+            return None
+        total = weighted = 0.0
+        first = self.rows[-1][1]
+        for lo, hi, value in reversed(self.rows):
+            span = hi - lo + 1
+            total += span
+            weighted += span * value
+            first = lo
+            if steps is not None and total >= steps:
+                return weighted / total, first, self.rows[-1][1]
+        return (weighted / total, first, self.rows[-1][1]) if steps is None else None
+
+    def _warn(self, mean: float, first: int, last: int) -> str | None:
+        if self.warned or mean <= self.limit:
+            return None
+        self.warned = True
+        return clip_warning(self.key or "mrpo/", mean, first, last, self.clip_eps)
+
+
+def clip_warning(key: str, mean: float, first: int, last: int, clip_eps: float | None) -> str:
+    eps = f" (now {clip_eps:g})" if clip_eps is not None else ""
+    method = key.rstrip("/")
+    return (
+        f"{key}clip_fraction averaged {mean:.2f} over steps {first}-{last} (above {CLIP_FRACTION_LIMIT:g}): "
+        f"CTRO clips nearly every log-prob of the other references onto the primary's band, so this "
+        f"{method} run is close to DPO with the primary reference; a larger mrpo.clip_eps{eps} lets the "
+        "other references act (docs/methods.md#mrpo)"
+    )
+
+
+def method_diagnostics(metrics_path: Path) -> list[str]:
+    """Lines for the closing table: each ``mrpo/*`` (``mdpo/*``) training metric's step-weighted mean
+    over the run and its last value, and the clip warning when the run ended clipped (as
+    :class:`ClipWatch` judged it). Nothing for other methods or without metrics.jsonl."""
+    path = Path(metrics_path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    rows = [r for r in rows if "loss" in r and "step" in r]
+    keys = sorted({k for r in rows for k in r if k.startswith(DIAGNOSTIC_PREFIXES)})
+    if not keys:
+        return []
+    watch = ClipWatch(_clip_eps(RunDir(path.parent)))
+    warning = None
+    for row in rows:
+        warning = watch.add(row) or warning
+    warning = warning or watch.finish()
+    sums: dict[str, float] = {}
+    spans: dict[str, int] = {}
+    last: dict[str, float] = {}
+    previous = 0
+    for row in rows:
+        span = max(1, int(row["step"]) - previous)
+        previous = int(row["step"])
+        for k in keys:
+            value = row.get(k)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                sums[k] = sums.get(k, 0.0) + span * value
+                spans[k] = spans.get(k, 0) + span
+                last[k] = value
+    steps = int(rows[-1]["step"])
+    lines = [f"method diagnostics (training, steps 1-{steps}: step-weighted mean, last logged value):"]
+    width = max(len(k) for k in keys)
+    for k in keys:
+        if k not in spans:
+            continue
+        name = k.split("/", 1)[1]
+        meaning = DIAGNOSTIC_MEANINGS.get("alpha" if name.startswith("alpha_") else name, "")
+        lines.append(f"  {k:<{width}}  {sums[k] / spans[k]:>8.4f}  {last[k]:>8.4f}  {meaning}".rstrip())
+    if warning:
+        lines.append(f"warning: {warning}")
+    return lines

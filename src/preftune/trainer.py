@@ -44,6 +44,7 @@ from .config import ConfigError, TrainConfig, load_config, save_config
 from .data.check import check_data
 from .data.prepare import carve_validation, prepare_data
 from .metrics import HeldOutMetrics, MetricsLog, log, mean_over_processes, peak_memory_mb
+from .model_card import write_model_cards
 from .models.loading import load_policy, mixed_precision
 from .mrpo_validation import fixed_weights, uses_validation_weights, with_weights
 from .nonfinite import NonFiniteError, nonfinite_part, weights_finite
@@ -69,6 +70,8 @@ from .step import (
     micro_batch_loss,
     shares_prompt,
 )
+from .threads import configure_threads
+from .trackers import require_trackers
 
 __all__ = ["RunResult", "Trainer", "TrainingError", "train"]
 
@@ -91,6 +94,7 @@ class Trainer:
         from accelerate import Accelerator
 
         self.cfg = cfg
+        configure_threads(cfg.threads, log=log)  # intra-op threads from the CPUs this process may use
         self.spec = L.parse_method(cfg.method)
         self.unpaired = bool(self.spec.get("unpaired"))
         self.sides = UNPAIRED_SIDES if self.unpaired else PAIRED_SIDES
@@ -107,6 +111,7 @@ class Trainer:
         self.fsdp = cfg.parallelism == "fsdp" and acc.num_processes > 1
         self.scorer = None  # under FSDP: the sharded PolicyScorer, the only module that may run
         D.barrier("start", cfg.dist_timeout_s)  # every rank is up (and NCCL's side gloo group exists)
+        require_trackers(cfg.report_to)  # a requested tracker that is not installed: before any model loads
         # data errors surface here, all at once, before any model loads (preftune.data.check)
         self.data_check = check_data(cfg, unpaired=self.unpaired, log=lambda m: log(m, acc))
         self.output_dir = (
@@ -518,6 +523,8 @@ class Trainer:
                 save_final(model, self.tokenizer, self.output_dir, save_merged=cfg.save_merged)
             if lora and not cfg.save_merged:  # LoRA runs keep the adapter alone unless asked
                 final = self.run_dir.final_adapter
+        if acc.is_main_process:  # README.md of final/ and final-adapter/ (preftune.model_card)
+            write_model_cards(self.output_dir, cfg, total, acc.num_processes)
         metrics_log.close()
         acc.wait_for_everyone()
         log(f"done: {total} steps; model in {final}", acc)

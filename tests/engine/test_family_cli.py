@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from preftune.cli import main
+from preftune.data.formatting import DEFAULT_TEMPLATE
 
 from .conftest import metric_rows
 
@@ -39,7 +40,8 @@ RUNS: dict[str, tuple[dict, tuple[str, ...]]] = {
     "f_divergence": ({"method": "dpo", "f_divergence": "js_divergence"}, ("rewards/margins",)),
     "ld_alpha": ({"method": "dpo", "ld_alpha": 0.5}, ("rewards/margins",)),
     "wpo": ({"method": "dpo", "wpo": True}, ("wpo/weight",)),
-    "mrpo+robust": ({"method": "mrpo+robust", "references": ["policy", "policy"]}, ("mrpo/alpha_0",)),
+    # second reference: a copy of the policy under another chat template (identical ones are refused)
+    "mrpo+robust": ({"method": "mrpo+robust", "references": ["policy", "POLICY_COPY"]}, ("mrpo/alpha_0",)),
     # unpaired: a batch of 4 may hold no desirable (or no undesirable) item, and then no rewards/chosen
     "kto": ({"method": "kto", "unpaired": True}, ("kl",)),
     "apo_zero_unpaired": ({"method": "apo_zero_unpaired", "unpaired": True}, ()),
@@ -56,6 +58,8 @@ def test_cli_trains_every_family_method(name, base_config, unpaired_file, tmp_pa
     cfg.pop("eval", None)
     cfg["data"].pop("eval", None)  # 2 steps; held-out metrics are tested elsewhere
     cfg["data"]["max_rows"] = 8  # two batches of 4: all a 2-step run reads
+    if "POLICY_COPY" in overrides.get("references", []):
+        overrides["references"] = ["policy", {"model": cfg["model"], "chat_template": DEFAULT_TEMPLATE}]
     cfg.update(overrides)
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -97,6 +97,6 @@ def test_bad_validation_settings_are_one_line_errors(base_config, other_tokenize
         load_config(_cfg(base_config, other_tokenizer_model_dir), ["mrpo.validation_fraction=1.5"])
     with pytest.raises(ConfigError, match="adaptive_released is defined for exactly 2"):
         load_config(
-            base_config(method="mrpo", references=["policy", "policy", "policy"]),
+            base_config(method="mrpo", references=["policy", "ref-a", "ref-b"]),
             ["mrpo.weights=adaptive_released"],
         )

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from preftune.config import ConfigError, load_config
+from preftune.data.formatting import DEFAULT_TEMPLATE
 from preftune.scoring import shared_prompt_support
 from preftune.testing import tiny_llama
 from preftune.trainer import Trainer, train
@@ -34,7 +35,11 @@ def test_shared_prompt_training_equals_two_rows_per_pair(base_config, tmp_path, 
             share_prompt=share, max_steps=3, output_dir=str(tmp_path / f"share-{share}"), **extra
         )
         if extra["method"].startswith("mrpo"):
-            cfg["references"] = [{"model": cfg["model"]}, {"model": cfg["model"]}]
+            # the same model twice is refused (MRPO would be DPO): the second scores with another template
+            cfg["references"] = [
+                {"model": cfg["model"]},
+                {"model": cfg["model"], "chat_template": DEFAULT_TEMPLATE},
+            ]
         runs[share] = train(cfg)
     a, b = runs[False], runs[True]
     la, lb = losses_by_step(a.metrics_path), losses_by_step(b.metrics_path)
