@@ -30,7 +30,9 @@ options:
 
 exit codes: 0 done, 1 the run failed (one line says why; unexpected errors leave error.log in the run
 directory), 2 bad config or data (nothing was written), 3 a NaN/Inf loss or gradient stopped training,
-130 interrupted (Ctrl-C; the line names the checkpoint and the resume=true command)
+75 preempted (SIGTERM or SIGUSR1: the step in progress was finished and checkpointed; the same
+command continues with resume: auto), 130 interrupted (Ctrl-C; the line names the checkpoint and
+the resume=true command)
 """
 
 COMMANDS = ("train", "precompute", "eval", "demo", "report", "config", "presets", "cache")
@@ -251,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # the trainer's own errors carry their explanation
         from .checkpointing import TrainingError
+        from .preemption import Preempted
 
+        if isinstance(e, Preempted):  # every process stopped at the same step; the main one says so
+            if os.environ.get("RANK", "0") == "0":
+                print(f"preftune {command}: {_one_line(e)}", file=sys.stderr)
+            return e.exit_code
         if isinstance(e, TrainingError):
             print(f"preftune {command}: error: {_one_line(e)}", file=sys.stderr)
             return getattr(e, "exit_code", 1)

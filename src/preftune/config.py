@@ -342,7 +342,20 @@ class TrainConfig:
     overwrite_output_dir: bool = _f(
         False, "Allow training into a run directory that already has checkpoints."
     )
-    resume: bool = _f(False, "Continue from the latest checkpoint in output_dir.")
+    resume: bool | str = _f(
+        False,
+        "Continue from the latest checkpoint in output_dir. `auto`: continue when output_dir holds "
+        "this run (its config.yaml matches), start fresh when it holds nothing, refuse anything else: "
+        "one command for the first start and every requeue (docs/distributed.md#preemption-and-requeue).",
+        choices=("auto",),
+    )
+    preemption_grace_s: float = _f(
+        25.0,
+        "Seconds from SIGTERM/SIGUSR1 to exit: the step in progress ends, its checkpoint is written, "
+        "exit code 75. Past this, the process exits naming the last complete checkpoint. The default "
+        "fits SLURM's and Kubernetes' 30 s grace; raise it with SLURM's --signal lead time.",
+        range=POSITIVE,
+    )
     logging_steps: int = _f(10, "Log metrics every N optimiser steps.", range=AT_LEAST_ONE)
     eval_steps: int = _f(
         0,
