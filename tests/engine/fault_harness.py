@@ -75,4 +75,9 @@ if __name__ == "__main__":
     install(point, int(count), action)
     from preftune.cli import main
 
-    sys.exit(main(args))
+    code = main(args)
+    if os.environ.get("FAULT_EXIT_DIR"):  # under a launcher, which does not pass the code on
+        rank = os.environ.get("RANK", "0")
+        with open(os.path.join(os.environ["FAULT_EXIT_DIR"], f"rank-{rank}"), "w") as f:
+            f.write(str(code))
+    sys.exit(code)

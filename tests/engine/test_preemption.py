@@ -163,3 +163,62 @@ def test_a_signal_before_the_first_step_exits_at_once(setup):
     (line,) = lines(done.stderr)
     assert "before the first step: nothing new to save; no complete checkpoint" in line, line
     assert took < 25 and not (out / ".lock").exists()
+
+
+# ------------------------------------------------------------------------- two processes, torchrun
+
+
+def torchrun(script: list[str], port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(port), *script,
+    ]  # fmt: skip
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resume_auto_finishes(setup, parallelism):
+    """SIGTERM reaches torchrun (as from SLURM or Kubernetes), torchrun forwards it to both ranks:
+    they stop after the same step, checkpoint it (DCP under FSDP), exit 75, one line from rank 0;
+    the same torchrun command then ends with the one-process uninterrupted run's weights."""
+    from .conftest import free_port, launch_processes, process_logs
+    from .test_fsdp_trainer import assert_same_weights, final_weights
+
+    root, cfg, reference = setup
+    per_rank = {"ddp": {"batch_size": 2}, "fsdp": {"batch_size": 1, "grad_accum": 2}}[parallelism]
+    config, out = write_config(
+        root, {**cfg, **per_rank, "parallelism": parallelism, "precision": "fp32"}, f"torchrun-{parallelism}"
+    )
+    codes_dir = root / f"codes-{parallelism}"
+    shutil.rmtree(codes_dir, ignore_errors=True)
+    codes_dir.mkdir()
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(sys.path),
+        HF_HUB_OFFLINE="1",
+        ACCELERATE_USE_CPU="1",
+        OMP_NUM_THREADS="1",
+        FAULT_EXIT_DIR=str(codes_dir),
+    )
+    name = f"preempt-{parallelism}"
+    argv = torchrun([str(HARNESS), "sigterm-launcher:after-update", "3", "train", str(config)], free_port())
+    codes, _ = launch_processes([(argv, env)], root, name, timeout=300)
+    logs = process_logs(root, name, 1, tail=20000)
+    assert codes[0] != 0, logs  # torchrun itself ends with its SignalException
+    assert {p.name: p.read_text() for p in codes_dir.iterdir()} == {"rank-0": "75", "rank-1": "75"}, logs
+    preempted = [line for line in logs.splitlines() if "preftune train: preempted at step" in line]
+    assert len(preempted) == 1, logs  # rank 0 only
+    step = int(re.search(r"preempted at step (\d+) \(SIGTERM\)", preempted[0]).group(1))
+    assert 3 <= step < STEPS and f"checkpoint-{step} written" in preempted[0], preempted[0]
+    assert (out / f"checkpoint-{step}").is_dir() and not (out / "final").exists()
+    assert not list(out.glob("*.tmp")) and not (out / ".lock").exists()
+    if parallelism == "fsdp":
+        assert (out / f"checkpoint-{step}" / ".metadata").is_file()  # torch.distributed.checkpoint
+
+    again = torchrun(["-m", "preftune", "train", str(config)], free_port())  # the same command, no fault
+    codes, _ = launch_processes([(again, env)], root, f"{name}-resume", timeout=300)
+    logs = process_logs(root, f"{name}-resume", 1, tail=20000)
+    assert codes == [0], logs
+    assert f"resuming from checkpoint-{step}" in logs
+    assert_same_weights(final_weights(out), final_weights(reference))
+    assert_each_step_once(out, STEPS, eval_steps=(0, STEPS))
