@@ -39,7 +39,9 @@ def prepare_output_dir(cfg: TrainConfig, log: Callable[[str], None] = print) -> 
     data checked), so old checkpoints can neither outrank the new ones nor be resumed by mistake.
     """
     from . import runlock
+    from .inputs_guard import check_inputs
 
+    check_inputs(cfg)  # before anything is created, cleared or written: no input is inside the outputs
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
