@@ -192,9 +192,12 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> None:
     try:
         tmp.mkdir(parents=True)
         write(tmp)
-    except OSError as e:
+    except Exception as e:  # OSError, SafetensorError, ...: the storage's refusal in one line
+        from .storage import raise_if_storage
+
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainingError(f"could not write {final}: {e.strerror or e}") from e
+        raise_if_storage(final, e, removed=tmp)
+        raise
     old = final.with_name(final.name + ".old")
     if final.exists():
         os.replace(final, old)
@@ -403,8 +406,14 @@ def save_sharded_checkpoint(
 
     try:
         D.save_checkpoint(path, root, _plain_optimizer(optimizer), write=write, timeout_s=timeout_s)
-    except OSError as e:
-        raise TrainingError(f"could not write {path}: {e.strerror or e}") from e
+    except Exception as e:  # OSError, SafetensorError, DCP's CheckpointException
+        from .storage import raise_if_storage
+
+        tmp = path.with_name(path.name + ".tmp")
+        if D.rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_storage(path, e, removed=tmp)
+        raise
     if D.rank() == 0:
         rotate_checkpoints(output_dir, keep)
     return path

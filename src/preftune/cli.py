@@ -186,6 +186,17 @@ def _interrupted(command: str, rest: list[str]) -> str:
     return f"preftune train: interrupted; last checkpoint {kept[-1]}; continue with: {again}"
 
 
+def _intact(command: str, rest: list[str]) -> str:
+    """Which checkpoint a failed write left intact, and how to continue from it."""
+    out = _output_dir(command, rest)
+    from .rundir import RunDir
+
+    kept = RunDir(out).checkpoints() if out is not None else []
+    if not kept:
+        return "no complete checkpoint to continue from; free some space and rerun"
+    return f"{kept[-1]} is intact: free some space and rerun with resume=true (or resume: auto) to continue"
+
+
 def _crash_log(command: str, rest: list[str], error: BaseException) -> Path:
     """The full traceback of an unexpected error, in the run directory when there is one."""
     import tempfile
@@ -259,9 +270,23 @@ def main(argv: list[str] | None = None) -> int:
             if os.environ.get("RANK", "0") == "0":
                 print(f"preftune {command}: {_one_line(e)}", file=sys.stderr)
             return e.exit_code
+        from .storage import StorageError, free_space, storage_reason
+
+        if isinstance(e, StorageError) and "intact" not in str(e):
+            print(f"preftune {command}: error: {_one_line(e)}; {_intact(command, rest)}", file=sys.stderr)
+            return 1
         if isinstance(e, TrainingError):
             print(f"preftune {command}: error: {_one_line(e)}", file=sys.stderr)
             return getattr(e, "exit_code", 1)
+        reason = storage_reason(e)  # ENOSPC & co. raised anywhere else: still one line
+        if reason is not None:
+            where = getattr(e, "filename", None) or _output_dir(command, rest) or Path.cwd()
+            print(
+                f"preftune {command}: error: could not write {where}: {reason} ({free_space(where)}); "
+                f"{_intact(command, rest)}",
+                file=sys.stderr,
+            )
+            return 1
         log_path = _crash_log(command, rest, e)
         print(
             f"preftune {command}: unexpected error: {type(e).__name__}: {_one_line(e)[:300]} "

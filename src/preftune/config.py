@@ -541,7 +541,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 f"Override `{item}` is not of the form key=value (e.g. beta=0.2, mrpo.clip_eps=0.05)."
             )
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:  # a tag (!!python/...) or broken syntax: data only, nothing runs
+            problem = getattr(e, "problem", None) or " ".join(str(e).split())
+            raise ConfigError(
+                f"{key.strip()}: the override value {raw!r} is not a plain YAML value ({problem}); "
+                "to pass text, quote it for YAML too, e.g. key='\"text\"'"
+            ) from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
