@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .checkpointing import TrainingError
@@ -62,13 +62,20 @@ def _is_main_process() -> bool:
 class Watch:
     """One run's preemption state: the signal (if any), the phase, the watchdog."""
 
-    def __init__(self, output_dir: str | Path, grace_s: float, resumes_itself: bool):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        grace_s: float,
+        resumes_itself: bool,
+        stage: Callable[[], str] = lambda: "setup",
+    ):
         self.output_dir = Path(output_dir)
+        self.stage = stage  # the trainer's stage: "setup", "resume from ...", "step N", ...
         self.grace_s = float(grace_s)
         self.resumes_itself = resumes_itself  # resume: auto / true: the same command continues it
         self.signum: int | None = None
         self.signal_at: float | None = None  # time.monotonic() of the first signal
-        self.phase = "setup"  # setup -> training (first step done) -> done
+        self.phase = "setup"  # setup -> training (a step ended) -> finishing (the last one) -> done
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._previous: dict[int, object] = {}
@@ -123,7 +130,7 @@ class Watch:
             if self.signal_at is None or self.phase == "done":
                 continue
             name = _signal_name(self.signum)
-            if self.phase == "setup":
+            if self.phase == "setup" and self._before_first_step():
                 self._exit(
                     f"preempted ({name}) before the first step: nothing new to save; {self._remaining()}"
                 )
@@ -133,6 +140,13 @@ class Watch:
                     f"preemption_grace_s={self.grace_s:g} (exiting {self.seconds_since_signal():.1f} s "
                     f"after the signal); {self._remaining()}"
                 )
+
+    def _before_first_step(self) -> bool:
+        try:
+            stage = self.stage()
+        except Exception:  # the trainer is being built
+            return True
+        return stage == "setup" or stage.startswith("resume")
 
     def _exit(self, line: str) -> None:
         from . import runlock
@@ -148,13 +162,14 @@ _active: Watch | None = None
 
 
 @contextlib.contextmanager
-def watch(cfg) -> Iterator[Watch | None]:
-    """Handle SIGTERM / SIGUSR1 for the duration of one training run (``cfg``: its TrainConfig)."""
+def watch(cfg, stage: Callable[[], str] = lambda: "setup") -> Iterator[Watch | None]:
+    """Handle SIGTERM / SIGUSR1 for the duration of one training run (``cfg``: its TrainConfig;
+    ``stage``: what the trainer is doing, so that a signal before its first step exits at once)."""
     global _active
     if _active is not None:  # nested (a run inside a run): the outer one handles signals
         yield _active
         return
-    w = Watch(cfg.output_dir, cfg.preemption_grace_s, resumes_itself=cfg.resume in (True, "auto"))
+    w = Watch(cfg.output_dir, cfg.preemption_grace_s, cfg.resume in (True, "auto"), stage)
     if not w.install():
         yield None
         return

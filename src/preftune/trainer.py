@@ -636,13 +636,14 @@ def train(config: TrainConfig | str | os.PathLike | dict, overrides: list[str] |
     """Train as the config says; returns where the run directory, final model and metrics are."""
     cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
     trainer = None
+
+    def stage() -> str:
+        return trainer.stage if trainer is not None else "setup"
+
     try:
         # several processes: a failing rank exits at once naming its rank and stage; the others end at
         # their next collective or barrier (dist_timeout_s) instead of hanging
-        with (
-            preemption.watch(cfg),
-            D.exit_on_error(lambda: trainer.stage if trainer is not None else "setup"),
-        ):
+        with preemption.watch(cfg, stage), D.exit_on_error(stage):
             cfg = autoresume.resolve(cfg)  # resume: auto -> true (this run is there) or false
             trainer = Trainer(cfg)
             return trainer.fit()

@@ -112,3 +112,20 @@ def test_a_lock_no_longer_ours_is_never_refreshed(tmp_path):
     finally:
         runlock.release(tmp_path)
     assert path.exists()  # release never removes another's lock
+
+
+def test_a_job_requeued_on_another_node_takes_its_dead_predecessors_lock_over(base_config, tmp_path, capsys):
+    """The predecessor was killed on node-7 (its lock stays, unrefreshed); the same command on this
+    host, 61+ s later, trains."""
+    from preftune import cli
+
+    from .test_run_guards import write_config
+
+    out = tmp_path / "run"
+    out.mkdir()
+    plant(out, age_s=runlock.STALE_AFTER_S + 5)
+    cfg = write_config(tmp_path, base_config(output_dir=str(out), resume="auto"))
+    capsys.readouterr()
+    assert cli.main(["train", cfg]) == 0
+    assert f"taking over the lock of {out} left by pid 4242 on node-7" in capsys.readouterr().out
+    assert not (out / ".lock").exists() and (out / "final").is_dir()
