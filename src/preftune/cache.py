@@ -103,6 +103,12 @@ def _write_atomically(path: Path, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except Exception as e:  # a full disk (OSError, SafetensorError): one line, the partial file removed
+        from .storage import raise_if_storage
+
+        tmp.unlink(missing_ok=True)
+        raise_if_storage(path, e, removed=tmp)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -45,7 +45,9 @@ def prepare_output_dir(cfg: TrainConfig, log: Callable[[str], None] = print) -> 
     data checked), so old checkpoints can neither outrank the new ones nor be resumed by mistake.
     """
     from . import runlock
+    from .inputs_guard import check_inputs
 
+    check_inputs(cfg)  # before anything is created, cleared or written: no input is inside the outputs
     out = Path(cfg.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -156,9 +158,12 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> None:
     try:
         tmp.mkdir(parents=True)
         write(tmp)
-    except OSError as e:
+    except Exception as e:  # OSError, SafetensorError, ...: the storage's refusal in one line
+        from .storage import raise_if_storage
+
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TrainingError(f"could not write {final}: {e.strerror or e}") from e
+        raise_if_storage(final, e, removed=tmp)
+        raise
     replace_directory(tmp, final)
 
 
@@ -383,8 +388,14 @@ def save_sharded_checkpoint(
 
     try:
         save_dcp_state(path, root, _plain_optimizer(optimizer), write=write, timeout_s=timeout_s)
-    except OSError as e:
-        raise TrainingError(f"could not write {path}: {e.strerror or e}") from e
+    except Exception as e:  # OSError, SafetensorError, DCP's CheckpointException
+        from .storage import raise_if_storage
+
+        tmp = path.with_name(path.name + ".tmp")
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_storage(path, e, removed=tmp)
+        raise
     if rank() == 0:
         rotate_checkpoints(output_dir, keep)
     return path

@@ -30,7 +30,9 @@ options:
 
 exit codes: 0 done, 1 the run failed (one line says why; unexpected errors leave error.log in the run
 directory), 2 bad config or data (nothing was written), 3 a NaN/Inf loss or gradient stopped training,
-130 interrupted (Ctrl-C; the line names the checkpoint and the resume=true command)
+75 preempted (SIGTERM or SIGUSR1: the step in progress was finished and checkpointed; the same
+command continues with resume: auto), 130 interrupted (Ctrl-C; the line names the checkpoint and
+the resume=true command)
 """
 
 COMMANDS = ("train", "precompute", "eval", "demo", "report", "config", "presets", "cache")
@@ -184,6 +186,17 @@ def _interrupted(command: str, rest: list[str]) -> str:
     return f"preftune train: interrupted; last checkpoint {kept[-1]}; continue with: {again}"
 
 
+def _intact(command: str, rest: list[str]) -> str:
+    """Which checkpoint a failed write left intact, and how to continue from it."""
+    out = _output_dir(command, rest)
+    from .rundir import RunDir
+
+    kept = RunDir(out).checkpoints() if out is not None else []
+    if not kept:
+        return "no complete checkpoint to continue from; free some space and rerun"
+    return f"{kept[-1]} is intact: free some space and rerun with resume=true (or resume: auto) to continue"
+
+
 def _crash_log(command: str, rest: list[str], error: BaseException) -> Path:
     """The full traceback of an unexpected error, in the run directory when there is one."""
     import tempfile
@@ -258,10 +271,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # the trainer's own errors carry their explanation
         from .checkpointing import TrainingError
+        from .preemption import Preempted
 
+        if isinstance(e, Preempted):  # every process stopped at the same step; the main one says so
+            if os.environ.get("RANK", "0") == "0":
+                print(f"preftune {command}: {_one_line(e)}", file=sys.stderr)
+            return e.exit_code
+        from .storage import StorageError, free_space, storage_reason
+
+        if isinstance(e, StorageError) and "intact" not in str(e):
+            print(f"preftune {command}: error: {_one_line(e)}; {_intact(command, rest)}", file=sys.stderr)
+            return 1
         if isinstance(e, TrainingError):
             print(f"preftune {command}: error: {_one_line(e)}", file=sys.stderr)
             return getattr(e, "exit_code", 1)
+        reason = storage_reason(e)  # ENOSPC & co. raised anywhere else: still one line
+        if reason is not None:
+            where = getattr(e, "filename", None) or _output_dir(command, rest) or Path.cwd()
+            print(
+                f"preftune {command}: error: could not write {where}: {reason} ({free_space(where)}); "
+                f"{_intact(command, rest)}",
+                file=sys.stderr,
+            )
+            return 1
         log_path = _crash_log(command, rest, e)
         print(
             f"preftune {command}: unexpected error: {type(e).__name__}: {_one_line(e)[:300]} "

@@ -350,7 +350,20 @@ class TrainConfig:
     overwrite_output_dir: bool = _f(
         False, "Allow training into a run directory that already has checkpoints."
     )
-    resume: bool = _f(False, "Continue from the latest checkpoint in output_dir.")
+    resume: bool | str = _f(
+        False,
+        "Continue from the latest checkpoint in output_dir. `auto`: continue when output_dir holds "
+        "this run (its config.yaml matches), start fresh when it holds nothing, refuse anything else: "
+        "one command for the first start and every requeue (docs/distributed.md#preemption-and-requeue).",
+        choices=("auto",),
+    )
+    preemption_grace_s: float = _f(
+        25.0,
+        "Seconds from SIGTERM/SIGUSR1 to exit: the step in progress ends, its checkpoint is written, "
+        "exit code 75. Past this, the process exits naming the last complete checkpoint. The default "
+        "fits SLURM's and Kubernetes' 30 s grace; raise it with SLURM's --signal lead time.",
+        range=POSITIVE,
+    )
     logging_steps: int = _f(10, "Log metrics every N optimiser steps.", range=AT_LEAST_ONE)
     eval_steps: int = _f(
         0,
@@ -552,7 +565,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 f"Override `{item}` is not of the form key=value (e.g. beta=0.2, mrpo.clip_eps=0.05)."
             )
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:  # a tag (!!python/...) or broken syntax: data only, nothing runs
+            problem = getattr(e, "problem", None) or " ".join(str(e).split())
+            raise ConfigError(
+                f"{key.strip()}: the override value {raw!r} is not a plain YAML value ({problem}); "
+                "to pass text, quote it for YAML too, e.g. key='\"text\"'"
+            ) from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:

@@ -153,7 +153,7 @@ def exit_on_error(stage: str | Callable[[], str] = "training"):
     try:
         yield
     except BaseException as e:
-        if not is_distributed() or (isinstance(e, SystemExit) and not e.code):
+        if not is_distributed() or (isinstance(e, SystemExit) and not e.code) or getattr(e, "every_rank", 0):
             raise
         import sys
         import traceback

@@ -79,8 +79,14 @@ class MetricsLog:
         if not self.enabled:
             return
         row = {"step": step, **{k: strict_json(v) for k, v in values.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+        except OSError as e:  # a full disk: one line naming the file and the free space
+            from .storage import raise_if_storage
+
+            raise_if_storage(self.path, e)
+            raise
         if self.tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and math.isfinite(v) and k != "epoch":

@@ -166,6 +166,28 @@ class RunDir:
                     found.append(q)
         return sorted(found)
 
+    def output_holding(self, path: str | Path) -> Path | None:
+        """The output of this run directory that ``path`` lies in (or is): an entry that training writes
+        or ``overwrite_output_dir`` clears (see :meth:`outputs`), named whether it exists or not;
+        None when ``path`` is elsewhere (e.g. the demo's data/)."""
+        try:
+            rel = Path(path).resolve().relative_to(self.root.resolve())
+        except ValueError:
+            return None
+        if not rel.parts:
+            return None
+        top = rel.parts[0]
+        base = top.removesuffix(".tmp").removesuffix(".old")
+        named = {FINAL, FINAL_ADAPTER, METRICS, TENSORBOARD, EVAL_METRICS, BEFORE_AFTER, GENERATIONS}
+        named |= {EVAL_SCRATCH, REPORT, ERROR_LOG, CONFIG, RUN_STATE, LOCK, *PLOTS}
+        if (
+            base in named
+            or base.startswith(CHECKPOINT_PREFIX)
+            or (top.startswith(EVAL_RESULT_PREFIX) and top.endswith(".json"))
+        ):
+            return self.root / top
+        return None
+
     def previous_run(self) -> list[Path]:
         """Outputs of an earlier run that a fresh run would mix with its own."""
         markers = [self.metrics, self.final, self.final_adapter]

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import autoresume, preemption, runlock
 from . import distributed as D
 from . import losses as L
-from . import runlock
 from .cache import default_cache_dir
 from .checkpointing import (
     SHARDED,
@@ -497,6 +497,7 @@ class Trainer:
                 metrics_log.write(done, {"epoch": done / per_epoch, **self.evaluate(scorer)})
             if cfg.save_steps > 0 and done % cfg.save_steps == 0 and done != total:
                 self._checkpoint(done, optimizer, scheduler)
+            preemption.at_step_end(self, done, total, optimizer, scheduler)  # SIGTERM: checkpoint, exit 75
         bar.close()
 
         self.stage = "final evaluation"
@@ -642,10 +643,15 @@ def train(config: TrainConfig | str | os.PathLike | dict, overrides: list[str] |
     """Train as the config says; returns where the run directory, final model and metrics are."""
     cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
     trainer = None
+
+    def stage() -> str:
+        return trainer.stage if trainer is not None else "setup"
+
     try:
         # several processes: a failing rank exits at once naming its rank and stage; the others end at
         # their next collective or barrier (dist_timeout_s) instead of hanging
-        with D.exit_on_error(lambda: trainer.stage if trainer is not None else "setup"):
+        with preemption.watch(cfg, stage), D.exit_on_error(stage):
+            cfg = autoresume.resolve(cfg)  # resume: auto -> true (this run is there) or false
             trainer = Trainer(cfg)
             return trainer.fit()
     finally:

@@ -1,8 +1,9 @@
 """Run ``preftune`` with a fault injected at a chosen point: ``python fault_harness.py POINT N ARGS...``.
 
 The N-th time the run passes POINT, the process (depending on POINT's prefix) kills itself with
-SIGKILL (``kill -9``: no cleanup at all), sends itself SIGINT (Ctrl-C), or waits until the file named
-by ``$FAULT_GO`` exists (to hold a run in mid-training). Used by test_fault_injection.py and
+SIGKILL (``kill -9``: no cleanup at all), sends itself SIGINT (Ctrl-C) or SIGTERM (a scheduler's
+preemption; ``sigterm-stall`` then stalls 4 s; ``sigterm-launcher``: rank 0 signals its parent, e.g.
+torchrun), or waits until the file named by ``$FAULT_GO`` exists (to hold a run in mid-training). Used by test_fault_injection.py and
 scripts/fault_injection.py; nothing here is part of preftune.
 """
 
@@ -28,6 +29,16 @@ def _trip(action: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "sigint":
         os.kill(os.getpid(), signal.SIGINT)
+    elif action == "sigterm":  # a scheduler's preemption notice, then the run goes on
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif action == "sigusr1":  # SLURM's --signal=B:USR1@... notice, forwarded by the batch script
+        os.kill(os.getpid(), signal.SIGUSR1)
+    elif action == "sigterm-stall":  # the notice, then this point takes 4 s (a slow checkpoint write)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(4)
+    elif action == "sigterm-launcher":  # rank 0 signals torchrun, which forwards SIGTERM to every rank
+        if os.environ.get("RANK", "0") == "0":
+            os.kill(os.getppid(), signal.SIGTERM)
     elif action == "wait":
         go = os.environ["FAULT_GO"]
         deadline = time.time() + 120
@@ -64,4 +75,9 @@ if __name__ == "__main__":
     install(point, int(count), action)
     from preftune.cli import main
 
-    sys.exit(main(args))
+    code = main(args)
+    if os.environ.get("FAULT_EXIT_DIR"):  # under a launcher, which does not pass the code on
+        rank = os.environ.get("RANK", "0")
+        with open(os.path.join(os.environ["FAULT_EXIT_DIR"], f"rank-{rank}"), "w") as f:
+            f.write(str(code))
+    sys.exit(code)

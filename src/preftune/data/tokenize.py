@@ -89,6 +89,31 @@ def _encode(tokenizer: Any, texts: list[str], add_special_tokens: bool) -> list[
     ]
 
 
+# A text longer than this many characters per max_length token is tokenized only as far as the cut:
+# its first max_length tokens do not depend on what follows (more tokens than needed are seen).
+_CHARS_PER_TOKEN = 32
+_MIN_CHARS = 1 << 14
+
+
+def _encode_bounded(
+    tokenizer: Any, texts: list[str], add_special_tokens: bool, max_length: int | None
+) -> list[list[int]]:
+    """:func:`_encode` of ``texts``, where a text far longer than ``max_length`` tokens is encoded from
+    its first characters only (4x more each time, until they give more than ``max_length`` + 2
+    tokens, or are the whole text): a 20 MB row costs what a few ``max_length`` rows cost, and keeps
+    the same first ``max_length`` tokens (keep-start truncation never reads further)."""
+    if max_length is None:
+        return _encode(tokenizer, texts, add_special_tokens)
+    cut = max(_MIN_CHARS, _CHARS_PER_TOKEN * max_length)
+    encoded = _encode(tokenizer, [text[:cut] for text in texts], add_special_tokens)
+    for i, text in enumerate(texts):
+        limit = cut
+        while len(text) > limit and len(encoded[i]) <= max_length + 2:
+            limit *= 4
+            encoded[i] = _encode(tokenizer, [text[:limit]], add_special_tokens)[0]
+    return encoded
+
+
 def _common_prefix_length(left: list[int], right: list[int]) -> int:
     length = 0
     for a, b in zip(left, right):
@@ -144,9 +169,10 @@ def _tokenize_rows(
     completions = [
         [_append_eos(text, tokenizer, add_special_tokens) for text in slot] for slot in completions
     ]
-    prompt_ids = _encode(tokenizer, prompts, add_special_tokens)
+    prompt_ids = _encode_bounded(tokenizer, prompts, add_special_tokens, max_length)
     full_ids = [
-        _encode(tokenizer, [p + c for p, c in zip(prompts, slot)], add_special_tokens) for slot in completions
+        _encode_bounded(tokenizer, [p + c for p, c in zip(prompts, slot)], add_special_tokens, max_length)
+        for slot in completions
     ]
     eos_id = getattr(tokenizer, "eos_token_id", None) if add_special_tokens else None
     results: list[tuple[list[int], list[list[int]], bool] | RowProblem] = []

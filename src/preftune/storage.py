@@ -1,0 +1,84 @@
+"""A write that the disk refuses (full, quota, read-only, I/O error) is one line naming what and where.
+
+Whatever library raises it: ``OSError`` (ENOSPC, EDQUOT, EIO, EROFS, EFBIG), safetensors'
+``SafetensorError`` ("No space left on device" in its message), torch.distributed.checkpoint's
+``CheckpointException`` (a failure per rank, possibly one of those). :func:`raise_if_storage` turns
+any of them into a :class:`StorageError` naming the path and the free space; the callers remove their
+temporary file or directory first and name the checkpoint that stays intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+from .checkpointing import TrainingError
+from .rundir import human_bytes
+
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+STORAGE_WORDS = (
+    "no space left on device",
+    "disk quota exceeded",
+    "read-only file system",
+    "input/output error",
+)
+
+
+class StorageError(TrainingError):
+    """Writing a checkpoint, the final model, a cache entry or metrics failed on the storage."""
+
+
+def _causes(error: BaseException):
+    """``error``, what caused it, and the per-rank failures of a DCP CheckpointException."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint.api.CheckpointException
+        if isinstance(failures, dict):
+            for failure in failures.values():
+                inner = failure[0] if isinstance(failure, tuple) else failure
+                if isinstance(inner, BaseException):
+                    todo.append(inner)
+
+
+def storage_reason(error: BaseException, *, any_os_error: bool = False) -> str | None:
+    """Why the storage refused the write (e.g. ``No space left on device``), or None if ``error`` is
+    not a storage failure. ``any_os_error``: count every OSError (inside a write, there is no other kind)."""
+    for e in _causes(error):
+        if isinstance(e, OSError) and (any_os_error or e.errno in STORAGE_ERRNOS):
+            return e.strerror or " ".join(str(e).split()) or type(e).__name__
+        text = " ".join(str(e).split())
+        for word in STORAGE_WORDS:
+            if word in text.lower():
+                return word[0].upper() + word[1:]
+        if any_os_error and type(e).__name__ == "SafetensorError":
+            return text or "SafetensorError"
+    return None
+
+
+def free_space(path: str | Path) -> str:
+    """``12.3 MB free`` on the filesystem holding ``path`` (its nearest existing parent)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f"{human_bytes(shutil.disk_usage(p).free)} free on the filesystem of {p}"
+    except OSError:
+        return f"free space of {p} unknown"
+
+
+def raise_if_storage(path: str | Path, error: BaseException, *, removed: str | Path | None = None) -> None:
+    """Raise a one-line :class:`StorageError` for ``error`` (raised while writing ``path``) if the
+    storage refused it; return otherwise (the caller re-raises the original error)."""
+    reason = storage_reason(error, any_os_error=True)
+    if reason is None:
+        return
+    gone = f"; the partial {Path(removed).name} was removed" if removed is not None else ""
+    raise StorageError(f"could not write {path}: {reason} ({free_space(path)}{gone})") from error
