@@ -2,7 +2,9 @@
 
 preftune's engine pieces as the trainer uses them under ``parallelism: fsdp`` (``shard_policy`` with
 the scorer as root, ``clip_grad_norm_`` over DTensors, ``full_state_dict``), on a world of one process,
-against the same model unsharded: fp32 losses and weights agree to 1e-5 relative; bf16 mixed precision
+against the same model unsharded: fp32 losses and weights agree to 1e-4 relative (the CPU's FSDP
+tests ask 1e-5; on CUDA the two graphs may reduce in another order, and a wrong gradient or clipping
+norm moves weights by far more than either); bf16 mixed precision
 (bf16 compute, fp32 reduction) runs and stays near the fp32 losses.
 """
 
@@ -73,7 +75,7 @@ def test_one_process_fsdp2_on_the_device_trains_as_the_plain_model(one_process_g
     params = list(root.parameters())
     assert all(type(p).__name__ == "DTensor" for p in params)
     got = _train(root, params, batches, D.clip_grad_norm_)
-    assert got == pytest.approx(want, rel=1e-5)
+    assert got == pytest.approx(want, rel=1e-4)
     assert abs(want[-1] - want[0]) > 1e-4  # the weights moved
 
     full = D.full_state_dict(root)
@@ -82,7 +84,7 @@ def test_one_process_fsdp2_on_the_device_trains_as_the_plain_model(one_process_g
         key = k if k in full else f"model.{k}"
         assert key in full, (k, sorted(full)[:4])
         diff = float((full[key].double().cpu() - v.double().cpu()).norm())
-        assert diff <= 1e-5 * float(v.double().norm()) + 1e-12, (k, diff)
+        assert diff <= 1e-4 * float(v.double().norm()) + 1e-12, (k, diff)
 
 
 def test_one_process_fsdp2_with_bf16_mixed_precision_runs_near_fp32(one_process_group, device):

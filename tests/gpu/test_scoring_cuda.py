@@ -91,7 +91,7 @@ def test_fused_head_gradients_equal_autograd_through_the_models_logits(name, mod
             (logps * torch.linspace(0.5, 1.5, logps.numel(), device=device)).sum().backward()
         grads[path] = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     assert grads["own"].keys() == grads["fused"].keys()
-    bound = 2e-2 if autocast_dtype else 1e-5
+    bound = 2e-2 if autocast_dtype else 1e-4  # fp32: reduction order only
     for n, g in grads["own"].items():
         if g.norm() > 0:
             assert relative(grads["fused"][n], g) <= bound, (n, relative(grads["fused"][n], g))
@@ -138,4 +138,4 @@ def test_shared_prompt_rows_equal_plain_rows_on_the_device(name, make_pairs, mod
     _close(out["shared"], out["plain"], low)
     for n, g in grads["plain"].items():
         if g.norm() > 0:
-            assert relative(grads["shared"][n], g) <= (2e-2 if low else 1e-5), n
+            assert relative(grads["shared"][n], g) <= (2e-2 if low else 1e-4), n
