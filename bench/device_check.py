@@ -29,11 +29,13 @@ frameworks) over the GPU's dense bf16 peak (H100/H200 SXM: 989 TFLOP/s). Peak me
 from __future__ import annotations
 
 import argparse
+import codecs
 import datetime as _dt
 import importlib.metadata
 import json
 import os
 import platform
+import select
 import signal
 import subprocess
 import sys
@@ -192,32 +194,35 @@ def run_process(argv: list[str], limit: float, env: dict | None = None, log_path
         env={**os.environ, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
         start_new_session=True,
     )
     timed_out = False
+    fd = proc.stdout.fileno()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     try:
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
+        # os.read on what select() says is there: a child that prints half a line (a progress bar)
+        # and then hangs cannot hold us past the limit, as readline() would
         while True:
             left = limit - (time.monotonic() - t0)
             if left <= 0:
                 timed_out = True
                 break
-            if sel.select(timeout=min(left, 1.0)):
-                line = proc.stdout.readline()
-                if not line:
-                    break
-                sys.stdout.write(line)
-                sys.stdout.flush()
-                if log:
-                    log.write(line)
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if not ready:
+                if proc.poll() is not None:
+                    break  # it ended; a grandchild may still hold the pipe open
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            text = decoder.decode(chunk)
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            if log:
+                log.write(text)
         if timed_out:
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=max(1.0, limit - (time.monotonic() - t0)) if not timed_out else 30)
+        proc.wait(timeout=30 if timed_out else max(1.0, limit - (time.monotonic() - t0)))
     except subprocess.TimeoutExpired:
         timed_out = True
         os.killpg(proc.pid, signal.SIGKILL)

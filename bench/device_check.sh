@@ -18,10 +18,10 @@ export TOKENIZERS_PARALLELISM=false HF_HOME=${HF_HOME:-/tmp/preftune-device-chec
 SITE=${DEVICE_CHECK_SITE:-/tmp/preftune-device-check-site}
 LIMIT=${DEVICE_CHECK_TIMEOUT:-470}   # seconds for everything after the install
 
-dry=0
-for a in "$@"; do [ "$a" = "--dry-run" ] && dry=1; done
+install=1   # DEVICE_CHECK_INSTALL=1 installs the wheels in a dry run too (a rehearsal of the install)
+for a in "$@"; do [ "$a" = "--dry-run" ] && install=${DEVICE_CHECK_INSTALL:-0}; done
 start=$(date +%s)
-if [ "$dry" = 0 ]; then
+if [ "$install" = 1 ]; then
     if ls .whl/*.whl >/dev/null 2>&1; then
         # offline, only the carried wheels, none of their dependencies (the image has them); a --target
         # folder first on PYTHONPATH leaves the image's own packages untouched

@@ -76,12 +76,19 @@ def test_the_summary_table_and_logs_come_back(dry_run):
     assert len([p for p in out.iterdir() if p.is_file()]) <= 8
 
 
-def test_a_phase_past_its_limit_is_killed_and_recorded(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "bench"))
+def test_a_phase_past_its_limit_is_killed_and_recorded(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
     import device_check
 
-    status = device_check.run_process(
-        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"], 2
-    )
-    assert status["status"] == "timeout" and status["seconds"] < 10
+    for hang in (
+        "import time; print('up', flush=True); time.sleep(60)",
+        # half a line (a progress bar), then a hang: stopped at the limit all the same
+        "import sys, time; sys.stdout.write('50%'); sys.stdout.flush(); time.sleep(60)",
+    ):
+        status = device_check.run_process([sys.executable, "-c", hang], 2)
+        assert status["status"] == "timeout" and status["seconds"] < 10, hang
+    # a child that leaves a grandchild holding the pipe: its end is seen, the grandchild killed
+    leaves = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])"
+    status = device_check.run_process([sys.executable, "-c", leaves], 30)
+    assert status["status"] == "ok" and status["seconds"] < 10
     assert device_check.run_process([sys.executable, "-c", "raise SystemExit(3)"], 20)["status"] == "failed"
