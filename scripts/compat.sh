@@ -36,9 +36,9 @@ VENV=${VENV:-/tmp/preftune-compat-torch$TORCH-tf$TRANSFORMERS-acc$ACCELERATE}
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-# setuptools: a venv's bundled one can predate the SPDX license string of pyproject.toml (PEP 639,
-# setuptools >= 77), which test_habits reads through setuptools; the dev extra asks for >= 77 too.
-"$VENV/bin/python" -m pip install -q --upgrade pip "setuptools>=77"
+# setuptools comes with the dev extra (>= 77: a venv's bundled one can predate pyproject.toml's SPDX
+# license string, which test_habits reads through setuptools), resolved together with torch's own bound
+"$VENV/bin/python" -m pip install -q --upgrade pip
 # shellcheck disable=SC2086
 "$VENV/bin/python" -m pip install -q "torch==$TORCH" "transformers==$TRANSFORMERS" "accelerate==$ACCELERATE" \
     $EXTRA_PINS -e ".[dev]"
