@@ -182,6 +182,32 @@ def _versions() -> dict:
     return out
 
 
+def requirement_mismatches(names=("trl", "datasets")) -> list[str]:
+    """What the carried packages ask for that the image does not have (installed --no-deps, so pip never
+    checked): "pyarrow>=24.0.0 (datasets; have 23.0.1)". Extras' requirements are left out."""
+    from packaging.requirements import Requirement
+
+    out = []
+    for name in names:
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            out.append(f"{name} (not installed)")
+            continue
+        for text in requires:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            try:
+                have = importlib.metadata.version(req.name)
+            except importlib.metadata.PackageNotFoundError:
+                out.append(f"{req} ({name}; missing)")
+                continue
+            if req.specifier and not req.specifier.contains(have, prereleases=True):
+                out.append(f"{req} ({name}; have {have})")
+    return out
+
+
 def run_process(argv: list[str], limit: float, env: dict | None = None, log_path: Path | None = None) -> dict:
     """Run argv in a session of its own for at most ``limit`` seconds; output to our stdout (and to
     ``log_path``). On timeout the whole process group is killed."""
@@ -248,6 +274,7 @@ def phase_environment(args, limit: float) -> tuple[dict, dict]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "versions": _versions(),
+        "requirement_mismatches": requirement_mismatches(),
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
     }
@@ -404,6 +431,10 @@ def summary_table(record: dict) -> str:
     ]
     for name, p in record["phases"].items():
         note = p.get("error", "")
+        if name == "environment" and env.get("requirement_mismatches"):
+            note = f"{note} unmet by the image: {', '.join(env['requirement_mismatches'])}".strip()
+        if name == "environment" and env.get("trl_importable") is False:
+            note = f"{note} trl/datasets do not import: {env.get('trl_import_error')}".strip()
         if name == "gpu_tests" and "tests" in record.get("gpu_tests", {}):
             t = record["gpu_tests"]
             note = (
