@@ -496,8 +496,17 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes, 2 steps: the code paths only")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "device-check-out"))
     ap.add_argument("--budget", type=float, default=420, help="seconds for all phases together")
-    ap.add_argument("--phases", default="environment,gpu_tests,preftune,trl")
-    ap.add_argument("--pairs", type=int, default=4, help="preference pairs per step (8 sequences of 2048)")
+    ap.add_argument(
+        "--phases",
+        default="environment,gpu_tests,preftune,trl",
+        help="a subset, e.g. environment,trl (a rerun)",
+    )
+    ap.add_argument(
+        "--pairs",
+        type=int,
+        default=4,
+        help="preference pairs per step (default 4: 8 sequences of 2048; H200: 8 fits)",
+    )
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--gradient-checkpointing", action="store_true", help="both frameworks")
