@@ -172,6 +172,10 @@ def worker_trl(w, result_path: Path) -> None:
 # Phases (run from the parent)
 
 
+class Stopped(BaseException):
+    """SIGTERM (device_check.sh's outer timeout): not an Exception, so no phase swallows it."""
+
+
 def _versions() -> dict:
     out = {}
     for name in PACKAGES:
@@ -513,6 +517,12 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", choices=("preftune", "trl"), help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+
+    def stop(signum, frame):  # device_check.sh's timeout: the phase's process group goes in run_process
+        raise Stopped(f"stopped by signal {signum}")
+
+    if not args.worker:
+        signal.signal(signal.SIGTERM, stop)
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -549,6 +559,8 @@ def main(argv=None) -> int:
             continue
         print(f"\n[device-check] phase {name} (at most {limit:.0f} s)", flush=True)
         started = time.monotonic()
+        record["phases"][name] = {"status": "running", "limit_s": round(limit)}
+        _write(path, record)
         try:
             if name == "environment":
                 record["environment"], status = phase_environment(args, limit)
@@ -558,6 +570,18 @@ def main(argv=None) -> int:
                 results, status = phase_bench(args, limit, name)
                 record["bench"].update(results)
                 record["comparisons"] = comparisons(record["bench"])
+        except Stopped as e:  # record what there is, print the table, end
+            partial = args.out / f".{name}-result.json"
+            if partial.is_file():  # the bench workers rewrite theirs after each variant
+                record["bench"].update(json.loads(partial.read_text()))
+                record["comparisons"] = comparisons(record["bench"])
+                partial.unlink()
+            record["phases"][name] = {
+                "status": "killed",
+                "error": str(e),
+                "seconds": time.monotonic() - started,
+            }
+            break
         except Exception as e:  # noqa: BLE001 - a broken phase is recorded, the next one runs
             status = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
         status.setdefault("seconds", round(time.monotonic() - started, 1))

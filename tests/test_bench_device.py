@@ -92,3 +92,23 @@ def test_a_phase_past_its_limit_is_killed_and_recorded(monkeypatch):
     status = device_check.run_process([sys.executable, "-c", leaves], 30)
     assert status["status"] == "ok" and status["seconds"] < 10
     assert device_check.run_process([sys.executable, "-c", "raise SystemExit(3)"], 20)["status"] == "failed"
+
+
+def test_the_outer_timeout_leaves_a_record_and_the_table(tmp_path):
+    """device_check.sh's timeout sends SIGTERM: the phase's processes go, the record says "killed", and
+    the summary table is printed all the same."""
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, DEVICE_CHECK_TIMEOUT="25")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "device_check.sh"), "--dry-run", "--phases", "gpu_tests"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    record = json.loads((tmp_path / "device_check.json").read_text())
+    assert record["phases"]["gpu_tests"]["status"] == "killed", record["phases"]
+    assert "phase" in proc.stdout and "killed" in proc.stdout
+    left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert not left, left  # no pytest of the killed phase outlives it
