@@ -34,7 +34,8 @@ def _one_call(model, tok, prompts, max_new_tokens, **kwargs) -> list[str]:
     special = add_special_tokens_for(tok, conversational=True, chat_template=None)
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=special).to(model.device)
     out = model.generate(
-        **enc,
+        input_ids=enc["input_ids"],  # not token_type_ids, which some tokenizers add and older
+        attention_mask=enc["attention_mask"],  # transformers' generate refuses
         max_new_tokens=max_new_tokens,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -68,6 +69,13 @@ def test_sampled_generation_is_reproducible_under_a_seed(model_and_tokenizer):
     assert runs[0] == runs[1]
     torch.manual_seed(11)
     enc = tok(["Hello"], return_tensors="pt").to(model.device)
-    ids = model.generate(**enc, max_new_tokens=32, do_sample=True, top_k=0, pad_token_id=tok.pad_token_id)
+    ids = model.generate(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        max_new_tokens=32,
+        do_sample=True,
+        top_k=0,
+        pad_token_id=tok.pad_token_id,
+    )
     assert ids.shape[1] > enc["input_ids"].shape[1]
     assert int(ids.min()) >= 0 and int(ids.max()) < model.config.vocab_size
