@@ -193,7 +193,32 @@ def _loss_computer(method: str, beta: float, k: int):
     return LossComputer(cfg, L.parse_method(method), k, unpaired=False)
 
 
-def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> dict:
+def _profile_table(prof, device: torch.device, rows: int = 30) -> tuple[str, list[dict]]:
+    """torch.profiler's operator table of one step, sorted by self device time (self CPU time on the
+    CPU), and its top rows as numbers."""
+    events = prof.key_averages()
+    if device.type == "cuda":
+        key = "self_device_time_total" if events and hasattr(events[0], "self_device_time_total") else None
+        key = key or "self_cuda_time_total"
+    else:
+        key = "self_cpu_time_total"
+    table = events.table(sort_by=key, row_limit=rows)
+    top = sorted(events, key=lambda e: getattr(e, key, 0) or 0, reverse=True)[:rows]
+    total = sum(getattr(e, key, 0) or 0 for e in events) or 1
+    return table, [
+        {
+            "name": e.key,
+            "calls": e.count,
+            "self_ms": (getattr(e, key, 0) or 0) / 1e3,
+            "share": (getattr(e, key, 0) or 0) / total,
+        }
+        for e in top
+    ]
+
+
+def run_preftune(
+    w: Workload, method: str, share_prompt: bool | None = None, profile_to: str | None = None
+) -> dict:
     """preftune's training step as the trainer runs it: the same functions of ``preftune.step``
     (collation, scoring, loss, clip + AdamW update), fed from synthetic pairs instead of a dataset.
 
@@ -201,6 +226,9 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
     None decides per batch as the trainer's automatic mode does (``sharing_pays``). ``method="alternate"`` alternates DPO
     (reference 0) and MRPO (all references) steps in one process, so that the small difference
     between them is not drowned by a busy machine; it returns both under "split".
+
+    ``profile_to``: after the timed steps, one more step (the first batch again, untimed) runs under
+    ``torch.profiler``; its operator table is written there and its top rows returned as "profile".
     """
     from preftune.references import PAIRED_SIDES
     from preftune.step import PolicyScorer, apply_update, make_optimizer, micro_batch_loss, shares_prompt
@@ -224,13 +252,12 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
     times, losses, checks = [], [], {}
     shared_steps = 0
     b = w.batch
-    for step, step_method in enumerate(schedule):
-        t = time.perf_counter()
+
+    def one_step(step: int, step_method: str):
         part = rows[step * b : (step + 1) * b]
         prompts = [r[0] for r in part] * 2
         completions = [r[1] for r in part] + [r[2] for r in part]
         share = shares_prompt(share_prompt, prompts, completions)
-        shared_steps += bool(share)
         sl = slice(step * b, (step + 1) * b)
         refs = slice(None) if step_method == "mrpo" else slice(0, 1)
         out, _, policy, _ = micro_batch_loss(
@@ -247,9 +274,16 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
         )
         out.loss.backward()
         apply_update(opt, None, params, 1.0)
-        losses.append(out.loss.item())
+        loss = out.loss.item()
         _sync(device)
+        return loss, share, policy
+
+    for step, step_method in enumerate(schedule):
+        t = time.perf_counter()
+        loss, share, policy = one_step(step, step_method)
         times.append(time.perf_counter() - t)
+        losses.append(loss)
+        shared_steps += bool(share)
         if step == 0:
             checks = {
                 "loss_step0": losses[0],
@@ -258,6 +292,18 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
             }
     mem = meter.stop()
     checks["loss_last"] = losses[-1]
+    profiled = {}
+    if profile_to:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            one_step(0, schedule[0])
+        table, top = _profile_table(prof, device)
+        with open(profile_to, "w") as f:
+            f.write(f"one {schedule[0]} step of {w.title}, {w.batch} pairs, share_prompt={share_prompt}\n")
+            f.write(table)
+        profiled = {"profile": {"table": profile_to, "top": top}}
     if method == "alternate":
         split = {}
         for name, m in (("preftune", "dpo"), ("preftune-mrpo", "mrpo")):
@@ -280,6 +326,7 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
         + ("automatic rule), " if share_prompt is None else "forced), ")
         + f"{w.precision}, fused AdamW (weight_decay 0, clip 1.0), "
         + ("gradient checkpointing" if w.gradient_checkpointing else "no gradient checkpointing"),
+        **profiled,
     }
 
 
@@ -485,6 +532,8 @@ def run(w: Workload, framework: str) -> dict:
         return run_preftune(w, "alternate")
     if framework == "preftune-shared":
         return run_preftune(w, "dpo", share_prompt=True)
+    if framework == "preftune-plain":
+        return run_preftune(w, "dpo", share_prompt=False)
     if framework == "sft-hf":
         return run_sft(w, "hf")
     if framework == "sft-preftune":

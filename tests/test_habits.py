@@ -31,8 +31,19 @@ def _requirement_names(requirements: list[str]) -> set[str]:
 
 
 def test_the_version_is_written_once():
+    import setuptools
+    from packaging.version import Version
     from setuptools.config.pyprojecttoml import read_configuration
 
+    # pyproject.toml's SPDX license string (PEP 639) is valid from setuptools 77 on, the build's own
+    # floor ([build-system] requires); an older one (a fresh venv's bundled setuptools) rejects the
+    # whole file. The dev extra asks for the same floor, so `pip install -e ".[dev]"` brings it.
+    floor = next(r for r in PYPROJECT["build-system"]["requires"] if r.startswith("setuptools"))
+    assert Version(setuptools.__version__) >= Version(floor.split(">=")[1]), (
+        f"setuptools {setuptools.__version__} cannot read pyproject.toml ({floor} needed): "
+        'pip install -e ".[dev]"'
+    )
+    assert floor in PYPROJECT["project"]["optional-dependencies"]["dev"]
     project = PYPROJECT["project"]
     assert "version" not in project and "version" in project["dynamic"]
     resolved = read_configuration(ROOT / "pyproject.toml", expand=True)["project"]["version"]
