@@ -39,6 +39,20 @@ def test_bad_config_errors_name_the_key(data, message):
         load_config(data)
 
 
+def test_numbers_are_numbers_and_quoted_numbers_are_refused(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-5 as text; preftune reads it as the number YAML 1.2 and users mean,
+    # so the only text that reaches a numeric key is a quoted one, refused like any other wrong type.
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m\nlearning_rate: 5e-6\nadam_eps: 1E-8\n")
+    cfg = load_config(path, ["weight_decay=1e-2"])
+    assert (cfg.learning_rate, cfg.adam_eps, cfg.weight_decay) == (5e-6, 1e-8, 1e-2)
+    path.write_text('model: m\nbeta: "0.1"\n')
+    with pytest.raises(ConfigError, match=r"beta: expected a number, got the text '0.1'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="max_steps: expected a number"):
+        load_config({"model": "m", "max_steps": "3"})
+
+
 def test_override_without_equals_sign_is_an_error():
     with pytest.raises(ConfigError, match="key=value"):
         load_config({}, ["beta"])

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -518,8 +519,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float) and isinstance(value, str):  # YAML reads 2, 0.1 and 1e-5 as numbers
+        raise ConfigError(f"{key}: expected a number, got the text {value!r} (write it without quotes)")
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
+        if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         try:
             return int(value)
@@ -556,6 +559,24 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats: ``1e-5`` is a number (YAML 1.1 needs ``1.0e-5``
+    and PyYAML reads ``1e-5`` as text). So a value that is text reached a typed key as text: only a
+    quoted one (``beta: "0.1"``), which is refused like any other type error."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """A config's YAML (a file or one override's value): plain data only, numbers as YAML 1.2 reads them."""
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict."""
     data = dict(data)
@@ -566,7 +587,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             )
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as e:  # a tag (!!python/...) or broken syntax: data only, nothing runs
             problem = getattr(e, "problem", None) or " ".join(str(e).split())
             raise ConfigError(
@@ -732,7 +753,7 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
