@@ -269,7 +269,13 @@ def sample_stage(cfg: TrainConfig, plan: Plan, round_index: int, rank: int = 0, 
     rd.mkdir(parents=True, exist_ok=True)
     indices = round_slice(plan.prompts, round_index, rounds.prompts_per_round)
     prompts = [plan.prompts[i][cfg.data.columns.prompt] for i in indices]
-    if merged_samples(rd, len(prompts), rounds.batch_size) is None:
+    from .. import distributed as D
+    from .sampling import done_batches
+
+    done = done_batches(rd)  # every rank deals the missing batches from the same list:
+    D.barrier(f"iterate: round {round_index} sampling start", cfg.dist_timeout_s)  # read before writing
+    batches = range((len(prompts) + rounds.batch_size - 1) // rounds.batch_size)
+    if [b for b in batches if b not in done][rank::world]:  # this rank has batches to draw
         name = model_of(cfg, round_index - 1)
         _say(
             f"round {round_index}: sampling {len(prompts)} prompts x {rounds.samples_per_prompt} from {name}"
@@ -288,6 +294,7 @@ def sample_stage(cfg: TrainConfig, plan: Plan, round_index: int, rank: int = 0, 
                 chat_template=cfg.data.chat_template,
                 stop_when=stop_pattern(rounds),
                 progress=cfg.progress and rank == 0,
+                done=done,
             )
         finally:
             del model

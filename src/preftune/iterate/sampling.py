@@ -52,21 +52,26 @@ def sample_round(
     stop_when=None,
     progress: bool = False,
     on_batch=None,
+    done: dict | None = None,
 ) -> int:
-    """Draw this rank's missing batches of the round; returns how many batches it drew."""
+    """Draw this rank's missing batches of the round; returns how many batches it drew.
+
+    ``done`` (default: read now) are the batches already drawn; under several processes every rank
+    must deal from the same ``done``, read before any rank writes (then a barrier)."""
     from tqdm.auto import tqdm
 
     from ..generation import sample_batch
 
     k, size = rounds.samples_per_prompt, rounds.batch_size
     batches = list(range((len(prompts) + size - 1) // size))
-    done = done_batches(round_dir)
+    done = done_batches(round_dir) if done is None else done
     missing = [b for b in batches if b not in done]
     mine = missing[rank::world]
     device = next(model.parameters()).device
     total = sum(len(prompts[b * size : (b + 1) * size]) for b in mine) * k
     bar = tqdm(total=total, desc=f"round {round_index} samples", unit="sample", disable=not progress)
     part = round_dir / PART.format(rank=rank)
+    _drop_torn_tail(part)
     try:
         with open(part, "a") as f:
             for b in mine:
@@ -94,6 +99,16 @@ def sample_round(
     finally:
         bar.close()
     return len(mine)
+
+
+def _drop_torn_tail(part: Path) -> None:
+    """Cut a last line that a kill left unfinished, so that the next batch starts a line of its own."""
+    if not part.is_file():
+        return
+    data = part.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(part, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def merged_samples(round_dir: Path, n_prompts: int, batch_size: int) -> list[list[str]] | None:
