@@ -21,6 +21,7 @@ USAGE = """usage: preftune <command> [options]    (preftune <command> --help for
   eval RUN_DIR|CONFIG.yaml [--data FILE] held-out preference metrics (and answers) of a trained run
   demo [--method M] [--quick]            DPO + SFT term on SmolLM2-135M (LoRA), before/after report
   report RUN_DIR [RUN_DIR ...]           plots and report.md for one run, or several runs compared
+                                         (an iterate run: every rounds.jsonl metric against the round)
   config                                 every config key with its default and meaning
   presets                                the built-in models: size, where cached, whether converted
   cache ls | cache clear [KIND ...]      what the cache holds, and removing it
@@ -305,6 +306,11 @@ def _run(command: str, rest: list[str]) -> int:
 
         return demo_main(rest)
     if command == "report":
+        from .iterate.report import is_iterate_run
+        from .iterate.report import main as rounds_report
+
+        if len(rest) == 1 and is_iterate_run(rest[0]):  # a `preftune iterate` run: rounds.jsonl
+            return rounds_report(rest)
         from .report import main as report_main
 
         return report_main(rest)

@@ -152,6 +152,11 @@ def test_two_rounds_with_each_judge(tiny_model_dir, files, tmp_path, judge):
     from preftune.data import load_examples
 
     assert len(load_examples(str(run / "round-1" / "pairs.jsonl"))) == rows[1]["pairs"]
+    if judge == "python":  # preftune report RUN plots every rounds.jsonl metric against the round
+        from preftune.cli import main
+
+        assert main(["report", str(run)]) == 0
+        assert (run / "rounds.png").stat().st_size > 0 and "| round |" in (run / "rounds.md").read_text()
 
 
 def test_pair_modes_and_ties():

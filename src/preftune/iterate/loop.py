@@ -161,7 +161,7 @@ def check_rounds(cfg: TrainConfig) -> Plan:
     if rounds.eval_prompts:
         eval_rows = read_prompt_rows(
             rounds.eval_prompts, rounds.eval_split, "rounds.eval_prompts", prompt_column=column
-        )
+        )[: rounds.eval_max_rows]
         check_judge(rounds.judge, eval_rows, rounds.eval_prompts, "rounds.eval_prompts")
     return Plan(rows, eval_rows)
 
@@ -391,12 +391,15 @@ def _last_metrics(metrics: Path) -> dict[str, float]:
 
 def train_stage(cfg: TrainConfig, round_index: int, pair_count: int) -> dict:
     """Train the round on its pairs with ``preftune.train`` (every rank); writes ``trained.json``."""
+    from .. import distributed as D
     from .. import train
 
     rd = round_dir(cfg.output_dir, round_index)
-    if pair_count == 0:
-        _say(f"round {round_index}: no usable pairs; the model is carried to the next round unchanged")
-        info = {"model": model_of(cfg, round_index - 1), "steps": 0, "skipped": "no usable pairs"}
+    global_batch = cfg.batch_size * cfg.grad_accum * D.world_size()
+    if pair_count < global_batch:  # preftune train refuses data smaller than one global batch
+        why = f"{pair_count} usable training rows, fewer than one global batch ({global_batch})"
+        _say(f"round {round_index}: {why}; the model is carried to the next round unchanged")
+        info = {"model": model_of(cfg, round_index - 1), "steps": 0, "skipped": why}
     else:
         _say(f"round {round_index}: training on {pair_count} rows of {rd / 'pairs.jsonl'}")
         result = train(round_train_config(cfg, round_index))

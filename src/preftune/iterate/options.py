@@ -111,6 +111,9 @@ class RoundsConfig:
         "Held-out prompts answered greedily before round 1 and after every round, scored by the judge "
         "(answer match for a verifier, mean score otherwise); rows as in `rounds.prompts`.",
     )
+    eval_max_rows: int | None = _f(
+        None, "Answer only the first N rows of `rounds.eval_prompts` (null = all).", range=AT_LEAST_ONE
+    )
     eval_split: str = _f(
         "test", "Split of `rounds.eval_prompts` when it is a DatasetDict folder or hub name."
     )
