@@ -128,8 +128,10 @@ def check_round(run: Path, r: int, row: dict) -> None:
 
 
 @pytest.mark.parametrize("judge", list(JUDGES))
-def test_two_rounds_with_each_judge(tiny_model_dir, files, tmp_path, judge):
+def test_two_rounds_with_each_judge(tiny_model_dir, files, pair_files, tmp_path, judge):
     cfg = iterate_config(tiny_model_dir, files, tmp_path, JUDGES[judge](files))
+    if judge == "reward_model":
+        cfg["data"] = {"eval": pair_files[1]}  # held-out preference metrics after each round
     result = loop.iterate(cfg)
     run = tmp_path / "run"
     rows = read_jsonl(run / "rounds.jsonl")
@@ -141,6 +143,8 @@ def test_two_rounds_with_each_judge(tiny_model_dir, files, tmp_path, judge):
         assert len(metric_rows(run / f"round-{r}" / "train", "loss")) == 2  # the round's own run
     if judge == "verifier":
         assert "pass_at_3" in rows[1] and "held_out_answer_match" in rows[1]
+    if judge == "reward_model":
+        assert all(0 <= rows[r]["eval_rewards/accuracies"] <= 1 for r in (1, 2))
     # the rounds chain: round 2 sampled from round 1's model, final/ is round 2's model
     assert rows[2]["model"] == str(run / "round-2" / "train" / "final")
     assert result.final_model_dir == run / "final"

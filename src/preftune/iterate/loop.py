@@ -545,12 +545,13 @@ def _copy_final(source: Path, target: Path) -> None:
 def iterate(config, overrides: list[str] | None = None) -> IterateResult:
     """Run (or continue, with ``resume=true``) the rounds of ``config``; see the module docstring."""
     from .. import distributed as D
+    from .. import runlock
 
     cfg = config if isinstance(config, TrainConfig) else load_iterate_config(config, overrides)
     plan = check_rounds(cfg)  # every config / data / judge error before any model loads
+    if cfg.data.train:
+        _say(f"data.train ({cfg.data.train}) is not used: each round trains on its own round-N/pairs.jsonl")
     D.init_process_group(cfg.dist_timeout_s)
-    rank, world = D.rank(), D.world_size()
-    main = rank == 0
     out = Path(cfg.output_dir)
     count = cfg.rounds.count
     if (
@@ -560,8 +561,31 @@ def iterate(config, overrides: list[str] | None = None) -> IterateResult:
     ):
         _say(f"already finished: {count} round(s) in {out}, final model {out / 'final'}; nothing to do")
         return IterateResult(out, out / "final", rounds_rows(out), already_finished=True)
-    if main:
-        _prepare_output_dir(cfg)
+    stage = ["setup"]
+    main = D.rank() == 0
+    try:
+        # several processes: a failing rank exits at once naming its rank and stage, as in training
+        with D.exit_on_error(lambda: f"iterate {stage[0]}"):
+            if main:
+                out.mkdir(parents=True, exist_ok=True)
+                try:
+                    runlock.acquire(out, warn=_say)  # one `preftune iterate` per output_dir
+                except runlock.RunDirLockedError as e:
+                    raise ConfigError(f"output_dir: {e}") from None
+                _prepare_output_dir(cfg)
+            return _rounds(cfg, plan, stage)
+    finally:
+        if main:
+            runlock.release(out)
+
+
+def _rounds(cfg: TrainConfig, plan: Plan, stage: list[str]) -> IterateResult:
+    from .. import distributed as D
+
+    rank, world = D.rank(), D.world_size()
+    main = rank == 0
+    out = Path(cfg.output_dir)
+    count = cfg.rounds.count
     D.barrier("iterate: start", cfg.dist_timeout_s)
     verifier = cfg.rounds.judge.kind == "verifier"
     if main and plan.eval_prompts and not (round_dir(out, 0) / "round.json").is_file():
@@ -574,6 +598,7 @@ def iterate(config, overrides: list[str] | None = None) -> IterateResult:
         if (rd / "round.json").is_file():
             continue
         started = time.time()
+        stage[0] = f"round {r}"
         if not (rd / "samples.jsonl").is_file():
             sample_stage(cfg, plan, r, rank, world)
             D.barrier(f"iterate: round {r} sampling", cfg.dist_timeout_s)
