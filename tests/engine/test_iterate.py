@@ -375,3 +375,15 @@ def test_config_documents_every_rounds_key():
         assert f"rounds.{f.name}" in text
     for f in dataclasses.fields(JudgeConfig):
         assert f"rounds.judge.{f.name} (default" in text
+
+
+def test_vllm_engine_without_vllm_is_one_line(tiny_model_dir, files, tmp_path):
+    import importlib.util
+
+    from preftune.config import ConfigError
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    cfg = iterate_config(tiny_model_dir, files, tmp_path, JUDGES["python"](files), engine="vllm")
+    with pytest.raises(ConfigError, match=r"^rounds.engine: vllm is not installed: pip install vllm"):
+        loop.load_iterate_config(cfg)
