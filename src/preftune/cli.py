@@ -16,10 +16,12 @@ from .rundir import human_bytes
 USAGE = """usage: preftune <command> [options]    (preftune <command> --help for each command's options)
 
   train CONFIG.yaml [KEY=VALUE ...]      train; writes a run directory (output_dir)
+  iterate CONFIG.yaml [KEY=VALUE ...]    on-policy rounds: sample, judge, pair, train, repeat (rounds:)
   precompute CONFIG.yaml [KEY=VALUE ...] score references / entropies / embeddings ahead of training
   eval RUN_DIR|CONFIG.yaml [--data FILE] held-out preference metrics (and answers) of a trained run
   demo [--method M] [--quick]            DPO + SFT term on SmolLM2-135M (LoRA), before/after report
   report RUN_DIR [RUN_DIR ...]           plots and report.md for one run, or several runs compared
+                                         (an iterate run: every rounds.jsonl metric against the round)
   config                                 every config key with its default and meaning
   presets                                the built-in models: size, where cached, whether converted
   cache ls | cache clear [KIND ...]      what the cache holds, and removing it
@@ -35,7 +37,7 @@ command continues with resume: auto), 130 interrupted (Ctrl-C; the line names th
 the resume=true command)
 """
 
-COMMANDS = ("train", "precompute", "eval", "demo", "report", "config", "presets", "cache")
+COMMANDS = ("train", "iterate", "precompute", "eval", "demo", "report", "config", "presets", "cache")
 
 
 def _one_line(error: BaseException) -> str:
@@ -46,6 +48,8 @@ def _one_line(error: BaseException) -> str:
 def _config_parser(prog: str) -> argparse.ArgumentParser:
     what = {
         "train": "Train as CONFIG.yaml says; writes the run directory named by its output_dir.",
+        "iterate": "On-policy rounds (the config's rounds: section): sample from the policy, judge the "
+        "samples, build pairs, train on them, repeat; writes output_dir/round-N/, rounds.jsonl, final/.",
         "precompute": "Score the references (and MallowsPO entropies, RPO embeddings) into the cache, "
         "so that a later `preftune train` with the same config starts training at once.",
     }[prog]
@@ -172,6 +176,11 @@ def _output_dir(command: str, rest: list[str]) -> Path | None:
 
 def _interrupted(command: str, rest: list[str]) -> str:
     """Ctrl-C: one line naming the last checkpoint and the command that continues from it."""
+    if command == "iterate":  # every finished stage is on disk: resume=true continues after it
+        again = " ".join(["preftune", "iterate", *[a for a in rest if a != "resume=false"]])
+        return f"preftune iterate: interrupted; continue with: {again}" + (
+            "" if "resume=true" in rest else " resume=true"
+        )
     out = _output_dir(command, rest)
     if command != "train" or out is None:
         return f"preftune {command}: interrupted"
@@ -315,6 +324,12 @@ def _run(command: str, rest: list[str]) -> int:
         if is_main_process():  # under torchrun / accelerate: once, not once per process
             print(train_summary(result, generated))
         return 0
+    if command == "iterate":
+        from .iterate.loop import iterate
+
+        args = _config_args(rest, "iterate")
+        iterate(args.config, args.overrides)
+        return 0
     if command == "precompute":
         from .evaluation import precompute
 
@@ -330,6 +345,11 @@ def _run(command: str, rest: list[str]) -> int:
 
         return demo_main(rest)
     if command == "report":
+        from .iterate.report import is_iterate_run
+        from .iterate.report import main as rounds_report
+
+        if len(rest) == 1 and is_iterate_run(rest[0]):  # a `preftune iterate` run: rounds.jsonl
+            return rounds_report(rest)
         from .report import main as report_main
 
         return report_main(rest)

@@ -258,6 +258,10 @@ class KTOConfig:
     undesirable_weight: float = _f(1.0, "λ_U, weight of undesirable items.", range=NON_NEGATIVE)
 
 
+# `preftune iterate`'s section, in its own module (it uses the helpers above)
+from .iterate.options import RoundsConfig  # noqa: E402
+
+
 @dataclass
 class TrainConfig:
     model: str | None = _f(
@@ -470,6 +474,11 @@ class TrainConfig:
         choices=MATCH_MODES,
     )
     max_new_tokens: int = _f(64, "Longest answer generation_eval generates, in tokens.", range=AT_LEAST_ONE)
+    rounds: RoundsConfig = _f(
+        help="`preftune iterate` only (sample, judge, pair, train, repeat; docs/iterate.md); `preftune "
+        "train` ignores it.",
+        factory=RoundsConfig,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

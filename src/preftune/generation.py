@@ -1,10 +1,17 @@
-"""Greedy generation and answer matching, as ``preftune eval --prompts`` and the demo use them.
+"""Greedy generation, sampling and answer matching, as ``preftune eval --prompts``, the demo and
+``preftune iterate`` use them.
 
-Generation is batched greedy decoding (left padding, KV cache), each row stopping at EOS, or as
-soon as its new text matches ``stop_when`` (e.g. :data:`ANSWER_STATED` for the arithmetic data).
-Rows that have stopped leave the batch, with their part of the KV cache, every
-:data:`LOOK_EVERY` new tokens, so the rows still writing do not carry them to the longest one's
-end: the text is the same as one ``model.generate`` call over the whole batch.
+Generation is batched decoding (left padding, KV cache), each row stopping at EOS, or as soon as
+its new text matches ``stop_when`` (e.g. :data:`ANSWER_STATED` for the arithmetic data). Rows that
+have stopped leave the batch, with their part of the KV cache, every :data:`LOOK_EVERY` new
+tokens, so the rows still writing do not carry them to the longest one's end: the text is the same
+as one ``model.generate`` call over the whole batch.
+
+:func:`generate` is greedy. :func:`sample_batch` draws ``k`` samples per prompt (temperature,
+top-p) from a seeded ``torch.Generator``: each prompt is prefilled once and its KV cache expanded
+to its ``k`` rows (not ``k`` prefills), then the rows decode as greedy rows do, leaving the batch
+as they stop. The same prompts, ``k``, settings and generator seed give the same samples; at
+temperature 0 every sample is the greedy text.
 Answers are checked by one of :data:`MATCH_MODES`:
 
 * ``exact``: the normalised output equals the normalised answer (lower case, punctuation, articles
@@ -116,61 +123,98 @@ def generate(
     model.eval()
     outputs = []
     device = next(model.parameters()).device
+    # one tick per prompt as its row stops (not per batch: a batch can take minutes on a busy CPU)
+    bar = tqdm(total=len(texts), desc="generate", unit="prompt", disable=not progress)
     try:
-        for start in tqdm(range(0, len(texts), batch_size), desc="generate", disable=not progress):
+        for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=special).to(device)
-            outputs += _greedy_batch(model, tokenizer, enc, max_new_tokens, stop_when)
+            outputs += _greedy_batch(model, tokenizer, enc, max_new_tokens, stop_when, on_done=bar.update)
     finally:
+        bar.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return outputs
 
 
-def _greedy_batch(model, tokenizer, enc, max_new_tokens: int, stop_when: re.Pattern | None) -> list[str]:
-    """The new text of each row of one left-padded batch ``enc``.
+def _greedy_batch(
+    model, tokenizer, enc, max_new_tokens: int, stop_when: re.Pattern | None, on_done=None
+) -> list[str]:
+    """The new greedy text of each row of one left-padded batch ``enc`` (see :func:`_decode`)."""
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    return _decode(model, tokenizer, ids, mask, ids.shape[1], max_new_tokens, stop_when, on_done=on_done)
+
+
+def _decode(
+    model,
+    tokenizer,
+    ids,
+    mask,
+    start: int,
+    max_new_tokens: int,
+    stop_when: re.Pattern | None,
+    *,
+    cache=None,
+    processor=None,
+    on_done=None,
+) -> list[str]:
+    """The new text (after column ``start``) of each row of the left-padded batch ``ids``.
 
     ``model.generate`` is called for :data:`LOOK_EVERY` tokens at a time, continuing from its own
     KV cache; between two calls the rows that have stopped (EOS, ``stop_when``) are taken out of the
     batch and of the cache. Rows write independently of each other, so a cache that cannot drop
     rows (state-space layers, for one) keeps them: their text was taken when they stopped, and what
     they write afterwards is ignored. A static cache (``generation_config.cache_implementation``)
-    runs the whole batch in one call."""
-    start = enc["input_ids"].shape[1]
+    runs the whole batch in one call.
+
+    ``cache`` = (generate's name for it, the cache) continues a KV cache of every position of
+    ``ids`` but the last (as generate leaves it); ``ids[:, start:]`` are then new tokens already
+    written, counted in ``max_new_tokens``.
+    ``processor`` (a logits processor) picks each next token (sampling); without it, greedy.
+    ``on_done(1)`` is called as each row's text is taken."""
     common = dict(
         do_sample=False,
         use_cache=True,  # KV cache: each new token costs one position, not the whole prefix
         eos_token_id=tokenizer.eos_token_id,  # rows stop at EOS (finished rows are padded)
         pad_token_id=tokenizer.pad_token_id,
     )
+    if processor is not None:
+        from transformers import LogitsProcessorList
+
+        common["logits_processor"] = LogitsProcessorList([processor])
     if stop_when is not None:
         common["stopping_criteria"] = _text_stops(tokenizer, stop_when, start)
+    eos = tokenizer.eos_token_id
+    left = max_new_tokens - (ids.shape[1] - start)
     if getattr(model.generation_config, "cache_implementation", None) not in (None, "dynamic"):
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, **common)
-        return tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(left, 0), **common)
+        if on_done is not None:
+            on_done(ids.shape[0])
+        return _texts(tokenizer, out[:, start:], eos)
     texts: list[str | None] = [None] * ids.shape[0]
     alive = torch.arange(ids.shape[0], device=ids.device)  # the batch rows still in the batch
-    cache: dict = {}  # ``cache=`` (transformers 5) or ``past_key_values=`` (4.x), as generate returned it
-    left = max_new_tokens
+    given: dict = {} if cache is None else {cache[0]: cache[1]}
+    name = next(iter(given), None)
     while True:
         asked = min(LOOK_EVERY, left)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=asked,
-            return_dict_in_generate=True,
-            **cache,
-            **common,
-        )
-        seqs = out.sequences
-        name = "cache" if "cache" in out.keys() else "past_key_values"
-        cache = {name: out[name]}
+        if asked > 0:
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=asked,
+                return_dict_in_generate=True,
+                **given,
+                **common,
+            )
+            seqs = out.sequences
+            name = "cache" if "cache" in out.keys() else "past_key_values"
+            given = {name: out[name]}
+        else:  # nothing left to write (max_new_tokens reached by the tokens given)
+            seqs = ids
         got = seqs.shape[1] - ids.shape[1]
         left -= got
         new = seqs[:, start:]
-        decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
-        eos = tokenizer.eos_token_id
+        decoded = _texts(tokenizer, new, eos)
         stopped = (
             (new == eos).any(1)
             if eos is not None
@@ -183,15 +227,28 @@ def _greedy_batch(model, tokenizer, enc, max_new_tokens: int, stop_when: re.Patt
         for i in torch.nonzero(stopped).flatten().tolist():
             if texts[int(alive[i])] is None:
                 texts[int(alive[i])] = decoded[i]
+                if on_done is not None:
+                    on_done(1)
         if all(t is not None for t in texts):
             return texts  # type: ignore[return-value]
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], got)], dim=1)  # what a row wrote is real
         keep = torch.nonzero(~stopped).flatten()
-        if len(keep) < len(alive) and _can_drop_rows(cache[name]):
-            cache[name].batch_select_indices(keep)
+        if len(keep) < len(alive) and name is not None and _can_drop_rows(given[name]):
+            given[name].batch_select_indices(keep)
             alive, ids, mask = alive[keep], seqs[keep], mask[keep]
         else:
             ids = seqs
+
+
+def _texts(tokenizer, new, eos) -> list[str]:
+    """Each row's new tokens decoded up to its first EOS (what follows it is padding, or, for a row
+    whose first token came from a shared prefill, writing that generate did not know had ended)."""
+    if eos is None:
+        return tokenizer.batch_decode(new, skip_special_tokens=True)
+    rows = []
+    for row in new.tolist():
+        rows.append(row[: row.index(eos)] if eos in row else row)
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
 
 
 def _can_drop_rows(cache) -> bool:
@@ -215,6 +272,140 @@ def _text_stops(tokenizer, pattern: re.Pattern, start: int):
             return torch.tensor([pattern.search(t) is not None for t in texts], device=input_ids.device)
 
     return StoppingCriteriaList([TextStops()])
+
+
+class _Sampler:
+    """A logits processor that draws each row's next token (temperature, top-p) from ``generator``
+    and leaves only that token possible, so that generate's greedy pick takes it. At temperature 0
+    the draw is the argmax: the greedy token."""
+
+    def __init__(self, temperature: float, top_p: float, generator: torch.Generator):
+        self.temperature, self.top_p, self.generator = temperature, top_p, generator
+
+    def draw(self, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float()
+        if self.temperature <= 0:
+            return scores.argmax(-1)
+        logits = scores / self.temperature
+        if self.top_p < 1.0:
+            order = logits.argsort(-1, descending=True)
+            probs = logits.gather(-1, order).softmax(-1)
+            before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
+            drop = before >= self.top_p  # the nucleus: the top tokens reaching top_p (at least one)
+            logits = logits.scatter(-1, order, logits.gather(-1, order).masked_fill(drop, float("-inf")))
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        chosen = self.draw(scores)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter(-1, chosen[:, None], 0.0)
+
+
+def _accepts(model, argument: str) -> bool:
+    """Whether the (base) model's forward takes ``argument``."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in inspect.signature(base.forward).parameters
+
+
+def prompt_encodings(tokenizer, prompts: list, chat_template: str | None = None, device=None):
+    """The left-padded batch of ``prompts`` as generation sees them (chat messages rendered with the
+    generation prompt; special tokens added as in training)."""
+    from .data import add_special_tokens_for
+
+    texts = [prompt_text(p, tokenizer, chat_template) for p in prompts]
+    special = add_special_tokens_for(
+        tokenizer, conversational=not isinstance(prompts[0], str), chat_template=chat_template
+    )
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
+    finally:
+        tokenizer.padding_side = side
+    return enc.to(device) if device is not None else enc
+
+
+@torch.no_grad()
+def sample_batch(
+    model,
+    tokenizer,
+    prompts: list,
+    *,
+    k: int,
+    generator: torch.Generator,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    chat_template: str | None = None,
+    stop_when: re.Pattern | None = None,
+    on_done=None,
+) -> list[list[str]]:
+    """``k`` sampled completions of each prompt (text, or chat messages), as ``[prompt][sample]``.
+
+    One forward pass prefills the prompts; each prompt's KV cache is then expanded to its ``k``
+    rows and its first token drawn from the prefill's last logits; from there the rows decode as
+    :func:`generate`'s do (rows leave the batch as they stop), each next token drawn from
+    ``generator`` (on the model's device). Rows are in prompt order, samples of a prompt adjacent.
+    ``on_done(1)`` is called as each sample ends."""
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    sampler = _Sampler(temperature, top_p, generator)
+    was_training = model.training
+    model.eval()
+    try:
+        enc = prompt_encodings(tokenizer, prompts, chat_template, device)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        start = ids.shape[1]
+        static = getattr(model.generation_config, "cache_implementation", None) not in (None, "dynamic")
+        if static or max_new_tokens < 1:  # a static cache cannot be expanded: k rows per prompt, one call
+            ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+            texts = _decode(
+                model,
+                tokenizer,
+                ids,
+                mask,
+                start,
+                max_new_tokens,
+                stop_when,
+                processor=sampler,
+                on_done=on_done,
+            )
+        else:
+            position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+            last_only = _accepts(model, "logits_to_keep")  # the prefill's last logits, not [B, T, V]
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **({"logits_to_keep": 1} if last_only else {}),
+            )
+            name = "cache" if "cache" in out.keys() else "past_key_values"
+            cache = out[name]
+            cache.batch_repeat_interleave(k)  # each prompt's keys and values, once per sample
+            first = sampler.draw(out.logits[:, -1, :].repeat_interleave(k, 0))
+            ids = torch.cat([ids.repeat_interleave(k, 0), first[:, None]], dim=1)
+            mask = torch.cat([mask.repeat_interleave(k, 0), mask.new_ones(len(first), 1)], dim=1)
+            del out
+            texts = _decode(
+                model,
+                tokenizer,
+                ids,
+                mask,
+                start,
+                max_new_tokens,
+                stop_when,
+                cache=(name, cache),
+                processor=sampler,
+                on_done=on_done,
+            )
+    finally:
+        model.train(was_training)
+    return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
 def exact_match(model, tokenizer, items: list[dict], **kwargs) -> tuple[float, list[dict]]:

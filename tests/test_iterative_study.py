@@ -1,0 +1,43 @@
+"""experiments/iterative: the study's runner at toy size (--quick, tiny random model): sweep on
+validation first, main runs on the test rows, results written as they land, finished runs skipped."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parents[1] / "experiments" / "iterative"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("iterative_study_run", HERE / "run.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_study_runs_resumes_and_reports(tmp_path):
+    run = _load()
+    out = run.run_study(quick=True, out=tmp_path / "study", arms=["rs_sft"])
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    study = run.QUICK
+    sweep = [r for r in records if r["kind"] == "sweep"]
+    main = [r for r in records if r["kind"] == "main"]
+    assert len(sweep) == len(study.nll_grid) * len(study.temperature_grid)
+    assert all(r["split"] == "validation" for r in sweep)  # selection never sees the test rows
+    assert [(r["arm"], r["seed"], r["split"]) for r in main] == [("rs_sft", s, "test") for s in study.seeds]
+    splits = json.loads((out / "data" / "splits.json").read_text())
+    assert not set(splits["test"]) & set(splits["validation"])
+    assert not set(splits["validation"]) & set(splits["prompts"])
+    for r in records:
+        assert sorted(r["exact_match"]) == [str(i) for i in range(study.rounds + 1)]  # round 0 = untrained
+        assert r["seconds"] > 0 and r["machine"]["cpus"] and r["finished"]
+    # the untrained answers are the same for every run of a split
+    assert len({json.dumps(r["exact_match"]["0"]) for r in sweep}) == 1
+    text = (out / "RESULTS.md").read_text()
+    assert "| `rs_sft` |" in text and "Chosen: λ" in text and "wall time" in text
+    assert (out / "curves.png").is_file()
+    # a rerun finds everything finished: nothing is redone
+    run.run_study(quick=True, out=out, arms=["rs_sft"])
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(records)
