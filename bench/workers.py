@@ -182,15 +182,14 @@ def trainable_policy(w: Workload):
     return model
 
 
-def _loss_computer(method: str, beta: float, k: int):
-    """The trainer's LossComputer for ``method`` with ``k`` references, from a config as the trainer's."""
-    from preftune import losses as L
+def _loss_adapter(method: str, beta: float):
+    """The trainer's LossAdapter for ``method``, from a config as the trainer's."""
     from preftune.config import MRPOConfig, TrainConfig
-    from preftune.step import LossComputer
+    from preftune.method_adapter import LossAdapter
 
     # the references are tensors fed by the workload, not configured models: the config lists none
     cfg = TrainConfig(method=method, beta=beta, mrpo=MRPOConfig(allow_single_reference=True))
-    return LossComputer(cfg, L.parse_method(method), k, unpaired=False)
+    return LossAdapter.from_config(cfg)
 
 
 def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> dict:
@@ -202,8 +201,16 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
     (reference 0) and MRPO (all references) steps in one process, so that the small difference
     between them is not drowned by a busy machine; it returns both under "split".
     """
+    from preftune.method_adapter import SideScores
     from preftune.references import PAIRED_SIDES
-    from preftune.step import PolicyScorer, apply_update, make_optimizer, micro_batch_loss, shares_prompt
+    from preftune.step import (
+        MicroBatch,
+        PolicyScorer,
+        apply_update,
+        make_optimizer,
+        micro_batch_loss,
+        shares_prompt,
+    )
 
     device = torch.device(w.device)
     t0 = time.perf_counter()
@@ -213,7 +220,7 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
     autocast_dtype = torch.bfloat16 if w.precision == "bf16" else None
     k = w.references if method in ("mrpo", "alternate") else 1
     ref_c, ref_r = _references(w, model, rows, k, device, autocast_dtype)
-    loss_fns = {"dpo": _loss_computer("dpo", w.beta, 1), "mrpo": _loss_computer("mrpo", w.beta, k)}
+    adapters = {"dpo": _loss_adapter("dpo", w.beta), "mrpo": _loss_adapter("mrpo", w.beta)}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, lr=w.learning_rate, weight_decay=0.0, device=device)
     scorer = PolicyScorer(model, autocast_dtype=autocast_dtype)
@@ -233,18 +240,16 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
         shared_steps += bool(share)
         sl = slice(step * b, (step + 1) * b)
         refs = slice(None) if step_method == "mrpo" else slice(0, 1)
-        out, _, policy, _ = micro_batch_loss(
-            scorer,
-            loss_fns[step_method],
+        batch = MicroBatch(
             prompts,
             completions,
-            {"chosen": ref_c[refs, sl].to(device), "rejected": ref_r[refs, sl].to(device)},
-            sides=PAIRED_SIDES,
+            PAIRED_SIDES,
+            SideScores({"chosen": ref_c[refs, sl].to(device), "rejected": ref_r[refs, sl].to(device)}),
             pad_token_id=0,
             device=device,
             share=share,
-            grad=True,
         )
+        out, _, policy, _ = micro_batch_loss(scorer, adapters[step_method], batch)
         out.loss.backward()
         apply_update(opt, None, params, 1.0)
         losses.append(out.loss.item())
@@ -253,8 +258,8 @@ def run_preftune(w: Workload, method: str, share_prompt: bool | None = None) -> 
         if step == 0:
             checks = {
                 "loss_step0": losses[0],
-                "logps_chosen_step0": policy["chosen"].mean().item(),
-                "logps_rejected_step0": policy["rejected"].mean().item(),
+                "logps_chosen_step0": policy.logps["chosen"].mean().item(),
+                "logps_rejected_step0": policy.logps["rejected"].mean().item(),
             }
     mem = meter.stop()
     checks["loss_last"] = losses[-1]

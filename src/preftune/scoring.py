@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,9 +31,9 @@ CPU_LOGITS_BUDGET = 2**25
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class SequenceScores:
-    """Per-sequence scores of a batch of N sequences."""
+class SequenceScores(NamedTuple):
+    """Per-sequence scores of a batch of N sequences (a named tuple: DDP, FSDP and accelerate see
+    its tensors as they see a tuple's)."""
 
     logps: torch.Tensor  # [N] sum over completion tokens of log p(token)
     n_tokens: torch.Tensor  # [N] number of completion tokens
