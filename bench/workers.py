@@ -149,7 +149,7 @@ def _references(w: Workload, model, rows, k: int, device, autocast_dtype):
             ref = model
             ctx = model.disable_adapter() if w.lora else torch.no_grad()
         with ctx:
-            s = score_dataset(
+            scores = score_dataset(
                 ref,
                 prompts,
                 completions,
@@ -159,7 +159,7 @@ def _references(w: Workload, model, rows, k: int, device, autocast_dtype):
                 autocast_dtype=autocast_dtype,
                 batch_tokens=2 * w.batch * w.seq,
             )
-        out.append(s.logps)
+        out.append(scores.logps)
         if ref is not model:
             del ref
     logps = torch.stack(out)  # [k, 2N]
@@ -324,8 +324,8 @@ def run_sft(w: Workload, path: str) -> dict:
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels
                 ).loss
             else:  # preftune's chunked scoring, mean token NLL
-                s = score_batch(model, **batch)
-                loss = -s.logps.sum() / s.n_tokens.sum()
+                scores = score_batch(model, **batch)
+                loss = -scores.logps.sum() / scores.n_tokens.sum()
         loss.backward()
         apply_update(opt, None, params, 1.0)
         loss.item()

@@ -314,7 +314,8 @@ def pair_logps(model, view, split: str, batch_pairs: int = 16):
     import torch
 
     from preftune.data.collate import collate_shared_prompt_pairs
-    from preftune.scoring import score_batch, score_dataset, shared_prompt_support
+    from preftune.scoring import score_batch, score_dataset
+    from preftune.scoring_probe import shared_prompt_support
 
     prompts, chosen = view.sequences(split, "chosen")
     _, rejected = view.sequences(split, "rejected")

@@ -26,15 +26,15 @@ def _length_normalize(cfg: TrainConfig, spec: L.MethodSpec) -> bool:
     return spec.length_normalize or cfg.reference_free
 
 
-def _process_mean(x: torch.Tensor) -> torch.Tensor:
+def _process_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of a per-process scalar over all processes (itself with one process)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    y = x.detach().clone()
-    dist.all_reduce(y)
-    return y / dist.get_world_size()
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
 
 
 @dataclass

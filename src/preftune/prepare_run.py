@@ -35,7 +35,7 @@ from .references import (
     precompute_references,
 )
 from .rundir import CHECKPOINT_STATE, RunDir
-from .scoring import shared_prompt_support
+from .scoring_probe import shared_prompt_support
 from .step import PolicyScorer, StepInputs
 
 __all__ = ["PreparedRun", "prepare_run"]

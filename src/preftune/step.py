@@ -9,6 +9,7 @@ update. The math of each method is docs/methods.md's; :class:`LossComputer` maps
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -20,7 +21,7 @@ from .data.collate import collate_sequences, collate_shared_prompt_pairs
 from .losses import LossOutput
 from .method_adapter import LossAdapter, SideScores
 from .references import MISMATCHED_SIDE, UNPAIRED_SIDES, ModelView
-from .scoring import SequenceScores, score_batch, sharing_pays
+from .scoring import SequenceScores, score_batch
 
 
 class DataOrder:
@@ -125,20 +126,37 @@ class StepLoss(NamedTuple):
     reference: SideScores
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 keeping the autograd graph (gradient flows back to the local part)."""
     import torch.distributed as dist
     from torch.distributed.nn.functional import all_gather
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return torch.cat(all_gather(x), dim=0)
+        return local
+    return torch.cat(all_gather(local), dim=0)
+
+
+SHARE_PROMPT_MIN_SAVING = 0.25
+
+
+def sharing_pays(prompts: Sequence[Sequence[int]], chosen: Sequence, rejected: Sequence) -> bool:
+    """Whether shared-prompt rows are worth it for these pairs (automatic ``share_prompt``).
+
+    True when the prompts' second copies are at least SHARE_PROMPT_MIN_SAVING of the two-row
+    batch's tokens. Measured on a 2-core CPU (SmolLM2-135M, 4 pairs of 256 tokens, forward +
+    backward): a 37.5 % saving made the step 0.66x as long; 12.5 % broke even, because attention
+    under a custom mask over the longer rows costs more than causal attention over the short ones
+    (bench/NOTES.md).
+    """
+    saved = sum(len(p) for p in prompts)
+    total = 2 * saved + sum(len(c) for c in chosen) + sum(len(r) for r in rejected)
+    return saved >= SHARE_PROMPT_MIN_SAVING * total
 
 
 def shares_prompt(share_prompt: bool | None, prompts: list, completions: list) -> bool:
     """Whether a paired micro-batch (chosen rows, then rejected rows) goes as shared-prompt rows.
 
-    ``share_prompt`` True/False forces it; None decides by :func:`preftune.scoring.sharing_pays`.
+    ``share_prompt`` True/False forces it; None decides by :func:`sharing_pays`.
     """
     pairs = len(prompts) // 2
     if not all(prompts[:pairs]):  # an empty prompt has nothing to share (and no position to predict from)
@@ -245,15 +263,20 @@ def score_sides(
 def _gathered(scores: SideScores, gather, *, policy: bool) -> SideScores:
     """``scores`` gathered over processes: the policy's log-probs keep their graph; a reference's
     ``[K, B]`` tensors are gathered along B."""
-    if policy:
-        logps = {side: gather_with_grad(v) for side, v in scores.logps.items()}
-        tail = {side: gather_with_grad(v) for side, v in scores.tail.items()}
-    else:
-        logps = {side: gather.gather(v.T.contiguous()).T for side, v in scores.logps.items()}
-        tail = {side: gather.gather(v.T.contiguous()).T for side, v in scores.tail.items()}
-    lengths = {side: gather.gather(v) for side, v in scores.lengths.items()}
-    wpo = {side: gather_with_grad(v) for side, v in scores.wpo.items()}
-    return SideScores(logps, lengths, wpo, tail)
+
+    def per_side(values: dict[str, torch.Tensor], how) -> dict[str, torch.Tensor]:
+        return {side: how(tensor) for side, tensor in values.items()}
+
+    def along_batch(tensor: torch.Tensor) -> torch.Tensor:  # [K, B]: gathered along B
+        return gather.gather(tensor.T.contiguous()).T
+
+    how = gather_with_grad if policy else along_batch
+    return SideScores(
+        per_side(scores.logps, how),
+        per_side(scores.lengths, gather.gather),
+        per_side(scores.wpo, gather_with_grad),
+        per_side(scores.tail, how),
+    )
 
 
 def micro_batch_loss(

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from preftune.config import ConfigError, load_config
-from preftune.scoring import shared_prompt_support
+from preftune.scoring_probe import shared_prompt_support
 from preftune.step import shares_prompt
 from preftune.testing import tiny_llama
 from preftune.trainer import Trainer, train
