@@ -27,7 +27,6 @@ from .pairing import PAIRINGS, rpo_weights
 from .reference_free import orpo, simpo
 from .registry import (
     COMPONENTS,
-    METHODS,
     NEEDS,
     MethodError,
     MethodSpec,
@@ -46,7 +45,6 @@ __all__ = [
     "MethodSpec",
     "MethodError",
     "resolve_method",
-    "METHODS",
     "NEEDS",
     "parse_method",
     "method_needs",
