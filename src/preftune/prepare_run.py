@@ -157,6 +157,7 @@ def prepare_run(
     validation_rows = None
     if uses_validation_weights(cfg, spec):  # held out before anything scores the data
         validation_rows = carve_validation(data, cfg.mrpo.validation_fraction, cfg.seed)
+    loading_report = data_check.report  # rows skipped while loading (read from the loaded splits)
     data_check.loaded.clear()  # streamed splits (row offsets); only the token stores stay
 
     adapter = LossAdapter.from_config(cfg)
@@ -174,7 +175,7 @@ def prepare_run(
         model,
         tokenizer,
         data,
-        data_check.report,
+        loading_report,
         adapter,
         _share_prompt(cfg, model, spec.unpaired, acc),
         autocast_dtype,

@@ -1,10 +1,11 @@
 """One training step's pieces, shared by the trainer and the benchmark (bench/workers.py).
 
-A micro-batch goes: token ids -> a batch (one row per sequence, or one row per pair with a shared
-prompt) -> the policy's per-sequence log-probs and completion lengths, per side -> (with a global
-contrast scope, gathered over processes) -> the configured method's loss. Then the optimiser
-update. The math of each method is docs/methods.md's; :class:`LossComputer` maps a config onto
-:func:`preftune.losses.preference_loss`.
+A micro-batch goes: the rows' token ids and reference scores -> a :class:`MicroBatch`
+(:func:`micro_batch`) -> a padded batch (one row per sequence, or one row per pair with a shared
+prompt) -> the policy's per-sequence log-probs and completion lengths, per side (:class:`SideScores`)
+-> (with a global contrast scope, gathered over processes) -> the configured method's loss
+(:func:`micro_batch_loss`, through :class:`~preftune.method_adapter.LossAdapter`). Then the
+optimiser update. The math of each method is docs/methods.md's.
 """
 
 from __future__ import annotations

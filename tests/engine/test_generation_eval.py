@@ -183,12 +183,12 @@ def test_generation_eval_without_data_eval_is_a_config_error(base_config):
 def test_generation_eval_that_cannot_work_fails_before_any_model_loads(
     problem, base_config, pair_files, tmp_path, capsys, monkeypatch
 ):
-    import preftune.prepare_run as setup_module
+    import preftune.prepare_run as prepare_run_module
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(setup_module, "load_policy", no_model)
+    monkeypatch.setattr(prepare_run_module, "load_policy", no_model)
     if problem == "no-answers":
         eval_file = pair_files[1]  # preference pairs without any 'answer'
         expected = ["generation_eval", "data.eval", eval_file, "'answer'"]
