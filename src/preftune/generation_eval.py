@@ -18,8 +18,8 @@ from pathlib import Path
 from .config import TrainConfig, load_config, resolved_method
 from .held_out import (
     SavedEval,
-    _is_adapter,
     data_key,
+    is_adapter,
     results_table,
     save_eval_result,
     score_answers,
@@ -77,7 +77,7 @@ def load_trained(cfg: TrainConfig, model_dir: Path):
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dtype = config_dtype(cfg.model_dtype) or torch.float32
-    if not _is_adapter(model_dir):
+    if not is_adapter(model_dir):
         return load_causal_lm(str(model_dir), dtype=dtype, device=device)
     from peft import PeftModel
 

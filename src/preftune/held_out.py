@@ -82,7 +82,7 @@ def results_table(
 # Evaluating a run
 
 
-def _is_adapter(path: Path) -> bool:
+def is_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
@@ -112,7 +112,7 @@ def eval_config(run_dir: Path, data: str | None = None, checkpoint: str | None =
     cfg = copy.deepcopy(cfg)
     refs = cfg.references or [ReferenceConfig()]
     cfg.references = [ReferenceConfig(model=cfg.model) if r.model == "policy" else r for r in refs]
-    if _is_adapter(model_dir):
+    if is_adapter(model_dir):
         pass  # the base model with fresh adapters; evaluate_run loads the trained ones into them
     else:
         cfg.model = str(model_dir)
@@ -151,7 +151,7 @@ def evaluate_run(
     model_dir = trained_model(run.root, checkpoint)
     # the held-out data is the prepared run's only split, ``train``: messages name it "eval data"
     prepared = prepare_run(eval_config(run.root, data, checkpoint), split_labels={"train": "eval data"})
-    if _is_adapter(model_dir):
+    if is_adapter(model_dir):
         _load_adapter(prepared.model, model_dir)
     trainer = Trainer(prepared)
     metrics = trainer.evaluate(split="train")
