@@ -131,7 +131,7 @@ def worker(args) -> dict:
         for m, (p, c, r) in enumerate(mine):
             with D.no_sync(root, enabled=m < len(mine) - 1):
                 sampler.at("forward")
-                logps, _ = root(**collate_sequences([p, p], [c, r], 0))
+                logps = root(**collate_sequences([p, p], [c, r], 0)).logps
                 ref = logps.detach() - 0.1
                 loss = dpo(logps[:1], logps[1:], ref[:1], ref[1:], beta=0.1).loss
                 sampler.at("backward")

@@ -96,7 +96,7 @@ def worker_preftune(args) -> dict:
         batch = [rows[i] for i in index]
         prompts = [p for p, _, _ in batch] * 2
         completions = [c for _, c, _ in batch] + [r for _, _, r in batch]
-        logps, _ = root(**collate_sequences(prompts, completions, 0, device))
+        logps = root(**collate_sequences(prompts, completions, 0, device)).logps
         ref = refs[index].to(device)
         loss = dpo(logps[: w.batch], logps[w.batch :], ref[:, 0], ref[:, 1], beta=w.beta).loss
         loss.backward()

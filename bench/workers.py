@@ -149,7 +149,7 @@ def _references(w: Workload, model, rows, k: int, device, autocast_dtype):
             ref = model
             ctx = model.disable_adapter() if w.lora else torch.no_grad()
         with ctx:
-            s = score_dataset(
+            scores = score_dataset(
                 ref,
                 prompts,
                 completions,
@@ -159,7 +159,7 @@ def _references(w: Workload, model, rows, k: int, device, autocast_dtype):
                 autocast_dtype=autocast_dtype,
                 batch_tokens=2 * w.batch * w.seq,
             )
-        out.append(s.logps)
+        out.append(scores.logps)
         if ref is not model:
             del ref
     logps = torch.stack(out)  # [k, 2N]
@@ -182,15 +182,14 @@ def trainable_policy(w: Workload):
     return model
 
 
-def _loss_computer(method: str, beta: float, k: int):
-    """The trainer's LossComputer for ``method`` with ``k`` references, from a config as the trainer's."""
-    from preftune import losses as L
+def _loss_adapter(method: str, beta: float):
+    """The trainer's LossAdapter for ``method``, from a config as the trainer's."""
     from preftune.config import MRPOConfig, TrainConfig
-    from preftune.step import LossComputer
+    from preftune.method_adapter import LossAdapter
 
     # the references are tensors fed by the workload, not configured models: the config lists none
     cfg = TrainConfig(method=method, beta=beta, mrpo=MRPOConfig(allow_single_reference=True))
-    return LossComputer(cfg, L.parse_method(method), k, unpaired=False)
+    return LossAdapter.from_config(cfg)
 
 
 def _profile_table(prof, device: torch.device, rows: int = 30) -> tuple[str, list[dict]]:
@@ -230,8 +229,16 @@ def run_preftune(
     ``profile_to``: after the timed steps, one more step (the first batch again, untimed) runs under
     ``torch.profiler``; its operator table is written there and its top rows returned as "profile".
     """
+    from preftune.method_adapter import SideScores
     from preftune.references import PAIRED_SIDES
-    from preftune.step import PolicyScorer, apply_update, make_optimizer, micro_batch_loss, shares_prompt
+    from preftune.step import (
+        MicroBatch,
+        PolicyScorer,
+        apply_update,
+        make_optimizer,
+        micro_batch_loss,
+        shares_prompt,
+    )
 
     device = torch.device(w.device)
     t0 = time.perf_counter()
@@ -241,7 +248,7 @@ def run_preftune(
     autocast_dtype = torch.bfloat16 if w.precision == "bf16" else None
     k = w.references if method in ("mrpo", "alternate") else 1
     ref_c, ref_r = _references(w, model, rows, k, device, autocast_dtype)
-    loss_fns = {"dpo": _loss_computer("dpo", w.beta, 1), "mrpo": _loss_computer("mrpo", w.beta, k)}
+    adapters = {"dpo": _loss_adapter("dpo", w.beta), "mrpo": _loss_adapter("mrpo", w.beta)}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, lr=w.learning_rate, weight_decay=0.0, device=device)
     scorer = PolicyScorer(model, autocast_dtype=autocast_dtype)
@@ -260,18 +267,16 @@ def run_preftune(
         share = shares_prompt(share_prompt, prompts, completions)
         sl = slice(step * b, (step + 1) * b)
         refs = slice(None) if step_method == "mrpo" else slice(0, 1)
-        out, _, policy, _ = micro_batch_loss(
-            scorer,
-            loss_fns[step_method],
+        batch = MicroBatch(
             prompts,
             completions,
-            {"chosen": ref_c[refs, sl].to(device), "rejected": ref_r[refs, sl].to(device)},
-            sides=PAIRED_SIDES,
+            PAIRED_SIDES,
+            SideScores({"chosen": ref_c[refs, sl].to(device), "rejected": ref_r[refs, sl].to(device)}),
             pad_token_id=0,
             device=device,
             share=share,
-            grad=True,
         )
+        out, _, policy, _ = micro_batch_loss(scorer, adapters[step_method], batch)
         out.loss.backward()
         apply_update(opt, None, params, 1.0)
         loss = out.loss.item()
@@ -287,8 +292,8 @@ def run_preftune(
         if step == 0:
             checks = {
                 "loss_step0": losses[0],
-                "logps_chosen_step0": policy["chosen"].mean().item(),
-                "logps_rejected_step0": policy["rejected"].mean().item(),
+                "logps_chosen_step0": policy.logps["chosen"].mean().item(),
+                "logps_rejected_step0": policy.logps["rejected"].mean().item(),
             }
     mem = meter.stop()
     checks["loss_last"] = losses[-1]
@@ -366,8 +371,8 @@ def run_sft(w: Workload, path: str) -> dict:
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels
                 ).loss
             else:  # preftune's chunked scoring, mean token NLL
-                s = score_batch(model, **batch)
-                loss = -s.logps.sum() / s.n_tokens.sum()
+                scores = score_batch(model, **batch)
+                loss = -scores.logps.sum() / scores.n_tokens.sum()
         loss.backward()
         apply_update(opt, None, params, 1.0)
         loss.item()

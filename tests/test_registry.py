@@ -15,7 +15,7 @@ import preftune.losses as L
 from preftune.config import TrainConfig, config_value, load_config
 from preftune.losses import registry
 from preftune.losses.components import SLOTS, Component, register
-from preftune.method_adapter import LossAdapter
+from preftune.method_adapter import LossAdapter, SideScores
 
 ROOT = Path(__file__).parents[1]
 METHODS_DOC = ROOT / "docs" / "methods.md"
@@ -263,8 +263,8 @@ def test_adapter_matches_the_old_per_method_code(names):
     lengths = {s: torch.randint(1, 9, (b,), generator=g) for s in ("chosen", "rejected")}
     c = torch.rand(b, generator=g, dtype=torch.float64) + 0.5
     emb = torch.randn(b, 6, generator=g)
-    adapter = LossAdapter.from_config(cfg, refs_k)
-    got = adapter(policy, lengths, refs, c=c, embeddings=emb)
+    adapter = LossAdapter.from_config(cfg)
+    got = adapter(SideScores(policy, lengths), SideScores(refs), dispersion=c, embeddings=emb)
     ln = adapter.length_normalize
     assert ln == (spec.link.name == "ipo")
 

@@ -314,7 +314,8 @@ def pair_logps(model, view, split: str, batch_pairs: int = 16):
     import torch
 
     from preftune.data.collate import collate_shared_prompt_pairs
-    from preftune.scoring import score_batch, score_dataset, shared_prompt_support
+    from preftune.scoring import score_batch, score_dataset
+    from preftune.scoring_probe import shared_prompt_support
 
     prompts, chosen = view.sequences(split, "chosen")
     _, rejected = view.sequences(split, "rejected")
@@ -351,8 +352,8 @@ def initial_logps(trainer, cache: Path) -> tuple:
         return torch.tensor(saved["chosen"], dtype=torch.float64), torch.tensor(
             saved["rejected"], dtype=torch.float64
         )
-    with trainer.model.disable_adapter():
-        chosen, rejected = pair_logps(trainer.model, trainer.data.views[0], "eval")
+    with trainer.run.model.disable_adapter():
+        chosen, rejected = pair_logps(trainer.run.model, trainer.run.data.views[0], "eval")
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"chosen": chosen.tolist(), "rejected": rejected.tolist()}))
@@ -370,7 +371,7 @@ def measure(
     """
     import torch
 
-    view, model = trainer.data.views[0], trainer.model
+    view, model = trainer.run.data.views[0], trainer.run.model
     lines = [it.row for it in view.tokenized["eval"]]  # 1-based line numbers of the JSONL file
     init_c, init_r = initial_logps(trainer, initial)
     with torch.no_grad():
@@ -383,7 +384,7 @@ def measure(
         "divergence": rc.tolist(),
     }
     if generate:
-        per_row.update(answer_rows(model, trainer.tokenizer, [eval_records[i - 1] for i in lines], study))
+        per_row.update(answer_rows(model, trainer.run.tokenizer, [eval_records[i - 1] for i in lines], study))
     return per_row
 
 
@@ -429,14 +430,14 @@ def train_and_measure(
     # The held-out split is tokenized (and its reference scores cached) like any eval split, but the
     # trainer's own aggregate evaluation before and after training is skipped: measure() scores the
     # same rows per row, once, and the initial policy's side once per study.
-    trainer.data.splits.remove("eval")
+    trainer.run.data.splits.remove("eval")
     result = trainer.fit()
     initial = run_dir.parents[1] / "initial" / f"{eval_file.stem}.json"
     per_row = measure(trainer, study, eval_records, split_ids, generate, initial)
     summary = training_summary(result.metrics_path, arm)
-    if trainer.validation is not None:
-        summary["validation_weights"] = trainer.validation["weights"]
-        summary["validation_accuracies"] = trainer.validation["accuracies"]
+    if trainer.run.validation is not None:
+        summary["validation_weights"] = trainer.run.validation["weights"]
+        summary["validation_accuracies"] = trainer.run.validation["accuracies"]
     return per_row, summary
 
 

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 def train(config, overrides=None):
     """Train as the config (a YAML path, a dict or a TrainConfig) says; see preftune.trainer.train.
     With ``generation_eval: true`` the held-out prompts are answered afterwards, as ``preftune train``
-    does (preftune.evaluation.generation_eval; the answer metrics are in ``result.last_metrics``)."""
-    from .evaluation import train_and_evaluate
+    does (preftune.generation_eval.generation_eval; the answer metrics are in ``result.last_metrics``)."""
+    from .generation_eval import train_and_evaluate
 
     return train_and_evaluate(config, overrides)[0]

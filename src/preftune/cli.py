@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(command: str, rest: list[str]) -> int:
     if command == "train":
-        from .evaluation import is_main_process, train_and_evaluate, train_summary
+        from .generation_eval import is_main_process, train_and_evaluate, train_summary
 
         args = _config_args(rest, "train")
         result, generated = train_and_evaluate(args.config, args.overrides)  # + generation_eval
@@ -331,13 +331,13 @@ def _run(command: str, rest: list[str]) -> int:
         iterate(args.config, args.overrides)
         return 0
     if command == "precompute":
-        from .evaluation import precompute
+        from .precompute import precompute
 
         args = _config_args(rest, "precompute")
         precompute(args.config, args.overrides)
         return 0
     if command == "eval":
-        from .evaluation import main as eval_main
+        from .held_out import main as eval_main
 
         return eval_main(rest)
     if command == "demo":

@@ -138,8 +138,8 @@ def run_demo(
 
     log("measuring the initial policy on the held-out problems")
     before_match, before_details = exact_match(
-        trainer.model,
-        trainer.tokenizer,
+        trainer.run.model,
+        trainer.run.tokenizer,
         test_items,
         max_new_tokens=size.max_new_tokens,
         progress=cfg.progress,
@@ -158,8 +158,8 @@ def run_demo(
 
     log("measuring the trained policy (the same model object, adapters trained)")
     after_match, after_details = exact_match(
-        trainer.model,
-        trainer.tokenizer,
+        trainer.run.model,
+        trainer.run.tokenizer,
         test_items,
         max_new_tokens=size.max_new_tokens,
         progress=cfg.progress,

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from . import losses as L
-from .config import ConfigError, TrainConfig, config_value, resolved_method, validate
+from .config import TrainConfig, config_value, resolved_method, validate
+from .references import MISMATCHED_SIDE
 
 
 def _length_normalize(cfg: TrainConfig, spec: L.MethodSpec) -> bool:
@@ -25,15 +26,38 @@ def _length_normalize(cfg: TrainConfig, spec: L.MethodSpec) -> bool:
     return spec.length_normalize or cfg.reference_free
 
 
-def _process_mean(x: torch.Tensor) -> torch.Tensor:
+def _process_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of a per-process scalar over all processes (itself with one process)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    y = x.detach().clone()
-    dist.all_reduce(y)
-    return y / dist.get_world_size()
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
+@dataclass
+class SideScores:
+    """Per-sequence numbers of one micro-batch, by side: ``chosen``/``rejected`` (paired data) or
+    ``completion`` (unpaired), and KTO's mismatched side (:data:`MISMATCHED_SIDE`) when scored.
+
+    The policy's have ``[B]`` tensors and every field; the references' have ``[K, B]`` log-probs
+    (reference 0 first) and tails."""
+
+    logps: dict[str, torch.Tensor]
+    lengths: dict[str, torch.Tensor] = field(default_factory=dict)  # completion tokens [B]
+    wpo: dict[str, torch.Tensor] = field(default_factory=dict)  # WPO's aligned sums [B], detached
+    tail: dict[str, torch.Tensor] = field(default_factory=dict)  # LD-DPO: log-prob beyond the shared length
+
+    def merged(self, other: SideScores) -> SideScores:
+        """These sides and ``other``'s together."""
+        return SideScores(
+            {**self.logps, **other.logps},
+            {**self.lengths, **other.lengths},
+            {**self.wpo, **other.wpo},
+            {**self.tail, **other.tail},
+        )
 
 
 @dataclass
@@ -53,15 +77,10 @@ class LossAdapter:
     state: dict[str, float] = field(default_factory=lambda: {"bco_delta": 0.0, "bco_count": 0})
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, num_references: int) -> LossAdapter:
-        """Check the method against the references actually prepared; collect the loss keywords."""
+    def from_config(cls, cfg: TrainConfig) -> LossAdapter:
+        """Check the config (and so the method against its references); collect the loss keywords."""
         validate(cfg)  # a TrainConfig built in code has not been through load_config
         spec = resolved_method(cfg)
-        if num_references > 1 and not spec.multi_reference:
-            raise ConfigError(
-                f"method {cfg.method!r} uses one reference but {num_references} are configured; "
-                "use mrpo or mdpo (optionally composed, e.g. mrpo+mallows_theta)"
-            )
         kwargs: dict[str, Any] = dict(
             beta=cfg.beta,
             label_smoothing=cfg.label_smoothing,
@@ -103,46 +122,50 @@ class LossAdapter:
 
     def __call__(
         self,
-        policy: dict[str, torch.Tensor],
-        lengths: dict[str, torch.Tensor],
-        refs: dict,
-        c: torch.Tensor | None = None,
+        policy: SideScores,
+        reference: SideScores,
+        *,
+        labels: torch.Tensor | None = None,
+        dispersion: torch.Tensor | None = None,
         embeddings: torch.Tensor | None = None,
     ) -> L.LossOutput:
-        """``policy``/``refs``: per-side ``[B]`` / ``[K, B]`` summed log-probs; ``lengths`` per side.
+        """``policy``/``reference``: per-side ``[B]`` / ``[K, B]`` summed log-probs (the policy's with
+        lengths, WPO's aligned sums and LD-DPO's tails as the method asks; KTO's mismatched side
+        :data:`MISMATCHED_SIDE` in both). ``labels``: unpaired data's desirable items; ``dispersion``
+        and ``embeddings``: MallowsPO's c(x), RPO's prompt embeddings, per example."""
+        sides: list[str] = [s for s in ("chosen", "rejected", "completion") if s in policy.logps]
 
-        Optional entries: ``<side>_tail`` (policy and refs; LD-DPO), ``<side>_wpo`` (policy; WPO's
-        aligned sums), ``kl`` (policy and refs; KTO's mismatched items).
-        """
-        sides = [s for s in ("chosen", "rejected", "completion") if s in policy]
-
-        def norm(x, side):
-            return x / lengths[side].clamp(min=1).to(x.dtype) if self.length_normalize else x
-
-        def ld(values, side):
-            x = values[side]
+        def modified(scores: SideScores, side: str) -> torch.Tensor:
+            """LD-DPO's tail weighting, then length normalisation (by the policy's token counts)."""
+            logps = scores.logps[side]
             if self.needs_tails and self.ld_alpha is not None:
-                x = L.ld_logps(x, values[f"{side}_tail"].to(x.dtype), self.ld_alpha)
-            return x
+                logps = L.ld_logps(logps, scores.tail[side].to(logps.dtype), self.ld_alpha)
+            if self.length_normalize:
+                logps = logps / policy.lengths[side].clamp(min=1).to(logps.dtype)
+            return logps
 
-        pol = {s: norm(ld(policy, s), s) for s in sides}
-        ref = {s: norm(ld(refs, s), s) for s in sides}
+        policy_logps = {s: modified(policy, s) for s in sides}
+        reference_logps = {s: modified(reference, s) for s in sides}
         if self.spec.unpaired:
-            return self._unpaired(policy, pol, ref, lengths, refs, embeddings)
+            assert labels is not None, "unpaired data needs its labels"
+            return self._unpaired(policy, reference, policy_logps, reference_logps, labels, embeddings)
         kwargs = dict(self.kwargs)
         if self.wpo:
             kwargs["pair_weights"] = L.wpo_weights(
-                policy["chosen_wpo"], policy["rejected_wpo"], lengths["chosen"], lengths["rejected"]
+                policy.wpo["chosen"],
+                policy.wpo["rejected"],
+                policy.lengths["chosen"],
+                policy.lengths["rejected"],
             )
 
         def loss(options) -> L.LossOutput:
             return L.preference_loss(
-                pol["chosen"],
-                pol["rejected"],
-                ref["chosen"],
-                ref["rejected"],
-                chosen_lengths=lengths["chosen"],
-                **self.spec.step_kwargs({"c": c, "embeddings": embeddings}),
+                policy_logps["chosen"],
+                policy_logps["rejected"],
+                reference_logps["chosen"],
+                reference_logps["rejected"],
+                chosen_lengths=policy.lengths["chosen"],
+                **self.spec.step_kwargs({"c": dispersion, "embeddings": embeddings}),
                 **options,
             )
 
@@ -163,27 +186,40 @@ class LossAdapter:
             kwargs["link_options"] = {**kwargs["link_options"], "delta": delta}
         return loss(kwargs)
 
-    def _unpaired(self, policy, pol, ref, lengths, refs, embeddings) -> L.LossOutput:
-        labels = lengths["label"]
+    def _unpaired(
+        self,
+        policy: SideScores,
+        reference: SideScores,
+        policy_logps: dict[str, torch.Tensor],
+        reference_logps: dict[str, torch.Tensor],
+        labels: torch.Tensor,
+        embeddings: torch.Tensor | None,
+    ) -> L.LossOutput:
         if self.spec.takes == "unpaired":  # KTO-style: each item against the reference point
             options = dict(self.kwargs.get("link_options", {}))
             if self.needs_mismatched:
-                kl = (policy["kl"].detach().double() - refs["kl"][0].to(policy["kl"].device).double()).mean()
-                options["reference_point"] = _process_mean(kl).clamp(min=0.0)
+                mismatched = policy.logps[MISMATCHED_SIDE].detach().double()
+                mismatched_reference = reference.logps[MISMATCHED_SIDE][0].to(mismatched.device).double()
+                options["reference_point"] = _process_mean((mismatched - mismatched_reference).mean()).clamp(
+                    min=0.0
+                )
             return self.spec.link.impl(
-                pol["completion"], ref["completion"], labels, beta=self.kwargs["beta"], **options
+                policy_logps["completion"],
+                reference_logps["completion"],
+                labels,
+                beta=self.kwargs["beta"],
+                **options,
             )
-        ci, ri = labels.nonzero().flatten(), (~labels).nonzero().flatten()
-        comp, rcomp = pol["completion"], ref["completion"][0]
-        emb = embeddings
+        desirable, undesirable = labels.nonzero().flatten(), (~labels).nonzero().flatten()
+        completion, reference_completion = policy_logps["completion"], reference_logps["completion"][0]
         kwargs = {k: v for k, v in self.kwargs.items() if k != "link_options"}
         return L.unpaired_preference_loss(
-            comp[ci],
-            rcomp[ci],
-            None if emb is None else emb[ci],
-            comp[ri],
-            rcomp[ri],
-            None if emb is None else emb[ri],
-            chosen_lengths=lengths["completion"][ci],
+            completion[desirable],
+            reference_completion[desirable],
+            None if embeddings is None else embeddings[desirable],
+            completion[undesirable],
+            reference_completion[undesirable],
+            None if embeddings is None else embeddings[undesirable],
+            chosen_lengths=policy.lengths["completion"][desirable],
             **kwargs,
         )

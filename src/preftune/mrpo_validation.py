@@ -15,12 +15,13 @@ from typing import Any
 from .config import TrainConfig
 from .data.prepare import VALIDATION_SPLIT
 from .losses.aggregation import validation_weights
+from .losses.registry import MethodSpec
 
 __all__ = ["uses_validation_weights", "fixed_weights", "with_weights"]
 
 
-def uses_validation_weights(cfg: TrainConfig, spec: dict) -> bool:
-    return bool(spec.get("multi_reference")) and cfg.mrpo.weights == "validation"
+def uses_validation_weights(cfg: TrainConfig, spec: MethodSpec) -> bool:
+    return spec.multi_reference and cfg.mrpo.weights == "validation"
 
 
 def fixed_weights(cfg: TrainConfig, references, rows: list[int]) -> dict[str, Any]:

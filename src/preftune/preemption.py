@@ -207,14 +207,15 @@ def at_step_end(trainer, done: int, total: int, optimizer, scheduler) -> None:
     if done >= total:  # the last step: finishing the run is its checkpoint (the watchdog bounds it)
         w.phase = "finishing"
         return
-    if not requested(trainer.accelerator.device):
+    run = trainer.run  # the prepared run (preftune.prepare_run)
+    if not requested(run.accelerator.device):
         return
-    cfg = trainer.cfg
+    cfg = run.cfg
     name = _signal_name(w.signum) if w.signal_at is not None else "another process's signal"
     started = time.monotonic()
     if not (cfg.save_steps > 0 and done % cfg.save_steps == 0):
         trainer._checkpoint(done, optimizer, scheduler)
-    path = RunDir(trainer.output_dir).checkpoint(done)
+    path = run.run_dir.checkpoint(done)
     raise Preempted(
         f"preempted at step {done} ({name}): {path.name} written in {time.monotonic() - started:.1f} s "
         f"({w.seconds_since_signal():.1f} s after the signal, preemption_grace_s={w.grace_s:g}); "

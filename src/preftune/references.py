@@ -73,6 +73,15 @@ class ModelView:
         columns = self._columns(split)
         return columns.ids("prompt", index), columns.ids(side, index)
 
+    def batch_sequences(self, split: str, sides, index) -> tuple[list[list[int]], list[list[int]]]:
+        """:meth:`sequences` of each side in turn: the first side's rows, then the next side's."""
+        prompts, completions = [], []
+        for side in sides:
+            side_prompts, side_completions = self.sequences(split, side, index)
+            prompts += side_prompts
+            completions += side_completions
+        return prompts, completions
+
     def shared_lengths(self, split: str, index=None) -> list[int]:
         """LD-DPO: each pair's shared completion length ``min(|y_w|, |y_l|)`` in this model's tokens."""
         chosen = self.sequences(split, "chosen", index)[1]
@@ -347,11 +356,7 @@ class OnlineReferences:
         logps: dict[str, list] = {s: [] for s in sides}
         entropy: dict[str, torch.Tensor] = {}
         for k, (view, model) in enumerate(zip(self.views, self.models)):
-            prompts, completions = [], []
-            for side in sides:
-                p, c = view.sequences(split, side, index)
-                prompts += p
-                completions += c
+            prompts, completions = view.batch_sequences(split, sides, index)
             batch = collate_sequences(prompts, completions, view.pad_token_id, self.device)
             ctx = _as_initial_policy(self.policy) if model is None else contextlib.nullcontext()
             device_type = torch.device(self.device).type

@@ -9,16 +9,15 @@ float32 logits exists at any moment: memory no longer grows with batch × length
 from __future__ import annotations
 
 import inspect
-import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .data.collate import collate_sequences, collate_shared_prompt_pairs
+from .data.collate import collate_sequences
 
 # Logits budget per chunk, in float32 values. The tile is allocated once per pass and reused by
 # every chunk. Larger chunks keep the head's matmuls efficient (on a 2-core CPU, 682 rows of
@@ -27,12 +26,10 @@ from .data.collate import collate_sequences, collate_shared_prompt_pairs
 DEFAULT_LOGITS_BUDGET = 2**27
 CPU_LOGITS_BUDGET = 2**25
 
-logger = logging.getLogger(__name__)
 
-
-@dataclass
-class SequenceScores:
-    """Per-sequence scores of a batch of N sequences."""
+class SequenceScores(NamedTuple):
+    """Per-sequence scores of a batch of N sequences (a named tuple: DDP, FSDP and accelerate see
+    its tensors as they see a tuple's)."""
 
     logps: torch.Tensor  # [N] sum over completion tokens of log p(token)
     n_tokens: torch.Tensor  # [N] number of completion tokens
@@ -136,19 +133,25 @@ def _chunk_log_sum_sq(hidden, head, softcap, scale=None):
     return torch.logsumexp(2.0 * torch.log_softmax(_logits(head, hidden, softcap, scale), dim=-1), dim=-1)
 
 
-def _checkpointed_token_logps(hidden, targets, head, softcap, chunk, with_entropy, scale=None, sq=None):
+def _checkpointed_token_logps(
+    hidden, targets, head, softcap, chunk, with_entropy, scale=None, log_sum_sq=None
+):
     pieces, entropies = [], []
     for start in range(0, hidden.shape[0], chunk):
-        h, t = hidden[start : start + chunk], targets[start : start + chunk]
-        if sq is not None:
-            sq.append(_chunk_log_sum_sq(h, head, softcap, scale))
+        chunk_hidden, chunk_targets = hidden[start : start + chunk], targets[start : start + chunk]
+        if log_sum_sq is not None:
+            log_sum_sq.append(_chunk_log_sum_sq(chunk_hidden, head, softcap, scale))
         if with_entropy:
-            token, ent = _chunk_token_logps_entropy(h, t, head, softcap, scale)
-            entropies.append(ent)
+            token, chunk_entropy = _chunk_token_logps_entropy(
+                chunk_hidden, chunk_targets, head, softcap, scale
+            )
+            entropies.append(chunk_entropy)
         elif torch.is_grad_enabled():
-            token = checkpoint(_chunk_token_logps, h, t, head, softcap, scale, use_reentrant=False)
+            token = checkpoint(
+                _chunk_token_logps, chunk_hidden, chunk_targets, head, softcap, scale, use_reentrant=False
+            )
         else:
-            token = _chunk_token_logps(h, t, head, softcap, scale)
+            token = _chunk_token_logps(chunk_hidden, chunk_targets, head, softcap, scale)
         pieces.append(token)
     empty = hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
     logps = torch.cat(pieces) if pieces else empty
@@ -208,30 +211,30 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             probs = torch.empty(width, vocab, **f32) if with_entropy else None
             for start in range(0, n, chunk):
                 end = min(start + chunk, n)
-                t = tile[: end - start]
-                _project(t, hidden[start:end].to(cdtype), weight_t, bias_c, scale)
+                logits = tile[: end - start]
+                _project(logits, hidden[start:end].to(cdtype), weight_t, bias_c, scale)
                 if softcap:
-                    _softcap_(t, softcap)
-                target = t.gather(1, targets[start:end, None]).squeeze(1)
-                peak = t.amax(1, keepdim=True)
+                    _softcap_(logits, softcap)
+                target = logits.gather(1, targets[start:end, None]).squeeze(1)
+                peak = logits.amax(1, keepdim=True)
                 if with_entropy:  # H = lse - sum_v p_v z_v
-                    e = probs[: end - start]
-                    torch.sub(t, peak, out=e).exp_()
-                    total = e.sum(1)
+                    shifted_exp = probs[: end - start]
+                    torch.sub(logits, peak, out=shifted_exp).exp_()
+                    total = shifted_exp.sum(1)
                     if with_sq:
-                        sq_sum = torch.einsum("ij,ij->i", e, e)
-                    pz = e.mul_(t).sum(1) / total
+                        sq_sum = torch.einsum("ij,ij->i", shifted_exp, shifted_exp)
+                    expected_logit = shifted_exp.mul_(logits).sum(1) / total
                 else:
-                    total = t.sub_(peak).exp_().sum(1)
+                    total = logits.sub_(peak).exp_().sum(1)
                     if with_sq:  # Σ_v e^{2(z_v − peak)}: the tile holds e^{z − peak} here
-                        sq_sum = torch.einsum("ij,ij->i", t, t)
+                        sq_sum = torch.einsum("ij,ij->i", logits, logits)
                 if with_sq:  # log Σ p² = log Σ e^{2(z − peak)} − 2 log Σ e^{z − peak}
                     log_sq[start:end] = sq_sum.log() - 2.0 * total.log()
                 chunk_lse = total.log_().add_(peak.squeeze(1))
                 lse[start:end] = chunk_lse
                 logps[start:end] = target - chunk_lse
                 if with_entropy:
-                    entropy[start:end] = (chunk_lse - pz) / math.log(vocab)
+                    entropy[start:end] = (chunk_lse - expected_logit) / math.log(vocab)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.softcap, ctx.chunk, ctx.cdtype, ctx.scale = softcap, chunk, cdtype, scale
         if entropy is not None:
@@ -250,7 +253,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             weight_c = weight.to(cdtype)
             bias_c = None if bias is None else bias.to(cdtype).float()
-            g = grad_logps.float()
+            grad = grad_logps.float()
             grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
             grad_w = torch.zeros(weight.shape, **f32) if need_w else None
             grad_b = torch.zeros(vocab, **f32) if need_b else None
@@ -265,33 +268,36 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             for start in range(0, n, chunk):
                 end = min(start + chunk, n)
                 m = end - start
-                t = tile[:m]
-                h = hidden[start:end].to(cdtype)
-                _project(t, h, weight_c.t(), bias_c, scale)
+                logits = tile[:m]
+                chunk_hidden = hidden[start:end].to(cdtype)
+                _project(logits, chunk_hidden, weight_c.t(), bias_c, scale)
                 if softcap:
-                    _softcap_(t, softcap, tanh[:m])
-                gc = g[start:end, None]
+                    _softcap_(logits, softcap, tanh[:m])
+                chunk_grad = grad[start:end, None]
                 # d logp(target) / d z_v = 1[v = target] - p_v, times the incoming gradient
-                t.sub_(lse[start:end, None]).exp_().mul_(-gc)
-                t.scatter_add_(1, targets[start:end, None], gc)
+                logits.sub_(lse[start:end, None]).exp_().mul_(-chunk_grad)
+                logits.scatter_add_(1, targets[start:end, None], chunk_grad)
                 if softcap:  # d z / d logits = 1 - tanh^2
-                    th = tanh[:m]
-                    t.mul_(th.mul_(th).neg_().add_(1))
+                    chunk_tanh = tanh[:m]
+                    logits.mul_(chunk_tanh.mul_(chunk_tanh).neg_().add_(1))
                 if scale is not None:  # d (scale · logits) / d logits
-                    t.mul_(scale)
-                d = t if low is None else low[:m].copy_(t)
+                    logits.mul_(scale)
+                grad_logits = logits if low is None else low[:m].copy_(logits)
                 if need_h:
-                    if grad_h.dtype == d.dtype:
-                        torch.mm(d, weight_c, out=grad_h[start:end])
+                    if grad_h.dtype == grad_logits.dtype:
+                        torch.mm(grad_logits, weight_c, out=grad_h[start:end])
                     else:
-                        grad_h[start:end] = d @ weight_c
+                        grad_h[start:end] = grad_logits @ weight_c
                 if need_w:
-                    if d.dtype == torch.float32:
-                        grad_w.addmm_(d.t(), h.float() if h.dtype != torch.float32 else h)
+                    if grad_logits.dtype == torch.float32:
+                        grad_w.addmm_(
+                            grad_logits.t(),
+                            chunk_hidden.float() if chunk_hidden.dtype != torch.float32 else chunk_hidden,
+                        )
                     else:
-                        grad_w.add_(d.t() @ h)
+                        grad_w.add_(grad_logits.t() @ chunk_hidden)
                 if need_b:
-                    grad_b.add_(t.sum(0))
+                    grad_b.add_(logits.sum(0))
         return (
             grad_h,
             None if grad_w is None else grad_w.to(weight.dtype),
@@ -326,7 +332,7 @@ def token_logps(
     with_entropy: bool = False,
     fused: bool | None = None,
     scale: float | None = None,
-    sq: list | None = None,
+    log_sum_sq: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(target) for P hidden states [P, H] -> [P] (and normalised entropies [P]), chunk by chunk.
 
@@ -336,27 +342,27 @@ def token_logps(
     ``fused`` (default: whenever the head is a plain ``nn.Linear``) uses one reusable logits tile and
     a hand-written backward; otherwise each chunk goes through autograd with checkpointing.
 
-    ``sq``: a list to append the positions' ``log Σ_v p(v)²`` [P] to (WPO), detached.
+    ``log_sum_sq``: a list to append the positions' ``log Σ_v p(v)²`` [P] to (WPO), detached.
     """
     vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
     chunk = chunk_tokens or default_chunk_tokens(vocab, hidden.device)
     if fused is None:
         fused = _fusable(head)
     if not fused:
-        pieces: list | None = [] if sq is not None else None
+        pieces: list | None = [] if log_sum_sq is not None else None
         out = _checkpointed_token_logps(hidden, targets, head, softcap, chunk, with_entropy, scale, pieces)
-        if sq is not None:
-            sq.append(torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32))
+        if log_sum_sq is not None:
+            log_sum_sq.append(torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32))
         return out
     args = (hidden, head.weight, head.bias, targets, softcap, chunk)
-    with_sq = sq is not None
+    with_sq = log_sum_sq is not None
     if with_entropy:  # entropy is for references and metrics: never differentiated
         with torch.no_grad():
             logps, entropy, log_sq = _LinearTokenLogProbs.apply(*args, True, scale, with_sq)
     else:
         (logps, entropy, log_sq) = _LinearTokenLogProbs.apply(*args, False, scale, with_sq)
     if with_sq:
-        sq.append(log_sq)
+        log_sum_sq.append(log_sq)
     return logps, entropy
 
 
@@ -388,7 +394,7 @@ def score_batch(
     mask and position ids.
 
     ``exact`` scores from the model's own ``logits`` instead of the chunked head; by default it follows
-    the model's :func:`probe_scoring` result (chunked head when none was recorded).
+    the model's :func:`~preftune.scoring_probe.probe_scoring` result (chunked head when none was recorded).
 
     ``with_wpo`` adds WPO's aligned sums (``SequenceScores.wpo``, detached); ``tail_from`` ``[N]``
     adds LD-DPO's tails: the log-prob of each sequence's completion tokens beyond its first
@@ -411,10 +417,10 @@ def score_batch(
     if exact is None:
         probe = getattr(_base_model(model), PROBE_ATTRIBUTE, None)
         exact = probe is not None and not probe.fused_exact
-    sq: list | None = [] if with_wpo else None
+    log_sum_sq: list | None = [] if with_wpo else None
     if exact:
         tok_logps, tok_entropy = _exact_token_logps(
-            model, input_ids, attention_mask, position_ids, flat, targets, with_entropy, sq
+            model, input_ids, attention_mask, position_ids, flat, targets, with_entropy, log_sum_sq
         )
     else:
         hidden = backbone(
@@ -428,15 +434,15 @@ def score_batch(
             chunk_tokens=chunk_tokens,
             with_entropy=with_entropy,
             scale=output_scale(_text_config(_base_model(model))),
-            sq=sq,
+            log_sum_sq=log_sum_sq,
         )
     logps = tok_logps.new_zeros(n).index_add(0, rows, tok_logps)
     n_tokens = torch.bincount(rows, minlength=n)
     entropy = wpo = tail = None
     if tok_entropy is not None:
         entropy = tok_entropy.new_zeros(n).index_add(0, rows, tok_entropy) / n_tokens.clamp(min=1)
-    if sq is not None:
-        aligned = tok_logps.detach() - sq[0].to(tok_logps.dtype)
+    if log_sum_sq is not None:
+        aligned = tok_logps.detach() - log_sum_sq[0].to(tok_logps.dtype)
         wpo = aligned.new_zeros(n).index_add(0, rows, aligned)
     if tail_from is not None:
         beyond = _completion_rank(rows, flat) > torch.as_tensor(tail_from, device=rows.device)[rows]
@@ -460,7 +466,9 @@ def _completion_rank(rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     return rank
 
 
-def _exact_token_logps(model, input_ids, attention_mask, position_ids, flat, targets, with_entropy, sq=None):
+def _exact_token_logps(
+    model, input_ids, attention_mask, position_ids, flat, targets, with_entropy, log_sum_sq=None
+):
     """Token log-probs from the model's own ``logits`` (whatever its head does), for the positions
     ``flat`` indexes into [rows × T]. Only the columns some row needs are projected (``logits_to_keep``)."""
     width = input_ids.shape[1]
@@ -482,151 +490,14 @@ def _exact_token_logps(model, input_ids, attention_mask, position_ids, flat, tar
     if with_entropy:
         with torch.no_grad():
             entropy = -(log_probs.exp() * log_probs).sum(-1) / math.log(log_probs.shape[-1])
-    if sq is not None:
+    if log_sum_sq is not None:
         with torch.no_grad():
-            sq.append(torch.logsumexp(2.0 * log_probs, dim=-1))
+            log_sum_sq.append(torch.logsumexp(2.0 * log_probs, dim=-1))
     return token, entropy
 
 
-# --------------------------------------------------------------------------------------------------
-# The probe: does the fused head reproduce this model's own logits, and do shared-prompt rows
-# reproduce plain rows? Checked on a few random sequences when a model is loaded; never assumed.
-
+# Where preftune.scoring_probe records what it found for a model (score_batch follows it).
 PROBE_ATTRIBUTE = "_preftune_scoring_probe"
-
-
-@dataclass
-class ScoringProbe:
-    """What :func:`probe_scoring` found for one model."""
-
-    architecture: str
-    fused_exact: bool  # the fused head's log-probs equal the model's own logits' (else: exact path)
-    fused_error: float  # largest |difference| in a sequence log-prob, fused vs the model's logits
-    shared_prompt: str | None  # None if shared-prompt rows equal plain rows, else why not
-
-
-_RECURRENT_KEYS = ("mamba", "ssm", "rwkv", "recurrent", "linear_attn", "linear_conv")
-
-
-def _mask_blind_layers(config) -> str | None:
-    """Why some layer of this architecture ignores a custom attention mask, judged from its config.
-
-    ALiBi adds a bias that depends on the key's position in the row, which a shared-prompt row moves;
-    state-space, recurrent, convolution and linear-attention layers carry state along the row, across
-    the mask. On a tiny random model the resulting difference can be as small as float32 noise, so the
-    config decides where it can; the probe catches the rest.
-    """
-    attn_config = getattr(config, "attn_config", None)
-    alibi = getattr(config, "alibi", False) or getattr(attn_config, "alibi", False)
-    if isinstance(attn_config, dict):
-        alibi = alibi or attn_config.get("alibi", False)
-    if alibi or getattr(config, "model_type", None) == "bloom":
-        return "ALiBi position biases"
-    keys = [key for key in config.to_dict() if any(word in key for word in _RECURRENT_KEYS)]
-    layers = [
-        kind
-        for name in ("layer_types", "layers_block_type", "block_types")
-        for kind in (getattr(config, name, None) or [])
-        if isinstance(kind, str) and (kind == "hybrid" or "linear" in kind or "attention" not in kind)
-    ]
-    if keys or layers:
-        return f"state carried along the row by non-attention layers ({', '.join(sorted(set(layers)) or keys[:2])})"
-    return None
-
-
-def _tolerance(reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # float32: both sides agree to ~1e-5 on a sequence; half precision rounds every logit
-    if dtype in (torch.float16, torch.bfloat16):
-        return 0.05 + 0.02 * reference.abs()
-    return 1e-3 + 1e-4 * reference.abs()
-
-
-def _probe_pairs(vocab: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    high = max(2, min(vocab, 32000))
-
-    def ids(n: int) -> list[int]:
-        return torch.randint(1, high, (n,), generator=gen).tolist()
-
-    shapes = [(5, 4, 3), (3, 6, 5), (7, 2, 4)]  # (prompt, chosen, rejected) lengths: padding included
-    return [ids(p) for p, _, _ in shapes], [ids(c) for _, c, _ in shapes], [ids(r) for _, _, r in shapes]
-
-
-@torch.no_grad()
-def probe_scoring(model: nn.Module, *, log=None) -> ScoringProbe:
-    """Compare preftune's scoring with the model's own forward on a small random batch, and record the
-    decision on the model (``score_batch`` and :func:`shared_prompt_support` follow it).
-
-    If the fused head differs from the model's logits (an output scaling preftune does not know, say),
-    scoring falls back to the model's own logits, with a one-line warning. Shared-prompt rows are
-    offered only if they give the plain rows' numbers (not so for ALiBi or state-space layers, whose
-    state crosses the custom mask). Raises ValueError naming the architecture if the model's own
-    forward cannot score the probe.
-    """
-    base = _base_model(model)
-    architecture = type(base).__name__
-    log = log or logger.warning
-    _, head, _ = backbone_and_head(model)
-    vocab = head.weight.shape[0] if hasattr(head, "weight") else head.out_features
-    device = next(base.parameters()).device
-    prompts, chosen, rejected = _probe_pairs(vocab)
-    plain = collate_sequences(prompts * 2, chosen + rejected, 0, device)
-    was_training = base.training
-    base.eval()
-    try:
-        try:
-            want = score_batch(model, **plain, exact=True).logps
-        except Exception as error:
-            raise ValueError(
-                f"{architecture}: preftune cannot score this model: its own forward failed on a probe batch "
-                f"({type(error).__name__}: {error})"
-            ) from error
-        dtype = want.dtype if head.weight.dtype == torch.float32 else head.weight.dtype
-        tol = _tolerance(want.float(), dtype)
-        try:
-            got = score_batch(model, **plain, exact=False).logps
-            diff = (got.float() - want.float()).abs()
-            fused_error = float(diff.max())
-            fused_exact = bool((diff <= tol).all())
-        except Exception as failure:  # the fused path cannot run this head: use the model's own logits
-            fused_error, fused_exact = float("inf"), False
-            log(
-                f"{architecture}: the chunked head failed ({type(failure).__name__}: {failure}); "
-                "scoring with the model's own logits"
-            )
-        else:
-            if not fused_exact:
-                log(
-                    f"{architecture}: the chunked head's log-probs differ from the model's own logits by "
-                    f"{fused_error:.3g} (an output scaling preftune does not know?); scoring with the model's "
-                    "own logits instead, which costs memory for full-vocabulary logits"
-                )
-        plain_logps = want if not fused_exact else got
-        blind = _mask_blind_layers(_text_config(base))
-        try:
-            shared = score_batch(
-                model,
-                **collate_shared_prompt_pairs(prompts, chosen, rejected, 0, device),
-                exact=not fused_exact,
-            ).logps
-            shared_error = float((shared.float() - plain_logps.float()).abs().max())
-            if not bool(((shared.float() - plain_logps.float()).abs() <= tol).all()):
-                reason = (
-                    f"{architecture} gives other log-probs for shared-prompt rows than for plain rows "
-                    f"(by {shared_error:.3g}: {blind or 'its layers do not follow the custom mask'})"
-                )
-            elif blind:
-                reason = f"{architecture} has {blind}, which a shared-prompt row's custom mask does not cover"
-            else:
-                reason = None
-        except Exception as failure:
-            message = str(failure).splitlines()[0] if str(failure) else ""
-            reason = f"{architecture} cannot run shared-prompt rows ({type(failure).__name__}: {message})"
-    finally:
-        base.train(was_training)
-    probe = ScoringProbe(architecture, fused_exact, fused_error, reason)
-    setattr(base, PROBE_ATTRIBUTE, probe)
-    return probe
 
 
 def _mask_for(backbone: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
@@ -646,46 +517,6 @@ def _mask_for(backbone: nn.Module, allowed: torch.Tensor) -> torch.Tensor:
         f"shared-prompt batches need a custom attention mask, which attn_implementation={impl!r} does "
         "not take; use sdpa or eager, or collate_pairs"
     )
-
-
-def shared_prompt_support(model: nn.Module, max_length: int) -> str | None:
-    """None if :func:`collate_shared_prompt_pairs` batches give this model's exact numbers, else why not.
-
-    They need a custom 4D mask that the model passes to attention unchanged (transformers does for
-    sdpa and eager attention), no sliding window shorter than a sequence (the custom mask replaces the
-    model's own, window included), and a model whose every layer respects that mask: the probe
-    (:func:`probe_scoring`, run now if the model has no result yet) compares shared-prompt rows with
-    plain rows, which rules out ALiBi biases and state-space layers.
-    """
-    backbone, _, _ = backbone_and_head(model)
-    config = getattr(backbone, "config", None)
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    if impl not in ("sdpa", "eager"):
-        return f"attn_implementation={impl!r} takes no custom attention mask"
-    window = getattr(config, "sliding_window", None)
-    if window and getattr(config, "use_sliding_window", True) and window < max_length:
-        return f"sliding_window={window} is shorter than max_length={max_length}"
-    probe = getattr(_base_model(model), PROBE_ATTRIBUTE, None)
-    if probe is None:
-        probe = probe_scoring(model)
-    return probe.shared_prompt
-
-
-SHARE_PROMPT_MIN_SAVING = 0.25
-
-
-def sharing_pays(prompts: Sequence[Sequence[int]], chosen: Sequence, rejected: Sequence) -> bool:
-    """Whether shared-prompt rows are worth it for these pairs (automatic ``share_prompt``).
-
-    True when the prompts' second copies are at least SHARE_PROMPT_MIN_SAVING of the two-row
-    batch's tokens. Measured on a 2-core CPU (SmolLM2-135M, 4 pairs of 256 tokens, forward +
-    backward): a 37.5 % saving made the step 0.66x as long; 12.5 % broke even, because attention
-    under a custom mask over the longer rows costs more than causal attention over the short ones
-    (bench/NOTES.md).
-    """
-    saved = sum(len(p) for p in prompts)
-    total = 2 * saved + sum(len(c) for c in chosen) + sum(len(r) for r in rejected)
-    return saved >= SHARE_PROMPT_MIN_SAVING * total
 
 
 @torch.no_grad()

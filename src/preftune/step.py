@@ -1,24 +1,28 @@
 """One training step's pieces, shared by the trainer and the benchmark (bench/workers.py).
 
-A micro-batch goes: token ids -> a batch (one row per sequence, or one row per pair with a shared
-prompt) -> the policy's per-sequence log-probs and completion lengths, per side -> (with a global
-contrast scope, gathered over processes) -> the configured method's loss. Then the optimiser
-update. The math of each method is docs/methods.md's; :class:`LossComputer` maps a config onto
-:func:`preftune.losses.preference_loss`.
+A micro-batch goes: the rows' token ids and reference scores -> a :class:`MicroBatch`
+(:func:`micro_batch`) -> a padded batch (one row per sequence, or one row per pair with a shared
+prompt) -> the policy's per-sequence log-probs and completion lengths, per side (:class:`SideScores`)
+-> (with a global contrast scope, gathered over processes) -> the configured method's loss
+(:func:`micro_batch_loss`, through :class:`~preftune.method_adapter.LossAdapter`). Then the
+optimiser update. The math of each method is docs/methods.md's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from . import losses as L
-from .config import TrainConfig
 from .data.collate import collate_sequences, collate_shared_prompt_pairs
-from .scoring import score_batch, sharing_pays
+from .losses import LossOutput
+from .method_adapter import LossAdapter, SideScores
+from .references import MISMATCHED_SIDE, UNPAIRED_SIDES, ModelView
+from .scoring import SequenceScores, score_batch
 
 
 class DataOrder:
@@ -74,24 +78,15 @@ class PolicyScorer(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.autocast_dtype = autocast_dtype
 
-    def forward(self, with_entropy: bool = False, **batch):
-        """A batch from ``collate_sequences`` or ``collate_shared_prompt_pairs``.
-
-        Returns ``(logps, n_tokens)``, plus ``{"wpo": ..., "tail": ...}`` when the batch asks for them
-        (``with_wpo=True``, ``tail_from=[N]``: the method's modifiers, see :func:`score_batch`).
-        ``with_entropy``: the whole :class:`preftune.scoring.SequenceScores` instead, entropies
-        included (online references through a sharded policy, which only its root may run).
-        """
+    def forward(self, with_entropy: bool = False, **batch) -> SequenceScores:
+        """A batch from ``collate_sequences`` or ``collate_shared_prompt_pairs`` -> its
+        :class:`~preftune.scoring.SequenceScores` (``with_wpo=True`` and ``tail_from=[N]`` in the
+        batch add the method's modifiers; ``with_entropy`` the entropies, for online references through
+        a sharded policy, which only its root may run)."""
         device_type = batch["input_ids"].device.type
         dtype = self.autocast_dtype
         with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None) if dtype else nullcontext():
-            scores = score_batch(
-                self.model, **batch, chunk_tokens=self.chunk_tokens, with_entropy=with_entropy
-            )
-        if with_entropy:
-            return scores
-        extras = {k: v for k, v in (("wpo", scores.wpo), ("tail", scores.tail)) if v is not None}
-        return (scores.logps, scores.n_tokens, extras) if extras else (scores.logps, scores.n_tokens)
+            return score_batch(self.model, **batch, chunk_tokens=self.chunk_tokens, with_entropy=with_entropy)
 
 
 @dataclass
@@ -102,44 +97,124 @@ class StepInputs:
     embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # split -> [N, d]
 
 
-class LossComputer:
-    """Turns per-sequence tensors of a micro-batch into the configured method's LossOutput.
+@dataclass
+class MicroBatch:
+    """Everything one micro-batch's loss needs; :func:`micro_batch` builds it from a run's data.
 
-    A thin shell over :class:`preftune.method_adapter.LossAdapter`, which derives everything from the
-    method registry (``spec`` and ``unpaired`` are kept in the signature for the callers).
+    ``prompts``/``completions`` hold the first side's B rows of token ids, then the next side's.
     """
 
-    def __init__(self, cfg: TrainConfig, spec: dict, num_references: int, unpaired: bool):
-        from .method_adapter import LossAdapter
+    prompts: list[list[int]]
+    completions: list[list[int]]
+    sides: tuple[str, ...]
+    reference: SideScores  # [K, B] log-probs per side (zeros [1, B] without a reference)
+    pad_token_id: int
+    device: torch.device
+    share: bool = False  # prompt sharing: one ``prompt | chosen | rejected`` row per pair
+    dispersion: torch.Tensor | None = None  # MallowsPO's c(x) [B]
+    embeddings: torch.Tensor | None = None  # RPO's prompt embeddings [B, d]
+    labels: torch.Tensor | None = None  # unpaired data: which items are desirable [B]
+    tail_from: list[int] | None = None  # LD-DPO: each scored row's shared completion length
+    gather: Any = None  # an accelerate Accelerator: gather over processes first (global contrast scope)
 
-        self.adapter = LossAdapter.from_config(cfg, num_references)
-        self.length_normalize = self.adapter.length_normalize
 
-    def __call__(self, policy, lengths, refs, c=None, embeddings=None) -> L.LossOutput:
-        return self.adapter(policy, lengths, refs, c=c, embeddings=embeddings)
+class StepLoss(NamedTuple):
+    """What :func:`micro_batch_loss` returns."""
+
+    output: LossOutput
+    tokens: int  # prompt + completion tokens scored (a shared prompt counts twice)
+    policy: SideScores
+    reference: SideScores
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0 keeping the autograd graph (gradient flows back to the local part)."""
     import torch.distributed as dist
     from torch.distributed.nn.functional import all_gather
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return torch.cat(all_gather(x), dim=0)
+        return local
+    return torch.cat(all_gather(local), dim=0)
+
+
+SHARE_PROMPT_MIN_SAVING = 0.25
+
+
+def sharing_pays(prompts: Sequence[Sequence[int]], chosen: Sequence, rejected: Sequence) -> bool:
+    """Whether shared-prompt rows are worth it for these pairs (automatic ``share_prompt``).
+
+    True when the prompts' second copies are at least SHARE_PROMPT_MIN_SAVING of the two-row
+    batch's tokens. Measured on a 2-core CPU (SmolLM2-135M, 4 pairs of 256 tokens, forward +
+    backward): a 37.5 % saving made the step 0.66x as long; 12.5 % broke even, because attention
+    under a custom mask over the longer rows costs more than causal attention over the short ones
+    (bench/NOTES.md).
+    """
+    saved = sum(len(p) for p in prompts)
+    total = 2 * saved + sum(len(c) for c in chosen) + sum(len(r) for r in rejected)
+    return saved >= SHARE_PROMPT_MIN_SAVING * total
 
 
 def shares_prompt(share_prompt: bool | None, prompts: list, completions: list) -> bool:
     """Whether a paired micro-batch (chosen rows, then rejected rows) goes as shared-prompt rows.
 
-    ``share_prompt`` True/False forces it; None decides by :func:`preftune.scoring.sharing_pays`.
+    ``share_prompt`` True/False forces it; None decides by :func:`sharing_pays`.
     """
-    b = len(prompts) // 2
-    if not all(prompts[:b]):  # an empty prompt has nothing to share (and no position to predict from)
+    pairs = len(prompts) // 2
+    if not all(prompts[:pairs]):  # an empty prompt has nothing to share (and no position to predict from)
         return False
     if share_prompt is not None:
         return share_prompt
-    return sharing_pays(prompts[:b], completions[:b], completions[b:])
+    return sharing_pays(prompts[:pairs], completions[:pairs], completions[pairs:])
+
+
+def micro_batch(
+    view: ModelView,
+    references,
+    inputs: StepInputs,
+    split: str,
+    index: list[int],
+    *,
+    sides: tuple[str, ...],
+    share_prompt: bool | None,
+    tails: bool,
+    device,
+    gather=None,
+) -> MicroBatch:
+    """The micro-batch of examples ``index`` of ``split``: the policy's token ids (``view``), the
+    reference scores (``references``: precomputed, online, or None without a reference), the per-example
+    inputs of the method, and whether the prompts are shared (``share_prompt``: see :func:`shares_prompt`).
+
+    ``tails``: LD-DPO's tails are asked for; ``gather``: see :class:`MicroBatch`.
+    """
+    prompts, completions = view.batch_sequences(split, sides, index)
+    size = len(index)
+    if references is None:
+        reference = SideScores({side: torch.zeros(1, size, device=device) for side in sides})
+    else:
+        # precomputed references name LD-DPO's tails "<side>_tail" beside the sides' log-probs
+        found = references.batch(split, index, sides).logps
+        reference = SideScores(
+            {side: found[side].to(device) for side in sides},
+            tail={side: found[f"{side}_tail"].to(device) for side in sides if f"{side}_tail" in found},
+        )
+    rows = torch.tensor(index)
+    dispersion = inputs.dispersion_c[split][rows].to(device) if split in inputs.dispersion_c else None
+    embeddings = inputs.embeddings[split][rows].to(device) if split in inputs.embeddings else None
+    unpaired = UNPAIRED_SIDES[0] in sides
+    return MicroBatch(
+        prompts,
+        completions,
+        sides,
+        reference,
+        view.pad_token_id,
+        device,
+        share=shares_prompt(share_prompt, prompts, completions),
+        dispersion=dispersion,
+        embeddings=embeddings,
+        labels=torch.tensor(view.labels(split, index), device=device) if unpaired else None,
+        tail_from=view.shared_lengths(split, index) * 2 if tails else None,
+        gather=gather,
+    )
 
 
 def score_sides(
@@ -154,17 +229,17 @@ def score_sides(
     grad: bool,
     with_wpo: bool = False,
     tail_from: list[int] | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+) -> SideScores:
     """The policy's log-probs and completion token counts per side, each [B].
 
     ``prompts``/``completions`` hold the first side's B rows, then the next side's; ``share`` puts
     each pair into one ``prompt | chosen | rejected`` row (paired data only). ``with_wpo`` /
-    ``tail_from`` (one count per row) add ``<side>_wpo`` / ``<side>_tail`` entries (WPO, LD-DPO).
+    ``tail_from`` (one count per row) add WPO's aligned sums / LD-DPO's tails.
     """
-    b = len(prompts) // len(sides)
     if share:
+        pairs = len(prompts) // 2
         batch = collate_shared_prompt_pairs(
-            prompts[:b], completions[:b], completions[b:], pad_token_id, device
+            prompts[:pairs], completions[:pairs], completions[pairs:], pad_token_id, device
         )
     else:
         batch = collate_sequences(prompts, completions, pad_token_id, device)
@@ -173,81 +248,95 @@ def score_sides(
     if tail_from is not None:
         batch["tail_from"] = torch.tensor(tail_from, device=device)
     with nullcontext() if grad else torch.no_grad():
-        out = scorer(**batch)
-    logps, n_tok = out[0], out[1]
-    policy = {s: logps[j * b : (j + 1) * b] for j, s in enumerate(sides)}
-    for name, values in (out[2] if len(out) > 2 else {}).items():
-        policy.update({f"{s}_{name}": values[j * b : (j + 1) * b] for j, s in enumerate(sides)})
-    lengths = {s: n_tok[j * b : (j + 1) * b] for j, s in enumerate(sides)}
-    return policy, lengths
+        scores = scorer(**batch)
+    size = len(prompts) // len(sides)
+
+    def per_side(values: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        if values is None:
+            return {}
+        return {side: values[j * size : (j + 1) * size] for j, side in enumerate(sides)}
+
+    return SideScores(
+        per_side(scores.logps), per_side(scores.n_tokens), per_side(scores.wpo), per_side(scores.tail)
+    )
+
+
+def _gathered(scores: SideScores, gather, *, policy: bool) -> SideScores:
+    """``scores`` gathered over processes: the policy's log-probs keep their graph; a reference's
+    ``[K, B]`` tensors are gathered along B."""
+
+    def per_side(values: dict[str, torch.Tensor], how) -> dict[str, torch.Tensor]:
+        return {side: how(tensor) for side, tensor in values.items()}
+
+    def along_batch(tensor: torch.Tensor) -> torch.Tensor:  # [K, B]: gathered along B
+        return gather.gather(tensor.T.contiguous()).T
+
+    how = gather_with_grad if policy else along_batch
+    return SideScores(
+        per_side(scores.logps, how),
+        per_side(scores.lengths, gather.gather),
+        per_side(scores.wpo, gather_with_grad),
+        per_side(scores.tail, how),
+    )
 
 
 def micro_batch_loss(
-    scorer: nn.Module,
-    loss_fn: LossComputer,
-    prompts: list,
-    completions: list,
-    refs: dict[str, torch.Tensor],
-    *,
-    sides: tuple[str, ...],
-    pad_token_id: int,
-    device,
-    share: bool,
-    grad: bool,
-    c: torch.Tensor | None = None,
-    embeddings: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    gather=None,
-    tail_from: list[int] | None = None,
-):
-    """Score one micro-batch and compute its loss; returns (LossOutput, tokens, policy, refs).
+    scorer: nn.Module, adapter: LossAdapter, batch: MicroBatch, *, grad: bool = True
+) -> StepLoss:
+    """Score one micro-batch with the policy (``scorer``, a :class:`PolicyScorer`) and compute the
+    method's loss (``adapter``); ``grad=False`` scores without gradient (evaluation).
 
-    ``refs`` maps each side to reference log-probs [K, B]; ``labels`` marks desirable items of an
-    unpaired batch. ``gather`` (an accelerate Accelerator) gathers every per-example tensor over
-    processes first, for a global contrast scope: every process then computes the same loss,
-    all_gather's backward sums their gradients into each local part (P x) and DDP's average divides
-    by P, so the gathered loss needs no rescaling.
+    ``batch.gather`` (an accelerate Accelerator) gathers every per-example tensor over processes
+    first, for a global contrast scope: every process then computes the same loss, all_gather's
+    backward sums their gradients into each local part (P x) and DDP's average divides by P, so the
+    gathered loss needs no rescaling.
 
-    The method's extra inputs: a last side ``kl`` (KTO's mismatched items) is scored without
-    gradient; ``tail_from`` (per row of the scored sides) asks for LD-DPO's tails; WPO's aligned sums
-    come when ``loss_fn.wpo`` is set.
+    The method's extra inputs: a last side :data:`MISMATCHED_SIDE` (KTO's mismatched items) is scored
+    without gradient; ``batch.tail_from`` (per row of the scored sides) asks for LD-DPO's tails; WPO's
+    aligned sums come when ``adapter.wpo`` is set.
     """
-    adapter = getattr(loss_fn, "adapter", None)
-    b = len(prompts) // len(sides)
-    kl = sides[-1] == "kl"
-    if kl:  # only KTO's reference point uses them: no gradient, no activations kept
-        n = b * (len(sides) - 1)
-        kl_prompts, kl_completions = prompts[n:], completions[n:]
-        prompts, completions, sides = prompts[:n], completions[:n], sides[:-1]
-    policy, lengths = score_sides(
+    prompts, completions, sides = batch.prompts, batch.completions, batch.sides
+    mismatched = sides[-1] == MISMATCHED_SIDE
+    if mismatched:  # only KTO's reference point uses them: no gradient, no activations kept
+        scored = len(prompts) // len(sides) * (len(sides) - 1)
+        prompts, completions, sides = prompts[:scored], completions[:scored], sides[:-1]
+    policy = score_sides(
         scorer,
         prompts,
         completions,
         sides,
-        pad_token_id,
-        device,
-        share=share,
+        batch.pad_token_id,
+        batch.device,
+        share=batch.share,
         grad=grad,
-        with_wpo=bool(getattr(adapter, "wpo", False)),
-        tail_from=tail_from,
+        with_wpo=adapter.wpo,
+        tail_from=batch.tail_from,
     )
-    if kl:
-        kl_policy, kl_lengths = score_sides(
-            scorer, kl_prompts, kl_completions, ("kl",), pad_token_id, device, share=False, grad=False
+    if mismatched:
+        policy = policy.merged(
+            score_sides(
+                scorer,
+                batch.prompts[scored:],
+                batch.completions[scored:],
+                (MISMATCHED_SIDE,),
+                batch.pad_token_id,
+                batch.device,
+                share=False,
+                grad=False,
+            )
         )
-        policy.update(kl_policy)
-        lengths.update(kl_lengths)
-    if labels is not None:
-        lengths["label"] = labels
-    if gather is not None:
-        policy = {s: gather_with_grad(v) for s, v in policy.items()}
-        lengths = {s: gather.gather(v) for s, v in lengths.items()}
-        refs = {s: gather.gather(v.T.contiguous()).T for s, v in refs.items()}
-        c = gather.gather(c) if c is not None else None
+    reference, labels = batch.reference, batch.labels
+    dispersion, embeddings = batch.dispersion, batch.embeddings
+    if batch.gather is not None:
+        gather = batch.gather
+        policy = _gathered(policy, gather, policy=True)
+        reference = _gathered(reference, gather, policy=False)
+        labels = gather.gather(labels) if labels is not None else None
+        dispersion = gather.gather(dispersion) if dispersion is not None else None
         embeddings = gather.gather(embeddings) if embeddings is not None else None
-    out = loss_fn(policy, lengths, refs, c=c, embeddings=embeddings)
+    output = adapter(policy, reference, labels=labels, dispersion=dispersion, embeddings=embeddings)
     tokens = sum(len(p) + len(c) for p, c in zip(prompts, completions))  # a shared prompt counts twice
-    return out, tokens, policy, refs
+    return StepLoss(output, tokens, policy, reference)
 
 
 def make_optimizer(

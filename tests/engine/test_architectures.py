@@ -10,14 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from preftune.scoring import (
-    backbone_and_head,
-    collate_sequences,
-    collate_shared_prompt_pairs,
-    probe_scoring,
-    score_batch,
-    shared_prompt_support,
-)
+from preftune.data.collate import collate_sequences, collate_shared_prompt_pairs
+from preftune.scoring import backbone_and_head, score_batch
+from preftune.scoring_probe import probe_scoring, shared_prompt_support
 
 VOCAB = 128
 COMMON = dict(

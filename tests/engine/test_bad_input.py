@@ -79,12 +79,12 @@ def test_missing_column_names_it_and_suggests_the_mapping(base_config, tmp_path,
 
 @pytest.mark.parametrize("problem", ["missing-file", "missing-columns", "bad-rows"])
 def test_data_errors_come_before_any_model_loads(problem, base_config, tmp_path, capsys, monkeypatch):
-    import preftune.trainer as trainer_module
+    import preftune.prepare_run as prepare_run_module
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(trainer_module, "load_policy", no_model)
+    monkeypatch.setattr(prepare_run_module, "load_policy", no_model)
     rows = arithmetic_rows(6)
     if problem == "missing-file":
         cfg = base_config(data__eval=str(tmp_path / "no-such-eval.jsonl"))

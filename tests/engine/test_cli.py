@@ -41,8 +41,8 @@ def test_precompute_train_eval_report(config_file, tmp_path, capsys):
     state = json.loads((run / "run_state.json").read_text())
     # phi* is calibrated so that the mean dispersion c(x) over the training set is 1
     check = Trainer(load_config(run / "config.yaml", [f"output_dir={tmp_path / 'check'}"]))
-    assert check.phi_star == state["phi_star"]
-    assert float(check.inputs.dispersion_c["train"].mean()) == pytest.approx(1.0, abs=1e-4)
+    assert check.run.phi_star == state["phi_star"]
+    assert float(check.run.inputs.dispersion_c["train"].mean()) == pytest.approx(1.0, abs=1e-4)
 
     capsys.readouterr()
     assert main(["eval", str(cfg)]) == 0  # a config names its run directory

@@ -13,7 +13,7 @@ import torch
 from preftune import losses as L
 from preftune.config import load_config
 from preftune.data.collate import collate_sequences, collate_shared_prompt_pairs
-from preftune.method_adapter import LossAdapter
+from preftune.method_adapter import LossAdapter, SideScores
 from preftune.references import ModelView
 from preftune.scoring import score_batch
 from preftune.testing import tiny_llama
@@ -88,7 +88,7 @@ def test_kto_mismatched_side_rotates_completions_by_one():
 
 
 def _adapter(**cfg):
-    return LossAdapter.from_config(load_config({"beta": 0.5, **cfg}), 1)
+    return LossAdapter.from_config(load_config({"beta": 0.5, **cfg}))
 
 
 def test_kto_adapter_uses_the_mismatched_items_for_its_reference_point():
@@ -98,9 +98,13 @@ def test_kto_adapter_uses_the_mismatched_items_for_its_reference_point():
     kl_p = -torch.rand(6, generator=g, dtype=torch.float64) * 10
     kl_r = kl_p[None] - 0.3  # mean log-ratio 0.3 > 0
     labels = torch.tensor([True, False, True, True, False, False])
-    lengths = {"completion": torch.full((6,), 4), "label": labels, "kl": torch.full((6,), 4)}
+    lengths = {"completion": torch.full((6,), 4), "kl": torch.full((6,), 4)}
     adapter = _adapter(method="kto", kto={"desirable_weight": 1.2})
-    got = adapter({"completion": pol, "kl": kl_p}, lengths, {"completion": ref, "kl": kl_r})
+    got = adapter(
+        SideScores({"completion": pol, "kl": kl_p}, lengths),
+        SideScores({"completion": ref, "kl": kl_r}),
+        labels=labels,
+    )
     want = L.kto(pol, ref[0], labels, kl_p, kl_r[0], beta=0.5, desirable_weight=1.2)
     torch.testing.assert_close(got.losses, want.losses)
     assert float(got.metrics["kl"]) == pytest.approx(0.3)
@@ -117,16 +121,16 @@ def _pairs(seed=0, b=4):
 def test_bco_running_delta_updates_while_training_and_round_trips():
     adapter = _adapter(method="bco_pair", bco={"delta": "running"})
     policy, lengths, refs = _pairs()
-    out1 = adapter(policy, lengths, refs)
+    out1 = adapter(SideScores(policy, lengths), SideScores(refs))
     r = 0.5 * torch.cat([policy["chosen"] - refs["chosen"][0], policy["rejected"] - refs["rejected"][0]])
     assert adapter.state["bco_count"] == 1 and adapter.state["bco_delta"] == pytest.approx(float(r.mean()))
     want = L.bco_pair(policy["chosen"], policy["rejected"], refs["chosen"], refs["rejected"], 0.5, r.mean())
     torch.testing.assert_close(out1.losses, want.losses)
     with torch.no_grad():  # evaluation leaves δ alone
-        adapter(policy, lengths, refs)
+        adapter(SideScores(policy, lengths), SideScores(refs))
     assert adapter.state["bco_count"] == 1
     policy2, _, refs2 = _pairs(seed=1)
-    adapter(policy2, lengths, refs2)
+    adapter(SideScores(policy2, lengths), SideScores(refs2))
     r2 = 0.5 * torch.cat([policy2["chosen"] - refs2["chosen"][0], policy2["rejected"] - refs2["rejected"][0]])
     assert adapter.state["bco_delta"] == pytest.approx(float((r.mean() + r2.mean()) / 2))
     fresh = _adapter(method="bco_pair", bco={"delta": "running"})
@@ -138,7 +142,10 @@ def test_ld_alpha_and_wpo_in_the_adapter_equal_the_family_functions():
     policy, lengths, refs = _pairs(seed=3)
     tails = {f"{s}_tail": v * 0.4 for s, v in policy.items()}
     ref_tails = {f"{s}_tail": v * 0.3 for s, v in refs.items()}
-    got = _adapter(method="dpo", ld_alpha=0.25)({**policy, **tails}, lengths, {**refs, **ref_tails})
+    got = _adapter(method="dpo", ld_alpha=0.25)(
+        SideScores(policy, lengths, tail={s: tails[f"{s}_tail"] for s in policy}),
+        SideScores(refs, tail={s: ref_tails[f"{s}_tail"] for s in refs}),
+    )
     want = L.ld_dpo(
         policy["chosen"],
         policy["rejected"],
@@ -154,7 +161,9 @@ def test_ld_alpha_and_wpo_in_the_adapter_equal_the_family_functions():
     torch.testing.assert_close(got.losses, want.losses)
 
     aligned = {f"{s}_wpo": v - 1.0 for s, v in policy.items()}
-    got = _adapter(method="dpo", wpo=True)({**policy, **aligned}, lengths, refs)
+    got = _adapter(method="dpo", wpo=True)(
+        SideScores(policy, lengths, wpo={s: aligned[f"{s}_wpo"] for s in policy}), SideScores(refs)
+    )
     weights = L.wpo_weights(
         aligned["chosen_wpo"], aligned["rejected_wpo"], lengths["chosen"], lengths["rejected"]
     )
@@ -186,8 +195,8 @@ def test_reference_tails_get_their_own_cache_entry(tiny_model_dir, tmp_path):
         "progress": False,
         "report_to": [],
     }
-    plain = Trainer(load(base)).references
-    ld = Trainer(load({**base, "ld_alpha": 0.5, "overwrite_output_dir": True})).references
+    plain = Trainer(load(base)).run.references
+    ld = Trainer(load({**base, "ld_alpha": 0.5, "overwrite_output_dir": True})).run.references
     assert "chosen_tail" not in plain.scores["train"]
     tail = ld.scores["train"]["chosen_tail"]
     assert tail.shape == (1, 2)

@@ -100,7 +100,7 @@ def score_pairs(root, pairs, index) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         for start in range(0, len(index), 2):
             part = [pairs[i] for i in index[start : start + 2]]
-            logps, _ = root(**collate_pairs(part, 0))
+            logps = root(**collate_pairs(part, 0)).logps
             chosen.append(logps[: len(part)])
             rejected.append(logps[len(part) :])
     return {"chosen": torch.cat(chosen), "rejected": torch.cat(rejected)}
@@ -129,7 +129,7 @@ def train_steps(root, params, optimizer, scheduler, pairs, refs, steps, micro_ba
         for m in range(micro_batches):
             index = mine[m * size : (m + 1) * size]
             with no_sync(root, enabled=m < micro_batches - 1):
-                logps, _ = root(**collate_pairs([pairs[i] for i in index], 0))
+                logps = root(**collate_pairs([pairs[i] for i in index], 0)).logps
                 if fail_at == step and r == 1:
                     raise RuntimeError("rank 1 fails mid-step on purpose")
                 idx = torch.tensor(index)

@@ -72,7 +72,7 @@ def worker(spec: str) -> None:
         micro_batch = Trainer._micro_batch
 
         def failing(self, *args, **kwargs):
-            if self.stage == f"step {fail_step}" and self.accelerator.process_index == fail_rank:
+            if self.stage == f"step {fail_step}" and self.run.accelerator.process_index == fail_rank:
                 raise RuntimeError(f"rank {fail_rank} fails mid-step on purpose")
             return micro_batch(self, *args, **kwargs)
 

@@ -121,7 +121,7 @@ def test_cli_train_prints_the_answer_metrics_of_a_lora_run_as_eval_would(
 def test_a_failed_answer_pass_keeps_the_model_and_resume_answers_without_retraining(
     base_config, answers_file, tmp_path, capsys, monkeypatch
 ):
-    import preftune.evaluation as evaluation
+    import preftune.generation_eval as evaluation
 
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(
@@ -183,12 +183,12 @@ def test_generation_eval_without_data_eval_is_a_config_error(base_config):
 def test_generation_eval_that_cannot_work_fails_before_any_model_loads(
     problem, base_config, pair_files, tmp_path, capsys, monkeypatch
 ):
-    import preftune.trainer as trainer_module
+    import preftune.prepare_run as prepare_run_module
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(trainer_module, "load_policy", no_model)
+    monkeypatch.setattr(prepare_run_module, "load_policy", no_model)
     if problem == "no-answers":
         eval_file = pair_files[1]  # preference pairs without any 'answer'
         expected = ["generation_eval", "data.eval", eval_file, "'answer'"]

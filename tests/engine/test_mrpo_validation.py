@@ -25,12 +25,12 @@ def test_weights_are_the_softmax_of_validation_accuracies_and_validation_rows_ar
     base_config, other_tokenizer_model_dir, monkeypatch
 ):
     trainer = Trainer(load_config(_cfg(base_config, other_tokenizer_model_dir, max_steps=6)))
-    view = trainer.data.views[0]
+    view = trainer.run.data.views[0]
     val_rows = {it.row for it in view.tokenized["validation"]}
     train_rows = {it.row for it in view.tokenized["train"]}
     assert len(val_rows) == 8 and len(train_rows) == 24 and not val_rows & train_rows
     # every view lost the same rows (index i is the same pair everywhere)
-    for v in trainer.data.views:
+    for v in trainer.run.data.views:
         assert [it.row for it in v.tokenized["validation"]] == sorted(val_rows)
 
     # the weights from the validation rows' cached reference log-probs, by hand
@@ -44,9 +44,9 @@ def test_weights_are_the_softmax_of_validation_accuracies_and_validation_rows_ar
         for k in range(2)
     ]
     e = [math.exp(a / 0.05) for a in acc]
-    assert trainer.validation["accuracies"] == pytest.approx(acc, abs=1e-12)
-    assert trainer.validation["weights"] == pytest.approx([x / sum(e) for x in e], rel=1e-9)
-    assert trainer.loss_fn.adapter.kwargs["weights"] == trainer.validation["weights"]
+    assert trainer.run.validation["accuracies"] == pytest.approx(acc, abs=1e-12)
+    assert trainer.run.validation["weights"] == pytest.approx([x / sum(e) for x in e], rel=1e-9)
+    assert trainer.run.adapter.kwargs["weights"] == trainer.run.validation["weights"]
 
     # no training batch ever contains a validation row: record every batch the fit loop draws
     seen: set[int] = set()
@@ -62,16 +62,16 @@ def test_weights_are_the_softmax_of_validation_accuracies_and_validation_rows_ar
     assert seen and not seen & val_rows and seen <= train_rows
 
     state = json.loads((result.output_dir / "run_state.json").read_text())
-    assert state["mrpo_validation"]["weights"] == trainer.validation["weights"]
+    assert state["mrpo_validation"]["weights"] == trainer.run.validation["weights"]
     assert sorted(state["mrpo_validation"]["rows"]) == sorted(val_rows)
     rows = metric_rows(result.metrics_path, "loss")
-    assert rows[0]["mrpo/alpha_1"] == pytest.approx(trainer.validation["weights"][1], rel=1e-5)
+    assert rows[0]["mrpo/alpha_1"] == pytest.approx(trainer.run.validation["weights"][1], rel=1e-5)
 
 
 def test_the_carved_split_depends_on_the_seed_only(base_config, other_tokenizer_model_dir):
     def rows(seed):
         t = Trainer(load_config(_cfg(base_config, other_tokenizer_model_dir, seed=seed)))
-        return [it.row for it in t.data.views[0].tokenized["validation"]]
+        return [it.row for it in t.run.data.views[0].tokenized["validation"]]
 
     assert rows(1) == rows(1) != rows(2)
 
@@ -84,12 +84,12 @@ def test_validation_weights_compose_with_mallows_and_rpo(method, base_config, ot
     assert all(math.isfinite(r["loss"]) for r in rows)
     prefix = method.split("+")[0]
     # the fixed weights are what the loss used
-    assert rows[0][f"{prefix}/alpha_0"] == pytest.approx(trainer.validation["weights"][0], rel=1e-5)
+    assert rows[0][f"{prefix}/alpha_0"] == pytest.approx(trainer.run.validation["weights"][0], rel=1e-5)
     # MallowsPO's calibration saw only the training split; dispersion exists for the validation split
-    assert "validation" in trainer.inputs.dispersion_c
+    assert "validation" in trainer.run.inputs.dispersion_c
     if "rpo" in method:
-        assert trainer.inputs.embeddings["validation"].shape[0] == 8
-    assert torch.isfinite(trainer.inputs.dispersion_c["train"]).all()
+        assert trainer.run.inputs.embeddings["validation"].shape[0] == 8
+    assert torch.isfinite(trainer.run.inputs.dispersion_c["train"]).all()
 
 
 def test_bad_validation_settings_are_one_line_errors(base_config, other_tokenizer_model_dir):

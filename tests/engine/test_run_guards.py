@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from preftune import cli, runlock
+from preftune import prepare_run as prepare_run_module
 from preftune import trainer as trainer_module
 from preftune.checkpointing import TrainingError
 from preftune.trainer import train
@@ -248,7 +249,7 @@ def test_setup_failure_releases_the_lock(base_config, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise TrainingError("model could not load")
 
-    monkeypatch.setattr(trainer_module, "load_policy", broken)
+    monkeypatch.setattr(prepare_run_module, "load_policy", broken)
     with pytest.raises(TrainingError):
         train(base_config(output_dir=str(out)))
     assert out.is_dir() and not (out / ".lock").exists()

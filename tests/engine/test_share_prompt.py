@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from preftune.config import ConfigError, load_config
 from preftune.data.formatting import DEFAULT_TEMPLATE
-from preftune.scoring import shared_prompt_support
+from preftune.scoring_probe import shared_prompt_support
+from preftune.step import shares_prompt
 from preftune.testing import tiny_llama
 from preftune.trainer import Trainer, train
 
@@ -62,15 +63,15 @@ def test_shared_prompt_training_equals_two_rows_per_pair(base_config, tmp_path, 
 
 def test_auto_shares_on_cpu_when_prompts_are_a_large_part_of_the_batch(base_config):
     trainer = Trainer(load_config(base_config()))
-    assert trainer.share_prompt is None  # decided per micro-batch
+    assert trainer.run.share_prompt is None  # decided per micro-batch
     long_prompts = [[1] * 30] * 4
     short = [[1] * 10] * 4
-    assert trainer._shares(long_prompts, short) is True  # 60 of 160 tokens saved
-    assert trainer._shares(short, [[1] * 30] * 4) is False  # 20 of 160
+    assert shares_prompt(trainer.run.share_prompt, long_prompts, short) is True  # 60 of 160 tokens saved
+    assert shares_prompt(trainer.run.share_prompt, short, [[1] * 30] * 4) is False  # 20 of 160
     off = Trainer(load_config(base_config(share_prompt=False)))
-    assert off._shares(long_prompts, short) is False
+    assert shares_prompt(off.run.share_prompt, long_prompts, short) is False
     on = Trainer(load_config(base_config(share_prompt=True)))
-    assert on._shares(short, [[1] * 30] * 4) is True
+    assert shares_prompt(on.run.share_prompt, short, [[1] * 30] * 4) is True
 
 
 def test_shared_prompt_support_names_what_prevents_it():

@@ -94,7 +94,7 @@ def test_activation_checkpointing_trains_exactly_as_without(base_config, tmp_pat
     from preftune.trainer import Trainer
 
     cfg = base_config(gradient_checkpointing=True, **extra)
-    model = Trainer(load_config(cfg)).model
+    model = Trainer(load_config(cfg)).run.model
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     runs = {}
     for on in (False, True):
@@ -211,13 +211,13 @@ def test_reference_cache_is_reused_and_invalidated(base_config, tiny_model_dir, 
 
 
 def test_reference_free_mode_needs_no_reference(base_config, tmp_path, monkeypatch):
-    from preftune import trainer as trainer_mod
+    from preftune import prepare_run as setup_mod
 
     def no_reference(*args, **kwargs):
         raise AssertionError("a reference-free run scored a reference")
 
-    monkeypatch.setattr(trainer_mod, "precompute_references", no_reference)
-    monkeypatch.setattr(trainer_mod, "OnlineReferences", no_reference)
+    monkeypatch.setattr(setup_mod, "precompute_references", no_reference)
+    monkeypatch.setattr(setup_mod, "OnlineReferences", no_reference)
     result = train(base_config(reference_free=True, gamma=0.5))
     assert all(math.isfinite(v) for v in losses_by_step(result.metrics_path).values())
     assert not (tmp_path / "cache" / "references").exists()  # nothing scored, nothing cached
@@ -235,7 +235,9 @@ def test_contrast_scope_decides_whether_a_micro_batch_is_gathered(base_config, m
 
     trainer = trainer_mod.Trainer(load_config(base_config(method="rpo")))
     seen = []
-    monkeypatch.setattr(trainer_mod, "micro_batch_loss", lambda *a, gather=None, **k: seen.append(gather))
+    monkeypatch.setattr(
+        trainer_mod, "micro_batch_loss", lambda scorer, adapter, batch, **k: seen.append(batch.gather)
+    )
 
     class TwoProcesses:  # the trainer's accelerator, claiming a second process
         num_processes = 2
@@ -243,8 +245,8 @@ def test_contrast_scope_decides_whether_a_micro_batch_is_gathered(base_config, m
         def __getattr__(self, name):
             return getattr(real, name)
 
-    real = trainer.accelerator
-    trainer.accelerator = TwoProcesses()
+    real = trainer.run.accelerator
+    trainer.run.accelerator = TwoProcesses()
     cases = [
         ("rpo", "global", True),
         ("rpo", "local", True),
@@ -252,11 +254,11 @@ def test_contrast_scope_decides_whether_a_micro_batch_is_gathered(base_config, m
         ("rpo", "global", False),
     ]
     for method, scope, grad in cases:
-        trainer.spec = L.parse_method(method)
-        trainer.cfg.rpo.contrast_scope = scope
+        trainer.run.spec = L.resolve_method(method)
+        trainer.run.cfg.rpo.contrast_scope = scope
         trainer._micro_batch(None, "train", [0, 1], grad=grad)
     assert [g is not None for g in seen] == [True, False, False, False]
-    assert seen[0] is trainer.accelerator
+    assert seen[0] is trainer.run.accelerator
 
 
 def test_final_model_matches_the_trained_weights(base_config, tiny_model_dir):
@@ -267,7 +269,7 @@ def test_final_model_matches_the_trained_weights(base_config, tiny_model_dir):
 
     trainer = Trainer(load_config(base_config(max_steps=2)))
     result = trainer.fit()
-    trained = trainer.model.state_dict()
+    trained = trainer.run.model.state_dict()
     loaded = AutoModelForCausalLM.from_pretrained(result.final_model_dir).state_dict()
     assert loaded.keys() == trained.keys()
     for name, value in trained.items():

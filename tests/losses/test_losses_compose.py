@@ -172,7 +172,7 @@ def test_every_combination_reduces_to_dpo(reference, pairing, scaled):
 def test_all_registered_methods_run_and_reach_only_the_policy():
     b = 4
     pc, pr, rc, rr, emb, c, phi = inputs(2, b, seed=54)
-    for name, entry in L.METHODS.items():
+    for name in L.COMPONENTS:
         spec = L.parse_method(name)
         leaves = [t.clone().requires_grad_(True) for t in (pc, pr, rc, rr, emb, c, phi)]
         lpc, lpr, lrc, lrr, lemb, lc, lphi = leaves
@@ -205,7 +205,7 @@ def test_all_registered_methods_run_and_reach_only_the_policy():
         if spec["takes"] != "unpaired":  # single items have no pair to be accurate about
             expected.add("rewards/accuracies")
         assert expected <= set(out.metrics), name
-        assert entry["slot"] in ("reference", "pairing", "scale", "link")
+        assert component.slot in ("reference", "pairing", "scale", "link")
         # float32 and float64 agree for every method
         if not spec["unpaired"]:
             out32 = L.preference_loss(
@@ -247,7 +247,7 @@ def test_parse_method():
     assert L.method_needs("mdpo+rpo") == {"multi_reference", "embeddings"}
     assert L.method_needs("rpo_unpaired") == {"embeddings", "unpaired"}
     assert L.parse_method("rpo_unpaired+hinge")["loss_kwargs"] == {"pairing": "rpo", "link": "hinge"}
-    assert set(L.METHODS) >= {
+    assert set(L.COMPONENTS) >= {
         "dpo",
         "ipo",
         "hinge",
@@ -260,7 +260,7 @@ def test_parse_method():
         "rpo_diagonal",
         "rpo_unpaired",
     }
-    assert L.METHODS["rpo_unpaired"]["unpaired"] and not L.METHODS["rpo"]["unpaired"]
+    assert L.COMPONENTS["rpo_unpaired"].unpaired and not L.COMPONENTS["rpo"].unpaired
 
 
 @pytest.mark.parametrize(

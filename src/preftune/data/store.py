@@ -25,7 +25,7 @@ import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -267,7 +267,19 @@ def _init_worker(settings: BatchSettings, examples: Sequence) -> None:
     _WORKER_SETTINGS, _WORKER_EXAMPLES = settings, examples
 
 
-def _pack(span: tuple[int, int]) -> tuple:
+class PackedBatch(NamedTuple):
+    """A batch of examples tokenized and packed into numpy arrays: what :func:`_pack` sends back."""
+
+    problems: list[tuple[int, str, str]]  # (row, field, reason) of each example that failed
+    columns: dict[str, tuple[np.ndarray, np.ndarray]]  # column -> (lengths, concatenated token ids)
+    prompt_texts: tuple[np.ndarray, bytes]  # (byte lengths, the rendered prompts' UTF-8 bytes)
+    rows: np.ndarray  # the kept examples' row numbers
+    truncated: np.ndarray  # which kept examples were truncated
+    labels: np.ndarray  # unpaired labels (-1: none)
+    size: int  # examples read (kept or not)
+
+
+def _pack(span: tuple[int, int]) -> PackedBatch:
     """Examples ``span[0]:span[1]`` read, tokenized and packed into numpy arrays (what travels back
     from a worker)."""
     assert _WORKER_SETTINGS is not None and _WORKER_EXAMPLES is not None
@@ -291,7 +303,7 @@ def _pack(span: tuple[int, int]) -> tuple:
         dtype=np.int8,
         count=len(kept),
     )
-    return problems, packed, (text_lengths, b"".join(texts)), rows, truncated, labels, len(batch)
+    return PackedBatch(problems, packed, (text_lengths, b"".join(texts)), rows, truncated, labels, len(batch))
 
 
 def _offsets(parts: list[np.ndarray]) -> np.ndarray:
@@ -392,22 +404,23 @@ def build_token_store(
         else:
             _init_worker(settings, examples)
             results = map(_pack, batches)
-        for problems, packed, (t_len, t_bytes), b_rows, b_trunc, b_labels, n in results:
-            for row, field, reason in problems:
+        for packed in results:
+            for row, field, reason in packed.problems:
                 name = user_names.get(field, field)
                 if on_error == "raise":
                     raise loaded.error(row, name, reason)
                 report.skipped.append((row, name, reason))
-            for column, (lens, flat) in packed.items():
+            for column, (lens, flat) in packed.columns.items():
                 lengths[column].append(lens)
                 files[column].write(flat.tobytes())
-            text_lengths.append(t_len)
-            files["text"].write(t_bytes)
-            rows.append(b_rows)
-            truncated.append(b_trunc)
-            labels.append(b_labels)
-            report.truncated += int(b_trunc.sum())
-            bar.update(n)
+            prompt_lengths, prompt_bytes = packed.prompt_texts
+            text_lengths.append(prompt_lengths)
+            files["text"].write(prompt_bytes)
+            rows.append(packed.rows)
+            truncated.append(packed.truncated)
+            labels.append(packed.labels)
+            report.truncated += int(packed.truncated.sum())
+            bar.update(packed.size)
         for f in files.values():
             f.close()
         for column in columns:

@@ -39,7 +39,6 @@ from .pairing import PAIRINGS, rpo_weights
 from .reference_free import orpo, simpo
 from .registry import (
     COMPONENTS,
-    METHODS,
     NEEDS,
     MethodError,
     MethodSpec,
@@ -59,7 +58,6 @@ __all__ = [
     "MethodSpec",
     "MethodError",
     "resolve_method",
-    "METHODS",
     "NEEDS",
     "parse_method",
     "method_needs",

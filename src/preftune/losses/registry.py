@@ -34,7 +34,6 @@ from .components import MODIFIERS, NEEDS, SLOTS, Component, Option, Slot, lookup
 
 __all__ = [
     "COMPONENTS",
-    "METHODS",
     "NEEDS",
     "KIND_REFUSALS",
     "MethodError",
@@ -354,14 +353,6 @@ def parse_method(method: str | Iterable[str]) -> dict[str, Any]:
 def method_needs(method: str | Iterable[str]) -> set[str]:
     """What the trainer must precompute for ``method``: a subset of :data:`NEEDS`."""
     return set(resolve_method(method).needs)
-
-
-def _legacy_entry(c: Component) -> dict[str, Any]:
-    return {"slot": c.slot, c.slot: c.value, "needs": c.needs, "summary": c.summary, "unpaired": c.unpaired}
-
-
-#: Name → ``{"slot", <slot>: value, "needs", "summary", "unpaired"}`` (read-only; see :data:`COMPONENTS`).
-METHODS: Mapping[str, dict[str, Any]] = MappingProxyType({n: _legacy_entry(c) for n, c in COMPONENTS.items()})
 
 
 def methods_help() -> str:

@@ -67,13 +67,13 @@ def load_causal_lm(
     "bfloat16" for GPU training, or "auto" to keep the dtype the checkpoint was saved in.
     device: where to move the model; None leaves it on the CPU.
     The tokenizer always has a pad token (its eos token when it had none).
-    The model's scoring is probed once here (:func:`preftune.scoring.probe_scoring`): where preftune's
+    The model's scoring is probed once here (:func:`preftune.scoring_probe.probe_scoring`): where preftune's
     chunked head would not reproduce the model's own logits, or shared-prompt rows would not reproduce
     plain rows, the model is marked so that scoring never silently gives other numbers.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from preftune.scoring import probe_scoring
+    from preftune.scoring_probe import probe_scoring
 
     path = resolve_model(name_or_path, cache_dir=cache_dir)
     check_causal_lm_config(path)

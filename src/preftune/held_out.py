@@ -1,4 +1,4 @@
-"""``preftune eval`` and ``preftune precompute``: recipes on top of the trainer's setup.
+"""``preftune eval``: held-out metrics of a trained run, and the pieces ``preftune train`` shares.
 
 Preference metrics compare the trained policy with the *initial* policy (the primary reference) and
 with the method's own reference (the MRPO virtual reference), on held-out pairs. With ``--prompts``,
@@ -6,14 +6,10 @@ greedy-decoded answers are checked too (:mod:`preftune.generation`, ``--match`` 
 call saves its results to a new ``eval-KEY-TIME.json`` in the run directory (KEY names the data; the
 generations go next to it), which ``preftune report`` shows; nothing earlier is overwritten.
 
-``generation_eval: true`` does the answer part after ``preftune train`` (:func:`generation_eval`):
-the prompts of the data.eval rows that carry an ``answer``, answered by the saved final model on the
-main process, scored and saved by the same functions as ``--prompts`` (:func:`score_answers`,
-:func:`save_eval_result`). It lives here, not in the trainer, because it needs this module (the
-trainer imports none of it); :func:`train_and_evaluate` is the training entry point that adds it.
-
 Both ``preftune train`` and ``preftune eval`` end with the same table (:func:`results_table`): each
-held-out metric, its n, what it means, and where the files are.
+held-out metric, its n, what it means, and where the files are; both score and save answers with
+:func:`score_answers` and :func:`save_eval_result` (``generation_eval`` after training:
+:mod:`preftune.generation_eval`).
 """
 
 from __future__ import annotations
@@ -21,17 +17,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, ReferenceConfig, TrainConfig, load_config
-from .metrics import method_diagnostics
+from .prepare_run import prepare_run
 from .report import METRIC_MEANINGS
 from .rundir import RunDir, dir_bytes, human_bytes
-from .trainer import RunResult, Trainer, train
+from .trainer import Trainer
 
 # Prompts generated at once (`preftune eval --batch-size`'s default, and generation_eval's).
 GENERATION_BATCH_SIZE = 16
@@ -47,15 +42,6 @@ MAIN_METRICS = (
     "eval_answer_match",
     "eval_answer_phrase",
 )
-
-
-def precompute(config, overrides=None) -> None:
-    """Score the references, entropies and embeddings a run needs, into the cache, without training."""
-    cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
-    if cfg.reference_mode != "precompute":
-        raise ConfigError("precompute needs reference_mode=precompute")
-    Trainer(cfg)
-    print("references, entropies and embeddings are cached; `preftune train` will reuse them")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,34 +79,10 @@ def results_table(
     return "\n".join(lines)
 
 
-def train_summary(result, generated: GenerationEval | None = None) -> str:
-    """What ``preftune train`` prints at the end (``result`` is the trainer's :class:`RunResult`;
-    ``generated`` what :func:`generation_eval` did, whose metrics are already in ``result``)."""
-    run = RunDir(result.output_dir)
-    evals = {k: v for k, v in result.last_metrics.items() if k.startswith("eval_")}
-    files = [("run directory", run.root)]
-    for name, path in (("final model", run.final), ("final adapter", run.final_adapter)):
-        if path.exists():
-            files.append((name, path))
-    checkpoints = run.checkpoints()
-    if checkpoints:
-        files.append(("last checkpoint", checkpoints[-1]))
-    files.append(("metrics", run.metrics))
-    notes: tuple[str, ...] = ()
-    if generated is not None:
-        files += generated.saved.files()
-        notes = (generated.note,)
-    notes += tuple(method_diagnostics(run.metrics))  # mrpo/* means, and the clip warning
-    title = f"trained {result.steps} steps. Held-out results after training"
-    table = results_table(title, evals, files, run.root, notes)
-    return table + f"\nnext: preftune report {run.root}   (plots and report.md)"
-
-
-# --------------------------------------------------------------------------------------------------
 # Evaluating a run
 
 
-def _is_adapter(path: Path) -> bool:
+def is_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
@@ -150,8 +112,8 @@ def eval_config(run_dir: Path, data: str | None = None, checkpoint: str | None =
     cfg = copy.deepcopy(cfg)
     refs = cfg.references or [ReferenceConfig()]
     cfg.references = [ReferenceConfig(model=cfg.model) if r.model == "policy" else r for r in refs]
-    if _is_adapter(model_dir):
-        pass  # the base model with fresh adapters; EvalTrainer loads the trained ones into them
+    if is_adapter(model_dir):
+        pass  # the base model with fresh adapters; evaluate_run loads the trained ones into them
     else:
         cfg.model = str(model_dir)
         cfg.lora.enabled = False  # a merged or full model
@@ -169,34 +131,29 @@ def eval_config(run_dir: Path, data: str | None = None, checkpoint: str | None =
     return cfg
 
 
-class EvalTrainer(Trainer):
-    """The trainer's setup on held-out data (loaded into its ``train`` slot, so named ``eval`` in
-    messages), with a LoRA run's trained adapter loaded."""
+def _load_adapter(model, adapter: Path) -> None:
+    """A LoRA run's trained adapter, into the fresh adapters of ``model``."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
 
-    split_labels = {"train": "eval data"}
-
-    def __init__(self, cfg: TrainConfig, adapter: Path | None = None):
-        super().__init__(cfg)
-        if adapter is not None:
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            weights = adapter / "adapter_model.safetensors"
-            if not weights.is_file():
-                raise FileNotFoundError(f"{adapter} has no adapter_model.safetensors")
-            set_peft_model_state_dict(self.model, load_file(str(weights)))
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{adapter} has no adapter_model.safetensors")
+    set_peft_model_state_dict(model, load_file(str(weights)))
 
 
 def evaluate_run(
     run_dir: str | Path, data: str | None = None, checkpoint: str | None = None, *, keep_trainer=False
 ):
     """Held-out preference metrics of a finished run (its data.eval, or ``data``), with ``eval_n``.
-    With ``keep_trainer`` also the :class:`EvalTrainer` (its model is the trained policy)."""
+    With ``keep_trainer`` also the :class:`~preftune.trainer.Trainer` (its model is the trained policy)."""
     run = RunDir(run_dir)
     model_dir = trained_model(run.root, checkpoint)
-    trainer = EvalTrainer(
-        eval_config(run.root, data, checkpoint), model_dir if _is_adapter(model_dir) else None
-    )
+    # the held-out data is the prepared run's only split, ``train``: messages name it "eval data"
+    prepared = prepare_run(eval_config(run.root, data, checkpoint), split_labels={"train": "eval data"})
+    if is_adapter(model_dir):
+        _load_adapter(prepared.model, model_dir)
+    trainer = Trainer(prepared)
     metrics = trainer.evaluate(split="train")
     shutil.rmtree(run.eval_scratch, ignore_errors=True)
     return (metrics, trainer) if keep_trainer else metrics
@@ -371,13 +328,13 @@ def main(argv: list[str]) -> int:
     details = None
     if items is not None:
         answers, details = score_answers(
-            trainer.model,
-            trainer.tokenizer,
+            trainer.run.model,
+            trainer.run.tokenizer,
             items,
             mode=args.match,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
-            chat_template=trainer.cfg.data.chat_template,  # the template the run trained with
+            chat_template=trainer.run.cfg.data.chat_template,  # the template the run trained with
         )
         metrics.update(answers)
     data = args.data or load_config(run.config).data.eval
@@ -397,151 +354,3 @@ def main(argv: list[str]) -> int:
         notes = (f"answers: {len(details)} prompts from {args.prompts}, --match {args.match}",)
     print(results_table(title, metrics, saved.files(), run.root, notes))
     return 0
-
-
-# --------------------------------------------------------------------------------------------------
-# generation_eval: answers after `preftune train`
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a torchrun / accelerate launch, or the only process (no RANK in the environment)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-@dataclass
-class GenerationEval:
-    """What :func:`generation_eval` did: the answer metrics, the saved record, a line for the summary."""
-
-    metrics: dict[str, float]
-    saved: SavedEval
-    note: str
-
-
-def load_trained(cfg: TrainConfig, model_dir: Path):
-    """(model, tokenizer) of a finished run's saved model, with plain transformers / peft on this
-    process alone: no Trainer, so no accelerate state and no collective that would wait for the
-    other ranks of a torchrun job (they have returned from training by now)."""
-    import torch
-
-    from .models.loading import config_dtype, load_causal_lm, resolve_causal_lm
-
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    dtype = config_dtype(cfg.model_dtype) or torch.float32
-    if not _is_adapter(model_dir):
-        return load_causal_lm(str(model_dir), dtype=dtype, device=device)
-    from peft import PeftModel
-
-    base, tokenizer = load_causal_lm(str(resolve_causal_lm(cfg.model, "model")), dtype=dtype, device=device)
-    return PeftModel.from_pretrained(base, str(model_dir)), tokenizer
-
-
-GENERATION_EVAL_BY = "preftune train (generation_eval)"
-ANSWER_METRICS = ("eval_answer_match", "eval_answer_phrase", "eval_prompts_n")
-
-
-def generation_eval(cfg: TrainConfig, result: RunResult) -> GenerationEval | None:
-    """``generation_eval: true``, once training returned: greedy answers of the saved final model to
-    the data.eval rows that carry an ``answer``, scored with ``generation_match``.
-
-    Runs on the main process only (None elsewhere, and when the key is off). Saves an
-    ``eval-KEY-TIME.json`` + generations as ``preftune eval --prompts`` does, appends the answer
-    metrics to metrics.jsonl at the last step (next to the final held-out row), and adds them to
-    ``result.last_metrics``. A rerun of a finished run (``resume=true``) reuses the record this key
-    wrote for the same model, data, match and max_new_tokens instead of answering again. If
-    answering fails, the error says that the trained model is saved and how to answer without
-    retraining.
-    """
-    if not cfg.generation_eval or not is_main_process():
-        return None
-    from . import losses as L
-    from .checkpointing import TrainingError
-    from .data.check import generation_items
-    from .metrics import MetricsLog, log
-
-    run = RunDir(result.output_dir)
-    model_dir = trained_model(run.root)
-    note = f"generation_match {cfg.generation_match}, max_new_tokens {cfg.max_new_tokens}"
-    earlier = _earlier_generation_eval(run, cfg, model_dir)
-    if earlier is not None:
-        answers = {k: earlier.record["metrics"][k] for k in ANSWER_METRICS}
-        log(f"generation_eval: {model_dir} already answered these prompts ({earlier.path.name}); reused")
-        result.last_metrics.update(answers)
-        return GenerationEval(answers, earlier, f"answers: reused {earlier.path.name}, {note}")
-    unpaired = bool(L.parse_method(cfg.method).get("unpaired"))
-    items = generation_items(cfg, unpaired=unpaired, log=log)  # the rows check_data found before training
-    log(f"generation_eval: answering {len(items)} held-out prompts with {model_dir}")
-    try:
-        model, tokenizer = load_trained(cfg, model_dir)
-        answers, details = score_answers(
-            model,
-            tokenizer,
-            items,
-            mode=cfg.generation_match,
-            max_new_tokens=cfg.max_new_tokens,
-            chat_template=cfg.data.chat_template,
-            progress=cfg.progress,
-        )
-    except Exception as e:  # training is done and saved: say so, and how to answer without retraining
-        raise TrainingError(
-            f"generation_eval failed after training: {type(e).__name__}: {e}. The trained model is "
-            f"saved in {model_dir}; rerun the same command with resume=true to answer again without "
-            "retraining"
-        ) from e
-    del model
-    held_out = {k: v for k, v in result.last_metrics.items() if k.startswith("eval_")}
-    saved = save_eval_result(
-        run,
-        data_key(cfg.data.eval),
-        model=model_dir,
-        data=cfg.data.eval,
-        metrics={**held_out, **answers},
-        details=details,
-        prompts=f"{cfg.data.eval} (rows with an answer)",
-        match=cfg.generation_match,
-        by=GENERATION_EVAL_BY,
-        max_new_tokens=cfg.max_new_tokens,
-    )
-    metrics_log = MetricsLog(run.root, cfg.report_to, enabled=True)
-    try:
-        metrics_log.write(result.steps, answers)
-    finally:
-        metrics_log.close()
-    result.last_metrics.update(answers)
-    return GenerationEval(
-        answers, saved, f"answers: {len(details)} prompts of {cfg.data.eval} rows with an answer, {note}"
-    )
-
-
-def _earlier_generation_eval(run: RunDir, cfg: TrainConfig, model_dir: Path) -> SavedEval | None:
-    """The newest record generation_eval wrote for this model (saved no later than the record), data,
-    match and max_new_tokens, with its generations file; None if there is none."""
-    saved_at = max((p.stat().st_mtime for p in model_dir.rglob("*") if p.is_file()), default=0.0)
-    for path in reversed(run.eval_results()):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        gens = run.eval_generations(path)
-        same = (
-            record.get("by") == GENERATION_EVAL_BY
-            and record.get("model") == str(model_dir)
-            and record.get("data") == str(cfg.data.eval)
-            and record.get("match") == cfg.generation_match
-            and record.get("max_new_tokens") == cfg.max_new_tokens
-            and all(k in record.get("metrics", {}) for k in ANSWER_METRICS)
-        )
-        if same and gens.is_file() and path.stat().st_mtime >= saved_at:
-            return SavedEval(path, gens, record)
-    return None
-
-
-def train_and_evaluate(
-    config: TrainConfig | str | os.PathLike | dict, overrides: list[str] | None = None
-) -> tuple[RunResult, GenerationEval | None]:
-    """:func:`preftune.trainer.train`, then :func:`generation_eval` (with the key on, main process).
-    ``preftune train`` and ``preftune.train`` call this."""
-    cfg = config if isinstance(config, TrainConfig) else load_config(config, overrides)
-    result = train(cfg)
-    return result, generation_eval(cfg, result)
