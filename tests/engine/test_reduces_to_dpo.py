@@ -143,7 +143,7 @@ def test_metrics_log_prints_the_clip_warning_naming_clip_eps(tmp_path, capsys):
 def test_closing_table_shows_mrpo_diagnostics_and_the_warning(base_config, tiny_model_dir):
     """A real MRPO run whose second reference is clipped on every log-prob (clip_eps 0: the band
     is the primary itself): the log warns, and the closing table lists mrpo/* with the warning."""
-    from preftune.evaluation import train_and_evaluate, train_summary
+    from preftune.generation_eval import train_and_evaluate, train_summary
 
     # the second reference: the policy under another chat template, so its log-probs differ
     cfg = base_config(

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from preftune import distributed as D
+from preftune.data.collate import collate_sequences
 from preftune.losses import dpo
-from preftune.scoring import collate_sequences
 from preftune.step import PolicyScorer, make_optimizer
 from preftune.testing import tiny_llama
 
@@ -54,7 +54,7 @@ def _train(root, params, batches, clip) -> list[float]:
     opt = make_optimizer(params, lr=1e-2, device=next(iter(params)).device)
     losses = []
     for batch, refs in batches:
-        logps, _ = root(**batch)
+        logps = root(**batch).logps
         n = refs.shape[1]
         loss = dpo(logps[:n], logps[n:], refs[0], refs[1], beta=0.1).loss
         loss.backward()

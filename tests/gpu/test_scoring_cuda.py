@@ -13,14 +13,12 @@ import pytest
 import torch
 from engine.test_architectures import build, own_logps, pairs
 
-from preftune.scoring import _tolerance as bf16_tolerance
+from preftune.data.collate import collate_sequences, collate_shared_prompt_pairs
 from preftune.scoring import (
-    collate_sequences,
-    collate_shared_prompt_pairs,
-    probe_scoring,
     score_batch,
-    shared_prompt_support,
 )
+from preftune.scoring_probe import _tolerance as bf16_tolerance
+from preftune.scoring_probe import probe_scoring, shared_prompt_support
 
 from .conftest import relative, to
 

@@ -82,8 +82,8 @@ def trajectories(request, tiny_model_dir, tmp_path_factory, device):
     cfg = load_config(_config(root, tiny_model_dir, files, "device", run))
     trainer = Trainer(cfg)
     try:
-        assert trainer.accelerator.device.type == device.type
-        assert next(trainer.model.parameters()).device.type == device.type
+        assert trainer.run.accelerator.device.type == device.type
+        assert next(trainer.run.model.parameters()).device.type == device.type
         trainer.fit()
     finally:
         runlock.release(cfg.output_dir)
