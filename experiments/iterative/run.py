@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -567,21 +566,6 @@ def _plot(out: Path, study: Study, arms_done: dict) -> None:
     fig.savefig(out / "curves.png")
 
 
-def _launch_workers(argv: list[str], workers: int) -> int:
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--workers", "1", "--threads", str(threads)]
-    procs = [subprocess.Popen(cmd) for _ in range(workers)]
-    try:
-        codes = [p.wait() for p in procs]
-    except BaseException:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait()
-        raise
-    return next((c for c in codes if c), 0)
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -605,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, a in enumerate(argv)
             if not a.startswith("--workers") and not (i and argv[i - 1] == "--workers")
         ]
-        return _launch_workers(rest, args.workers)
+        return method_comparison._launch_workers(rest, args.workers, script=__file__)
     arms = [a for a in args.arms.split(",") if a] if args.arms else None
     out = run_study(args.quick, args.out, arms, args.max_runs, threads=args.threads)
     print(f"results: {out / 'RESULTS.md'}")

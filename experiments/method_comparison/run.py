@@ -668,10 +668,11 @@ def _one_run(study, out, run, arm, run_id, run_dir, models, splits, test_records
             shutil.rmtree(path)
 
 
-def _launch_workers(argv: list[str], workers: int) -> int:
-    """``workers`` copies of this command, each with an equal share of the CPUs; the first failure's code."""
+def _launch_workers(argv: list[str], workers: int, script: str | Path = __file__) -> int:
+    """``workers`` copies of this command (``script``: this study's or another's runner, which takes
+    ``--workers`` and ``--threads``), each with an equal share of the CPUs; the first failure's code."""
     threads = max(1, (os.cpu_count() or 1) // workers)
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--workers", "1", "--threads", str(threads)]
+    cmd = [sys.executable, str(Path(script).resolve()), *argv, "--workers", "1", "--threads", str(threads)]
     procs = [subprocess.Popen(cmd) for _ in range(workers)]
     try:
         codes = [p.wait() for p in procs]
