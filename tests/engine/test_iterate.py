@@ -221,7 +221,7 @@ def test_reference_both_scores_the_previous_round(tiny_model_dir, files, tmp_pat
     round2.update(output_dir=str(tmp_path / "check"), resume=False, overwrite_output_dir=True)
     trainer = Trainer(load_config(round2))
     refs = trainer.reference_logps("train")["chosen"]  # [K=2, N]
-    prompts, chosen = trainer.data.views[1].sequences("train", "chosen")
+    prompts, chosen = trainer.run.data.views[1].sequences("train", "chosen")
     expected = {}
     for name, path in (("initial", tiny_model_dir), ("round1", run / "round-1" / "train" / "final")):
         model, tok = load_causal_lm(str(path))

@@ -145,7 +145,7 @@ def test_a_signal_before_the_first_step_exits_at_once(setup):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     script = (
         "import os, signal, sys\n"
-        "import preftune.trainer as t\n"
+        "import preftune.prepare_run as t\n"
         "real = t.load_policy\n"
         "def slow(*a, **k):\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"

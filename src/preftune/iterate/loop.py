@@ -99,7 +99,9 @@ def load_iterate_config(source, overrides: list[str] | None = None) -> TrainConf
                 f"method that takes several (mrpo, mdpo, or a composition such as mrpo+rpo); {spec.method!r} "
                 "takes one"
             )
-        data["references"] = [data.get("model") or "policy", "policy"]
+        # round 1's previous model is the initial one: it trains with that one reference (below)
+        data["references"] = [data.get("model") or "policy"]
+        data.setdefault("mrpo", {})["allow_single_reference"] = True
     cfg = load_config(data)
     check_settings(cfg)
     return cfg
@@ -197,7 +199,9 @@ def round_references(cfg: TrainConfig, round_index: int) -> list[dict]:
     mode = cfg.rounds.reference
     if cfg.reference_free or mode == "previous" or (mode == "initial" and round_index == 1):
         return []  # the default reference: the round's starting model
-    if mode == "initial":
+    if mode == "initial" or round_index == 1:
+        # `both` in round 1: the previous model is the initial one, and two identical references are
+        # exactly DPO against it (the virtual reference of equal log-probs is that log-prob), as one is
         return [initial]
     return [initial, previous]
 
@@ -211,6 +215,8 @@ def round_train_config(cfg: TrainConfig, round_index: int) -> dict:
     d["data"]["train"] = str(rd / "pairs.jsonl")
     d["data"]["train_split"] = "train"
     d["references"] = round_references(cfg, round_index)
+    if len(d["references"]) == 1 and cfg.rounds.reference == "both":
+        d["mrpo"]["allow_single_reference"] = True  # round 1 of `both` (round_references)
     d["output_dir"] = str(train_dir)
     d["seed"] = cfg.seed + round_index - 1
     has_checkpoints = train_dir.is_dir() and any(train_dir.glob("checkpoint-*"))
