@@ -97,7 +97,10 @@ def test_a_phase_past_its_limit_is_killed_and_recorded(monkeypatch):
 def test_the_outer_timeout_leaves_a_record_and_the_table(tmp_path):
     """device_check.sh's timeout sends SIGTERM: the phase's processes go, the record says "killed", and
     the summary table is printed all the same."""
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, DEVICE_CHECK_TIMEOUT="25")
+    # 6 s: the record is written within the first second, while the gpu_tests phase (pytest importing
+    # torch and transformers, then 38 tests) cannot end that soon (it took 12-24 s here) even on an idle
+    # machine; 25 s was not always long enough to catch it running
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, DEVICE_CHECK_TIMEOUT="6")
     proc = subprocess.run(
         ["bash", str(ROOT / "bench" / "device_check.sh"), "--dry-run", "--phases", "gpu_tests"],
         cwd=ROOT,

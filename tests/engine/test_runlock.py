@@ -88,7 +88,12 @@ def test_a_lock_taken_before_the_last_boot_is_stale(tmp_path, sleeper):
 
 def test_the_holder_refreshes_its_heartbeat_and_stops_when_it_releases(tmp_path, monkeypatch):
     monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+    # this test's lock alone: in a whole test run, earlier tests' locks may still be held in this
+    # process, and their heartbeat thread (sleeping the default 5 s) would serve this lock too
+    monkeypatch.setattr(runlock, "_held", {})
+    monkeypatch.setattr(runlock, "_beat_thread", None)
     path = runlock.acquire(tmp_path)
+    beating = runlock._beat_thread
     info = json.loads(path.read_text())
     assert info["proc_start"] == runlock.process_start(os.getpid()) and info["boot_id"] == runlock.boot_id()
     old = time.time() - 1000
@@ -99,10 +104,8 @@ def test_the_holder_refreshes_its_heartbeat_and_stops_when_it_releases(tmp_path,
     assert runlock.heartbeat_age(path) < 5
     runlock.release(tmp_path)
     assert not path.exists()
-    deadline = time.time() + 5  # a busy machine may take a while to schedule the thread's exit
-    while runlock._beat_thread is not None and time.time() < deadline:
-        time.sleep(0.02)
-    assert runlock._beat_thread is None  # the thread ended with the last lock
+    beating.join(timeout=10)  # a busy machine may take a while to schedule the thread's exit
+    assert not beating.is_alive() and runlock._beat_thread is None  # it ended with the last lock
 
 
 def test_a_lock_no_longer_ours_is_never_refreshed(tmp_path):
