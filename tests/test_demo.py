@@ -98,10 +98,10 @@ def test_answer_phrase_counts_answers_that_state_a_number():
 def test_eval_rows_are_the_step_0_and_last_evaluations(tmp_path):
     path = tmp_path / "metrics.jsonl"
     rows = [
-        {"step": 0, "eval_loss": 0.69, "eval_primary/rewards/accuracies": 0.5},
+        {"step": 0, "eval_loss": 0.69, "eval_initial/rewards/accuracies": 0.5},
         {"step": 1, "loss": 0.6},
-        {"step": 2, "eval_loss": 0.5, "eval_primary/rewards/accuracies": 0.75},
+        {"step": 2, "eval_loss": 0.5, "eval_initial/rewards/accuracies": 0.75},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     first, last = _eval_rows(path)
-    assert first["step"] == 0 and last["eval_primary/rewards/accuracies"] == 0.75
+    assert first["step"] == 0 and last["eval_initial/rewards/accuracies"] == 0.75

@@ -311,8 +311,8 @@ def test_before_after_panel_for_every_run_from_its_evaluations(tmp_path):
     assert report.before_after(run)["before"]["preference_accuracy"] == 0.5
     assert report.before_after(run)["after"]["preference_accuracy"] == pytest.approx(0.8)
     fig = make_figures([run])["before_after.png"]
-    heights = sorted(round(p.get_height(), 4) for ax in fig.axes for p in ax.patches)
-    assert 0.5 in heights and 0.8 in heights and 0.6 in heights and 0.72 in heights
+    lengths = sorted(round(p.get_width(), 4) for ax in fig.axes for p in ax.patches)  # horizontal bars
+    assert 0.5 in lengths and 0.8 in lengths and 0.6 in lengths and 0.72 in lengths
     text = write_report(run_dir).read_text()
     section = text.split("## Before vs after training", 1)[1].split("##", 1)[0]
     assert "| preference accuracy | 0.5 | 0.8 |" in section

@@ -280,6 +280,7 @@ CACHE_KINDS = {
     "embeddings": "RPO prompt embeddings (recomputed on next run)",
     "fingerprints": "digests of model weight files (recomputed on next run)",
     "tokens": "tokenized data per (data, tokenizer, max_length) (tokenized again on next run)",
+    "answers": "the initial model's greedy answers of `preftune eval --prompts` (generated again next time)",
 }
 # Files beside the entries that are not entries: locks of concurrent writers, unfinished writes.
 _NOT_ENTRIES = (".lock", ".tmp")

@@ -461,7 +461,7 @@ class TrainConfig:
         "After training, greedy-generate answers to the prompts of the data.eval rows that carry an "
         "`answer` field and score them with generation_match (main process, the saved final model). "
         "Saved as eval-DATA-TIME.json + .generations.jsonl in the run directory, as `preftune eval "
-        "--prompts` saves them; eval_answer_match and eval_answer_phrase are added to metrics.jsonl "
+        "--prompts` saves them; eval_answer_match (and under numeric, eval_answer_phrase) go to metrics.jsonl "
         "and printed in the summary. Needs data.eval with at least one answer (checked before any "
         "model loads).",
     )

@@ -148,8 +148,8 @@ def run_demo(
     # the trainer evaluated the held-out pairs before training (step 0) and after (the last step)
     first, last = _eval_rows(run.metrics)
     before = {
-        "preference_accuracy": first.get("eval_primary/rewards/accuracies"),  # 0.5: every reward is ~0
-        "reward_margin": first.get("eval_primary/rewards/margins"),
+        "preference_accuracy": first.get("eval_initial/rewards/accuracies"),  # 0.5: every reward is ~0
+        "reward_margin": first.get("eval_initial/rewards/margins"),
         "likelihood_accuracy": likelihood_accuracy_before(trainer),
         "exact_match": before_match,
         "answer_phrase": _answer_phrase(before_details),
@@ -166,8 +166,8 @@ def run_demo(
     )
     last = {**last, **result.last_metrics}
     after = {
-        "preference_accuracy": last.get("eval_primary/rewards/accuracies"),
-        "reward_margin": last.get("eval_primary/rewards/margins"),
+        "preference_accuracy": last.get("eval_initial/rewards/accuracies"),
+        "reward_margin": last.get("eval_initial/rewards/margins"),
         "likelihood_accuracy": last.get("eval_logps/accuracies"),
         "exact_match": after_match,
         "answer_phrase": _answer_phrase(after_details),

@@ -413,14 +413,9 @@ def exact_match(model, tokenizer, items: list[dict], **kwargs) -> tuple[float, l
     return answer_match(model, tokenizer, items, mode="numeric", **kwargs)
 
 
-def answer_match(
-    model, tokenizer, items: list[dict], *, mode: str = "contains", **kwargs
-) -> tuple[float, list[dict]]:
-    """Fraction of items whose greedy output matches ``item["answer"]`` under ``mode``, and per item
-    its prompt, answer, prediction, verdict and the full output (and ``item["row"]`` if it has one)."""
-    if mode not in MATCH_MODES:
-        raise ValueError(f"match mode must be one of {', '.join(MATCH_MODES)}, got {mode!r}")
-    outputs = generate(model, tokenizer, [it["prompt"] for it in items], **kwargs)
+def answer_details(items: list[dict], outputs: list[str], mode: str) -> list[dict]:
+    """Per item its prompt, answer, prediction, verdict under ``mode`` and the full output (and
+    ``item["row"]`` if it has one): :func:`answer_match`'s details, of outputs generated already."""
     details = []
     for it, text in zip(items, outputs):
         details.append(
@@ -434,5 +429,17 @@ def answer_match(
                 "output": text,
             }
         )
+    return details
+
+
+def answer_match(
+    model, tokenizer, items: list[dict], *, mode: str = "contains", **kwargs
+) -> tuple[float, list[dict]]:
+    """Fraction of items whose greedy output matches ``item["answer"]`` under ``mode``, and per item
+    its prompt, answer, prediction, verdict and the full output (and ``item["row"]`` if it has one)."""
+    if mode not in MATCH_MODES:
+        raise ValueError(f"match mode must be one of {', '.join(MATCH_MODES)}, got {mode!r}")
+    outputs = generate(model, tokenizer, [it["prompt"] for it in items], **kwargs)
+    details = answer_details(items, outputs, mode)
     score = sum(d["correct"] for d in details) / max(1, len(details))
     return score, details

@@ -15,11 +15,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .answers import load_trained
 from .config import TrainConfig, load_config, resolved_method
 from .held_out import (
     SavedEval,
     data_key,
-    is_adapter,
     results_table,
     save_eval_result,
     score_answers,
@@ -67,28 +67,8 @@ class GenerationEval:
     note: str
 
 
-def load_trained(cfg: TrainConfig, model_dir: Path):
-    """(model, tokenizer) of a finished run's saved model, with plain transformers / peft on this
-    process alone: no Trainer, so no accelerate state and no collective that would wait for the
-    other ranks of a torchrun job (they have returned from training by now)."""
-    import torch
-
-    from .models.loading import config_dtype, load_causal_lm, resolve_causal_lm
-
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    dtype = config_dtype(cfg.model_dtype) or torch.float32
-    if not is_adapter(model_dir):
-        return load_causal_lm(str(model_dir), dtype=dtype, device=device)
-    from peft import PeftModel
-
-    base, tokenizer = load_causal_lm(str(resolve_causal_lm(cfg.model, "model")), dtype=dtype, device=device)
-    return PeftModel.from_pretrained(base, str(model_dir)), tokenizer
-
-
 GENERATION_EVAL_BY = "preftune train (generation_eval)"
-ANSWER_METRICS = ("eval_answer_match", "eval_answer_phrase", "eval_prompts_n")
+ANSWER_METRICS = ("eval_answer_match", "eval_answer_phrase", "eval_prompts_n")  # the phrase: numeric only
 
 
 def generation_eval(cfg: TrainConfig, result: RunResult) -> GenerationEval | None:
@@ -114,7 +94,7 @@ def generation_eval(cfg: TrainConfig, result: RunResult) -> GenerationEval | Non
     note = f"generation_match {cfg.generation_match}, max_new_tokens {cfg.max_new_tokens}"
     earlier = _earlier_generation_eval(run, cfg, model_dir)
     if earlier is not None:
-        answers = {k: earlier.record["metrics"][k] for k in ANSWER_METRICS}
+        answers = {k: earlier.record["metrics"][k] for k in ANSWER_METRICS if k in earlier.record["metrics"]}
         log(f"generation_eval: {model_dir} already answered these prompts ({earlier.path.name}); reused")
         result.last_metrics.update(answers)
         return GenerationEval(answers, earlier, f"answers: reused {earlier.path.name}, {note}")
@@ -179,7 +159,7 @@ def _earlier_generation_eval(run: RunDir, cfg: TrainConfig, model_dir: Path) -> 
             and record.get("data") == str(cfg.data.eval)
             and record.get("match") == cfg.generation_match
             and record.get("max_new_tokens") == cfg.max_new_tokens
-            and all(k in record.get("metrics", {}) for k in ANSWER_METRICS)
+            and all(k in record.get("metrics", {}) for k in ("eval_answer_match", "eval_prompts_n"))
         )
         if same and gens.is_file() and path.stat().st_mtime >= saved_at:
             return SavedEval(path, gens, record)

@@ -22,23 +22,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, ReferenceConfig, TrainConfig, load_config
+from .config import ConfigError, ReferenceConfig, TrainConfig, load_config, resolved_method
 from .prepare_run import prepare_run
+from .reference_identity import initial_policy_index
 from .report import METRIC_MEANINGS
-from .rundir import RunDir, dir_bytes, human_bytes
+from .rundir import CHECKPOINT_MODEL, RunDir, dir_bytes, human_bytes
 from .trainer import Trainer
+from .yardsticks import LOSS, METHOD, family, group_by_yardstick, run_yardsticks, yardstick_note
 
 # Prompts generated at once (`preftune eval --batch-size`'s default, and generation_eval's).
 GENERATION_BATCH_SIZE = 16
 
 # Shown first, in this order; anything else follows.
 MAIN_METRICS = (
+    "eval_initial/rewards/accuracies",
+    "eval_initial/rewards/margins",
     "eval_loss",
     "eval_rewards/accuracies",
-    "eval_primary/rewards/accuracies",
-    "eval_logps/accuracies",
     "eval_rewards/margins",
+    "eval_primary/rewards/accuracies",
     "eval_primary/rewards/margins",
+    "eval_logps/accuracies",
     "eval_answer_match",
     "eval_answer_phrase",
 )
@@ -53,20 +57,41 @@ def _ordered(metrics: dict) -> list[str]:
     return keys + sorted(k for k in metrics if k not in keys and k != "eval_n")
 
 
+def _shown(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
 def results_table(
-    title: str, metrics: dict, files: list[tuple[str, Path]], run_dir: Path, notes: tuple[str, ...] = ()
+    title: str,
+    metrics: dict,
+    files: list[tuple[str, Path]],
+    run_dir: Path,
+    notes: tuple[str, ...] = (),
+    before: dict | None = None,
 ) -> str:
-    """The closing printout of ``train`` and ``eval``: metrics with n and meaning, files, disk used."""
+    """The closing printout of ``train`` and ``eval``: metrics grouped by what they are measured
+    against (:mod:`preftune.yardsticks`), with n and meaning, files, disk used. ``before``: values of
+    the initial model, shown as ``before → after`` where it has the key."""
     lines = [title]
     if metrics:
         n = metrics.get("eval_n")
         lines[0] += f" (n = {int(n)} held-out pairs)" if n is not None else ""
         keys = _ordered(metrics)
-        width = max(len(k) for k in keys)
-        for k in keys:
-            v = metrics[k]
-            value = f"{v:.4f}" if isinstance(v, float) else str(v)
-            lines.append(f"  {k:<{width}}  {value:>8}  {METRIC_MEANINGS.get(k, '')}".rstrip())
+        before = before or {}
+        values = {
+            k: f"{_shown(before[k])} → {_shown(metrics[k])}" if k in before else _shown(metrics[k])
+            for k in keys
+        }
+        width, value_width = max(len(k) for k in keys), max(8, *(len(v) for v in values.values()))
+        sticks = run_yardsticks(run_dir)
+        for stick, group in group_by_yardstick(keys, sticks):
+            lines.append(f"  vs {stick}:" if stick else "  other:")
+            for k in group:
+                meaning = METRIC_MEANINGS.get(k, "")
+                lines.append(f"    {k:<{width}}  {values[k]:>{value_width}}  {meaning}".rstrip())
+        note = yardstick_note(sticks) if any(family(k) in (LOSS, METHOD) for k in keys) else None
+        if note:
+            lines.append(note)
     else:
         lines.append("  (no held-out data: set data.eval, or run `preftune eval RUN_DIR --data FILE`)")
     lines += list(notes)
@@ -87,20 +112,50 @@ def is_adapter(path: Path) -> bool:
 
 
 def trained_model(run_dir: Path, checkpoint: str | None = None) -> Path:
-    """The directory holding the trained weights: ``--checkpoint``, else ``final/``, else (LoRA runs
-    saved without ``save_merged``) ``final-adapter/``. A ``checkpoint-N`` folder means its model."""
+    """The directory holding the model to evaluate: ``--checkpoint`` (a directory, a folder of the
+    run such as ``checkpoint-4``, or a preset name, resolved as ``model:`` in a config is), else
+    ``final/``, else (LoRA runs saved without ``save_merged``) ``final-adapter/``. A ``checkpoint-N``
+    folder means its model."""
     run = RunDir(run_dir)
     if checkpoint:
-        path = Path(checkpoint)
-        if (path / "model").is_dir():
-            path = path / "model"
-        if not path.is_dir():
-            raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
-        return path
+        for path in (Path(checkpoint).expanduser(), run.root / checkpoint):
+            if (path / CHECKPOINT_MODEL).is_dir():
+                path = path / CHECKPOINT_MODEL
+            if path.is_dir():
+                return path
+        from .models.presets import PRESETS
+
+        if checkpoint in PRESETS:
+            from .models.loading import resolve_causal_lm
+
+            return resolve_causal_lm(checkpoint, "--checkpoint")  # converted on first use, as model: is
+        raise FileNotFoundError(
+            f"--checkpoint {checkpoint}: no such directory (here or in {run.root}) and not a preset "
+            f"({', '.join(sorted(PRESETS))})"
+        )
     for path in (run.final, run.final_adapter):
         if path.is_dir():
             return path
     raise FileNotFoundError(f"{run.final} does not exist: has {run_dir} finished training?")
+
+
+FINAL_MODEL = "final"  # what an eval record's "evaluated" says of the run's own final model
+
+
+def evaluated_what(run_dir: Path, model_dir: Path) -> str:
+    """What ``model_dir`` is to the run: ``final`` (its final model or adapter), ``checkpoint-N``
+    (one of its checkpoints), or ``other model`` (a base model, a preset, another run's model)."""
+    run = RunDir(run_dir)
+    try:
+        model = Path(model_dir).resolve()
+        if model in (run.final.resolve(), run.final_adapter.resolve()):
+            return FINAL_MODEL
+        for checkpoint in run.checkpoints():
+            if model in (checkpoint.resolve(), (checkpoint / CHECKPOINT_MODEL).resolve()):
+                return checkpoint.name
+    except OSError:
+        pass
+    return "other model"
 
 
 def eval_config(run_dir: Path, data: str | None = None, checkpoint: str | None = None) -> TrainConfig:
@@ -110,8 +165,12 @@ def eval_config(run_dir: Path, data: str | None = None, checkpoint: str | None =
     state = json.loads(run.run_state.read_text()) if run.run_state.is_file() else {}
     model_dir = trained_model(run.root, checkpoint)
     cfg = copy.deepcopy(cfg)
-    refs = cfg.references or [ReferenceConfig()]
-    cfg.references = [ReferenceConfig(model=cfg.model) if r.model == "policy" else r for r in refs]
+    spec = resolved_method(cfg)
+    if not (spec.reference_free or cfg.reference_free):  # SimPO, ORPO: no reference to re-point
+        refs = cfg.references or [ReferenceConfig()]
+        # `policy` is the initial policy: its model, scored with the run's chat template (as training did)
+        initial = ReferenceConfig(model=cfg.model, chat_template=cfg.data.chat_template)
+        cfg.references = [initial if r.model == "policy" else r for r in refs]
     if is_adapter(model_dir):
         pass  # the base model with fresh adapters; evaluate_run loads the trained ones into them
     else:
@@ -154,6 +213,10 @@ def evaluate_run(
     if is_adapter(model_dir):
         _load_adapter(prepared.model, model_dir)
     trainer = Trainer(prepared)
+    if prepared.references is not None:  # the run's own config says which reference is the initial policy
+        cfg = load_config(run.config)
+        trainer.initial_reference = initial_policy_index(cfg.model, cfg.references, cfg.data.chat_template)
+    trainer.initial_scores_file = run.held_out_initial  # else its step-0 scores (same data only)
     metrics = trainer.evaluate(split="train")
     shutil.rmtree(run.eval_scratch, ignore_errors=True)
     return (metrics, trainer) if keep_trainer else metrics
@@ -235,10 +298,12 @@ def score_answers(
     progress: bool = False,
 ) -> tuple[dict[str, float], list[dict]]:
     """Greedy answers to ``items`` ({"prompt", "answer"}) checked under ``mode``: the metrics
-    eval_answer_match, eval_answer_phrase and eval_prompts_n, and one detail row per item."""
+    eval_answer_match, eval_prompts_n (and under ``numeric``, eval_answer_phrase), and one detail row
+    per item."""
+    from .answers import answer_metrics
     from .generation import answer_match
 
-    match, details = answer_match(
+    _, details = answer_match(
         model,
         tokenizer,
         items,
@@ -248,13 +313,7 @@ def score_answers(
         chat_template=chat_template,
         progress=progress,
     )
-    n = len(details)
-    metrics = {
-        "eval_answer_match": match,
-        "eval_answer_phrase": sum(d["reached_answer_phrase"] for d in details) / max(1, n),
-        "eval_prompts_n": n,
-    }
-    return metrics, details
+    return answer_metrics(details, mode), details
 
 
 @dataclass
@@ -273,9 +332,12 @@ class SavedEval:
         return found
 
 
-def data_key(data, checkpoint: str | None = None) -> str:
-    """The KEY of ``eval-KEY-TIME.json``: the data file's name, with ``@checkpoint-N`` if one was named."""
+def data_key(data, checkpoint: str | None = None, prompts: str | None = None) -> str:
+    """The KEY of ``eval-KEY-TIME.json`` (and of its generations file): the data file's name, then
+    ``+PROMPTS`` (the prompts file's name) with ``--prompts``, then ``@checkpoint-N`` if one was named."""
     key = Path(str(data)).stem if data else "data"
+    if prompts:
+        key += f"+{Path(str(prompts)).stem}"
     return key + (f"@{Path(checkpoint).name}" if checkpoint else "")
 
 
@@ -291,14 +353,23 @@ def save_eval_result(
     match: str | None = None,
     by: str = "preftune eval",
     max_new_tokens: int | None = None,
+    checkpoint: str | None = None,
+    before: dict | None = None,
 ) -> SavedEval:
     """A new ``eval-KEY-TIME.json`` (never overwriting an earlier one) with the metrics, and with
-    ``details`` the generations file next to it; ``preftune report`` shows every such record."""
+    ``details`` the generations file next to it; ``preftune report`` shows every such record.
+
+    The record says which model it evaluated: ``model`` (its directory), ``checkpoint`` (what
+    ``--checkpoint`` named, or null) and ``evaluated`` (:func:`evaluated_what`: ``final`` for the
+    run's own final model), so that a report shows a run's result only from its final model.
+    ``before``: the initial model's answers ({"model", "metrics", "details", "cached"})."""
     out = run.new_eval_result(key)
     record = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "by": by,
         "model": str(model),
+        "checkpoint": checkpoint,
+        "evaluated": evaluated_what(run.root, Path(model)),
         "data": str(data),
         "n": metrics.get("eval_n"),
         "metrics": metrics,
@@ -308,6 +379,17 @@ def save_eval_result(
         gens = run.eval_generations(out)
         gens.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details))
         record.update(prompts=str(prompts), match=match, generations=gens.name)
+    if before is not None:
+        from .answers import initial_generations
+
+        before_gens = initial_generations(out)
+        before_gens.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in before["details"]))
+        record["before"] = {
+            "model": str(before["model"]),
+            "metrics": before["metrics"],
+            "generations": before_gens.name,
+            "cached": before["cached"],
+        }
     if max_new_tokens is not None:
         record["max_new_tokens"] = max_new_tokens
     out.write_text(json.dumps(record, indent=1))
@@ -325,32 +407,58 @@ def main(argv: list[str]) -> int:
     items = _read_prompts(Path(args.prompts)) if args.prompts else None  # bad prompts fail before scoring
     model_dir = trained_model(run.root, args.checkpoint)
     metrics, trainer = evaluate_run(run_dir, args.data, args.checkpoint, keep_trainer=True)
-    details = None
+    details = before = None
     if items is not None:
-        answers, details = score_answers(
-            trainer.run.model,
-            trainer.run.tokenizer,
-            items,
+        from .answers import initial_answers
+        from .metrics import log
+
+        settings = dict(
             mode=args.match,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
             chat_template=trainer.run.cfg.data.chat_template,  # the template the run trained with
         )
+        answers, details = score_answers(trainer.run.model, trainer.run.tokenizer, items, **settings)
         metrics.update(answers)
+        run_cfg = load_config(run.config)
+        del trainer  # its model is no longer needed: the initial model may take its memory
+        found, before_details, cached = initial_answers(
+            run_cfg, items, cache_root=_cache_root(run_cfg), log=log, **settings
+        )
+        before = {"model": run_cfg.model, "metrics": found, "details": before_details, "cached": cached}
     data = args.data or load_config(run.config).data.eval
     saved = save_eval_result(
         run,
-        data_key(data, args.checkpoint),
+        data_key(data, args.checkpoint, args.prompts),
         model=model_dir,
         data=data,
         metrics=metrics,
         details=details,
         prompts=args.prompts,
         match=args.match,
+        checkpoint=args.checkpoint,
+        before=before,
     )
-    title = f"held-out results of {model_dir} on {data}"
-    notes = ()
+    what = saved.record["evaluated"]
+    title = f"held-out results of {model_dir}" + (
+        "" if what == FINAL_MODEL else f" ({what}, not the final model)"
+    )
+    title += f" on {data}"
+    notes: tuple[str, ...] = ()
+    files = saved.files()
     if details is not None:
-        notes = (f"answers: {len(details)} prompts from {args.prompts}, --match {args.match}",)
-    print(results_table(title, metrics, saved.files(), run.root, notes))
+        notes = (
+            f"answers: {len(details)} prompts from {args.prompts}, --match {args.match}; before = the "
+            f"initial model {run_cfg.model}"
+            + (" (its answers reused from the cache)" if before["cached"] else ""),
+        )
+        files.append(("initial model's generations", run.root / saved.record["before"]["generations"]))
+    before_values = before["metrics"] if before else None
+    print(results_table(title, metrics, files, run.root, notes, before=before_values))
     return 0
+
+
+def _cache_root(cfg: TrainConfig) -> Path:
+    from .models.presets import default_cache_dir
+
+    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()

@@ -132,28 +132,35 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+INITIAL_PREFIX = "eval_initial/"  # held-out rewards against the initial policy (not TRL's names)
+
+
 class HeldOutMetrics:
     """Accumulates micro-batches of a held-out pass into TRL's ``eval_`` metrics.
 
-    Besides the method's loss and rewards: rewards against the primary reference alone
-    (``eval_primary/...``, β times the log-ratio to reference 0) and the policy's own preference
-    ``eval_logps/accuracies`` (fraction of pairs with log π(y_w|x) > log π(y_l|x), no reference).
+    Two yardsticks: TRL's ``eval_rewards/*`` (and ``eval_loss``) are measured against the method's
+    reference (DPO: the initial policy; MRPO: its virtual reference; reference-free methods: none);
+    ``eval_initial/rewards/*`` against the initial policy (β times the log-ratio to it), the same for
+    every method, so runs of different methods compare. ``initial`` log-probs are passed per batch
+    when known (a reference that is the initial policy, or its step-0 scores). Besides, the policy's
+    own preference ``eval_logps/accuracies`` (fraction of pairs with log π(y_w|x) > log π(y_l|x),
+    no reference).
     """
 
-    def __init__(self, beta: float, unpaired: bool, has_references: bool):
-        self.beta, self.unpaired, self.has_references = beta, unpaired, has_references
+    def __init__(self, beta: float, unpaired: bool):
+        self.beta, self.unpaired = beta, unpaired
         self.losses, self.rc, self.rr, self.pc, self.pr, self.own = [], [], [], [], [], []
 
-    def add(self, out, policy: dict[str, torch.Tensor], refs: dict[str, torch.Tensor]) -> None:
+    def add(self, out, policy: dict[str, torch.Tensor], initial: dict[str, torch.Tensor] | None) -> None:
         self.losses.append(out.losses.float().cpu())
         if out.chosen_rewards is not None:
             self.rc.append(out.chosen_rewards.float().cpu())
             self.rr.append(out.rejected_rewards.float().cpu())
         if not self.unpaired:
             self.own.append((policy["chosen"] > policy["rejected"]).float().cpu())
-        if not self.unpaired and self.has_references:
-            self.pc.append((policy["chosen"].float() - refs["chosen"][0]).cpu())
-            self.pr.append((policy["rejected"].float() - refs["rejected"][0]).cpu())
+        if not self.unpaired and initial is not None:
+            self.pc.append(policy["chosen"].float().cpu() - initial["chosen"].float().cpu())
+            self.pr.append(policy["rejected"].float().cpu() - initial["rejected"].float().cpu())
 
     def result(self) -> dict[str, float]:
         result = {"eval_loss": float(torch.cat(self.losses).mean())}
@@ -178,9 +185,9 @@ class HeldOutMetrics:
             c, r = torch.cat(self.pc) * self.beta, torch.cat(self.pr) * self.beta
             result.update(
                 {
-                    "eval_primary/rewards/margins": float((c - r).mean()),
-                    "eval_primary/rewards/accuracies": float(preference_accuracy(c, r)),
-                    "eval_primary/rewards/accuracies_strict": float((c > r).float().mean()),
+                    INITIAL_PREFIX + "rewards/margins": float((c - r).mean()),
+                    INITIAL_PREFIX + "rewards/accuracies": float(preference_accuracy(c, r)),
+                    INITIAL_PREFIX + "rewards/accuracies_strict": float((c > r).float().mean()),
                 }
             )
         return result

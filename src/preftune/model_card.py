@@ -24,6 +24,7 @@ import yaml
 from . import __version__
 from .config import TrainConfig, resolved_method
 from .rundir import RunDir
+from .yardsticks import yardstick, yardsticks
 
 CARD = "README.md"
 
@@ -159,35 +160,6 @@ def held_out(run: RunDir) -> tuple[dict[str, float], dict[str, float], int | Non
     return before, after, step
 
 
-def yardsticks(cfg: TrainConfig) -> dict[str, str]:
-    """What each family of held-out metrics is measured against, for this run."""
-    spec = resolved_method(cfg)
-    refs = [r.model for r in cfg.references] or ["policy"]
-    primary = "the initial policy" if refs[0] == "policy" else f"reference 0 ({refs[0]})"
-    if spec.reference_free or cfg.reference_free:
-        method_ref = "no reference (reference-free rewards)"
-    elif spec.reference.value == "mrpo":
-        method_ref = f"the MRPO virtual reference of the {len(refs)} references"
-    elif spec.reference.value == "mdpo":
-        method_ref = f"the α-weighted mean of the {len(refs)} references (MDPO)"
-    else:
-        method_ref = primary
-    return {
-        "eval_loss": f"the method's loss ({spec.method}), against {method_ref}",
-        "eval_rewards/": f"vs the method's reference: {method_ref}",
-        "eval_primary/": f"vs the primary reference alone: {primary}",
-        "eval_logps/": "no reference: the policy's own log-probs",
-        "eval_answer_": "greedy answers checked against the data's `answer`",
-        "eval_n": "held-out pairs",
-    }
-
-
-def _yardstick(key: str, sticks: dict[str, str]) -> str:
-    return next(
-        (v for k, v in sticks.items() if key == k or (k.endswith(("/", "_")) and key.startswith(k))), ""
-    )
-
-
 def _value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}"
@@ -312,7 +284,7 @@ def model_card(
             if key == "eval_n":
                 continue
             lines.append(
-                f"| `{key}` | {_value(before.get(key))} | {_value(after[key])} | {_yardstick(key, sticks)} |"
+                f"| `{key}` | {_value(before.get(key))} | {_value(after[key])} | {yardstick(key, sticks)} |"
             )
     else:
         lines.append(

@@ -94,3 +94,18 @@ def duplicate_references(
             return (i, j), what
         seen[key] = j
     return None
+
+
+def initial_policy_index(
+    policy_model: str | None, references: Sequence[Any], policy_template: str | None = None
+) -> int | None:
+    """Index of the first reference that is the initial policy (the keyword ``policy``, or an entry
+    naming the policy's own model scored the same way); 0 when none is configured (the default is
+    ``[policy]``); None when no reference is the initial policy."""
+    if not references:
+        return 0
+    target = (model_identity(policy_model), policy_template, None)
+    for i, reference in enumerate(references):
+        if reference_key(policy_model, reference, policy_template) == target:
+            return i
+    return None

@@ -15,6 +15,8 @@ or nowhere::
     eval-KEY-TIME.json   held-out metrics of one ``preftune eval`` call (KEY: its data, TIME: UTC)
     eval-KEY-TIME.generations.jsonl   the greedy answers of ``eval --prompts``, one per line
     eval.json            held-out metrics of earlier versions' ``preftune eval`` (read, not written)
+    held_out_initial.json  the initial policy's log-probs of the held-out pairs (step 0), kept when no
+                         reference is the initial policy: the yardstick of ``eval_initial/*``
     evaluation.json      before/after training comparison written by ``preftune demo``
     generations.json     the demo's greedy generations before and after training
     data/                the demo's copy of the data it trained and evaluated on
@@ -39,6 +41,7 @@ CHECKPOINT_STATE = "trainer_state.json"
 FINAL = "final"
 FINAL_ADAPTER = "final-adapter"
 EVAL_METRICS = "eval.json"
+HELD_OUT_INITIAL = "held_out_initial.json"
 EVAL_RESULT_PREFIX = "eval-"
 EVAL_GENERATIONS_SUFFIX = ".generations.jsonl"
 BEFORE_AFTER = "evaluation.json"
@@ -89,10 +92,14 @@ class RunDir:
     def eval_metrics(self) -> Path:
         return self.root / EVAL_METRICS
 
+    @property
+    def held_out_initial(self) -> Path:
+        return self.root / HELD_OUT_INITIAL
+
     def new_eval_result(self, key: str) -> Path:
         """A fresh ``eval-KEY-TIME.json`` for one ``preftune eval`` call: never an existing file, so
         evaluating again (other data, another checkpoint, or the same) keeps every earlier result."""
-        key = re.sub(r"[^A-Za-z0-9._]+", "_", key).strip("_") or "data"
+        key = re.sub(r"[^A-Za-z0-9._+@-]+", "_", key).strip("_") or "data"
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         path, n = self.root / f"{EVAL_RESULT_PREFIX}{key}-{stamp}.json", 2
         while path.exists():

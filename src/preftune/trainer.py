@@ -41,6 +41,7 @@ from .model_card import write_model_cards
 from .nonfinite import NonFiniteError, nonfinite_part, weights_finite
 from .nonfinite import hint as nonfinite_hint
 from .prepare_run import PreparedRun, prepare_run
+from .reference_identity import initial_policy_index
 from .step import (
     DataOrder,
     PolicyScorer,
@@ -112,6 +113,14 @@ class Trainer:
         self.stage = "setup"  # named in the message when this process fails (distributed.exit_on_error)
         self.run = setup if isinstance(setup, PreparedRun) else prepare_run(setup, accelerator)
         self._fit_scorer = None  # the scorer fit() trains (accelerate-wrapped unless sharded)
+        cfg = self.run.cfg
+        # the yardstick of eval_initial/*: the reference that is the initial policy, else the
+        # policy's own step-0 scores of the held-out pairs (kept in this file; see evaluate)
+        self.initial_reference: int | None = None
+        if self.run.references is not None:
+            self.initial_reference = initial_policy_index(cfg.model, cfg.references, cfg.data.chat_template)
+        self.initial_scores_file: Path = self.run.run_dir.held_out_initial
+        self._initial: tuple[str, dict[str, torch.Tensor]] | None = None  # (split, step-0 log-probs)
 
     # -- one micro-batch ---------------------------------------------------------------------------
 
@@ -200,7 +209,7 @@ class Trainer:
             dynamic_ncols=True,
         )
         if start == 0 and "eval" in run.data.splits:  # the "before" point of every eval curve
-            metrics_log.write(0, {"epoch": 0.0, **self.evaluate(scorer)})
+            metrics_log.write(0, {"epoch": 0.0, **self.evaluate(scorer, initial=True)})
         window = MetricsWindow()
         last: dict[str, float] = {}
         skipped = 0
@@ -383,8 +392,12 @@ class Trainer:
     # -- evaluation ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, scorer=None, split: str = "eval") -> dict[str, float]:
-        """Held-out metrics with TRL's ``eval_`` names (see :class:`preftune.metrics.HeldOutMetrics`)."""
+    def evaluate(self, scorer=None, split: str = "eval", *, initial: bool = False) -> dict[str, float]:
+        """Held-out metrics with TRL's ``eval_`` names (see :class:`preftune.metrics.HeldOutMetrics`).
+
+        ``initial``: the policy is still the initial one (the step-0 evaluation). When no reference is
+        the initial policy, its log-probs are then kept (memory and :attr:`initial_scores_file`) as
+        the yardstick of the later evaluations' ``eval_initial/*``."""
         run = self.run
         cfg = run.cfg
         scorer = (
@@ -395,15 +408,69 @@ class Trainer:
         was_training = scorer.training
         scorer.eval()
         rows = len(run.data.views[0].tokenized[split])
-        metrics = HeldOutMetrics(cfg.beta, run.unpaired, run.references is not None)
+        metrics = HeldOutMetrics(cfg.beta, run.unpaired)
+        k = self.initial_reference
+        paired = not run.unpaired
+        collect = initial and k is None and paired
+        known = self._initial_scores(split, rows) if k is None and paired and not collect else None
+        kept: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": []}
         progress = cfg.progress and run.accelerator.is_local_main_process
         starts = range(0, rows, cfg.batch_size)
         for start in tqdm(starts, desc=f"evaluate ({rows} pairs)", disable=not progress, leave=False):
             index = list(range(start, min(rows, start + cfg.batch_size)))
             result = self._micro_batch(scorer, split, index, grad=False)
-            metrics.add(result.output, result.policy.logps, result.reference.logps)
+            policy = result.policy.logps
+            yardstick = None
+            if paired and k is not None:
+                yardstick = {side: result.reference.logps[side][k] for side in kept}
+            elif known is not None:
+                yardstick = {side: known[side][index] for side in kept}
+            elif collect:  # step 0: the policy is the initial policy
+                yardstick = {side: policy[side] for side in kept}
+                for side in kept:
+                    kept[side].append(policy[side].float().cpu())
+            metrics.add(result.output, policy, yardstick)
         scorer.train(was_training)
+        if collect:
+            self._keep_initial_scores(split, {side: torch.cat(v) for side, v in kept.items()})
         return {**metrics.result(), "eval_n": rows}
+
+    def _split_source(self, split: str) -> str:
+        data = self.run.cfg.data
+        return str(data.eval if split == "eval" else data.train)
+
+    def _keep_initial_scores(self, split: str, logps: dict[str, torch.Tensor]) -> None:
+        import json
+
+        self._initial = (split, logps)
+        if not self.run.accelerator.is_main_process:
+            return
+        record = {
+            "source": self._split_source(split),
+            "n": len(logps["chosen"]),
+            **{side: values.tolist() for side, values in logps.items()},
+        }
+        tmp = self.initial_scores_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.initial_scores_file)
+
+    def _initial_scores(self, split: str, rows: int) -> dict[str, torch.Tensor] | None:
+        """The step-0 log-probs of ``split`` (this run's, or :attr:`initial_scores_file` when they are
+        of the same data and rows); None when unknown (then ``eval_initial/*`` is left out)."""
+        import json
+
+        kept = self._initial
+        if kept is not None and kept[0] == split and len(kept[1]["chosen"]) == rows:
+            return kept[1]
+        try:
+            record = json.loads(self.initial_scores_file.read_text())
+        except (OSError, ValueError):
+            return None
+        if record.get("source") != self._split_source(split) or record.get("n") != rows:
+            return None
+        logps = {side: torch.tensor(record[side], dtype=torch.float32) for side in ("chosen", "rejected")}
+        self._initial = (split, logps)
+        return logps
 
     def reference_logps(self, split: str) -> dict[str, torch.Tensor]:
         """Every example's reference log-probs of ``split``, per side [K, N] (reference 0 first)."""

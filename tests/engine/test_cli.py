@@ -32,7 +32,7 @@ def test_precompute_train_eval_report(config_file, tmp_path, capsys):
     printed = capsys.readouterr().out
     # train ends with its held-out results (n, meanings), where the files are and the disk used
     assert "Held-out results after training (n = " in printed
-    assert "eval_primary/rewards/accuracies" in printed and "ties count 1/2" in printed
+    assert "eval_initial/rewards/accuracies" in printed and "ties count 1/2" in printed
     assert "disk used by the run directory:" in printed and "metrics.jsonl" in printed
     assert set((tmp_path / "cache" / "references").glob("*.safetensors")) == cached  # reused
     run = tmp_path / "run"
@@ -57,8 +57,8 @@ def test_precompute_train_eval_report(config_file, tmp_path, capsys):
     assert len(list(run.glob("eval-*.json"))) == 2
     last_eval = metric_rows(run, "eval_loss")[-1]
     # eval re-scores the final model against the cached initial policy: same numbers as training's eval
-    assert metrics["eval_primary/rewards/accuracies"] == pytest.approx(
-        last_eval["eval_primary/rewards/accuracies"]
+    assert metrics["eval_initial/rewards/accuracies"] == pytest.approx(
+        last_eval["eval_initial/rewards/accuracies"]
     )
     assert metrics["eval_loss"] == pytest.approx(last_eval["eval_loss"], abs=1e-4)
 
@@ -67,7 +67,7 @@ def test_precompute_train_eval_report(config_file, tmp_path, capsys):
     report = (run / "report.md").read_text()
     # report shows what eval wrote (eval.json), not only what training logged
     held_out = report.split("## Held-out evaluation", 1)[1]
-    assert "`eval_primary/rewards/accuracies`" in held_out and "`eval_loss`" in held_out
+    assert "`eval_initial/rewards/accuracies`" in held_out and "`eval_loss`" in held_out
     assert saved.name in held_out and "n (held-out pairs)" in held_out
 
 

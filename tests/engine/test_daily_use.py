@@ -18,7 +18,7 @@ def test_eval_before_training_and_ties_at_step_one(base_config):
     before = evals[0]
     assert before["eval_n"] == 8
     # before training the policy is its reference: every reward is 0 (up to float noise), all ties
-    assert before["eval_rewards/accuracies"] == 0.5 and before["eval_primary/rewards/accuracies"] == 0.5
+    assert before["eval_rewards/accuracies"] == 0.5 and before["eval_initial/rewards/accuracies"] == 0.5
     first = metric_rows(result.metrics_path, "loss")[0]
     assert first["step"] == 1 and first["rewards/accuracies"] == 0.5
     assert "rewards/accuracies_strict" in first
@@ -85,7 +85,7 @@ def test_eval_of_an_adapter_run_with_prompts_saves_generations(base_config, tmp_
     assert record["match"] == "regex" and "--match regex" in out and str(gens) in out
     assert record["n"] == 8 and record["model"].endswith("final-adapter")
     # the adapter was loaded: the trained policy no longer ties with its reference
-    assert record["metrics"]["eval_primary/rewards/margins"] != 0.0
+    assert record["metrics"]["eval_initial/rewards/margins"] != 0.0
 
 
 def test_eval_rejects_a_bad_prompts_file_before_scoring(base_config, tmp_path, capsys):

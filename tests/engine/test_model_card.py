@@ -60,13 +60,13 @@ def test_full_model_card_holds_the_fields(base_config, pair_files):
     for key in (
         "eval_loss",
         "eval_rewards/accuracies",
-        "eval_primary/rewards/margins",
+        "eval_initial/rewards/margins",
         "eval_logps/accuracies",
     ):
         before, after, yardstick = results[key]
         assert before == f"{evals[0][key]:.4f}" and after == f"{evals[2][key]:.4f}", key
         assert yardstick, key
-    assert "the initial policy" in results["eval_primary/rewards/margins"][2]
+    assert "the initial policy" in results["eval_initial/rewards/margins"][2]
     assert results["eval_logps/accuracies"][2].startswith("no reference")
 
 
@@ -92,7 +92,7 @@ def test_lora_adapter_card_is_a_peft_card_and_mrpo_names_its_yardsticks(
     assert settings["mrpo.clip_eps"] == ["`0.1`"] and settings["lora.r"] == ["`4`"]
     results = _table(adapter_body, "| metric |")
     assert "the MRPO virtual reference of the 2 references" in results["eval_rewards/accuracies"][2]
-    assert "the initial policy" in results["eval_primary/rewards/accuracies"][2]
+    assert "the initial policy" in results["eval_initial/rewards/accuracies"][2]
     assert "arXiv:2405.16388" in adapter_body  # the method's paper
 
 

@@ -221,9 +221,11 @@ def test_reference_free_mode_needs_no_reference(base_config, tmp_path, monkeypat
     result = train(base_config(reference_free=True, gamma=0.5))
     assert all(math.isfinite(v) for v in losses_by_step(result.metrics_path).values())
     assert not (tmp_path / "cache" / "references").exists()  # nothing scored, nothing cached
-    rows = metric_rows(result.metrics_path)
-    # without a reference there are no primary-reference rewards to report
-    assert any("eval_loss" in r for r in rows) and not any("eval_primary/rewards/margins" in r for r in rows)
+    evals = metric_rows(result.metrics_path, "eval_loss")
+    # no reference, but the initial policy is still a yardstick: its step-0 scores, kept in the run
+    assert [r["eval_initial/rewards/accuracies"] for r in evals][0] == 0.5
+    assert evals[-1]["eval_initial/rewards/margins"] != 0.0  # the trained policy moved away from it
+    assert (result.output_dir / "held_out_initial.json").is_file()
 
 
 def test_contrast_scope_decides_whether_a_micro_batch_is_gathered(base_config, monkeypatch):

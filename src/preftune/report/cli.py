@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .markdown import report_with_plots, write_comparison
 from .plots import plot_runs
-from .runs import Run, before_after, format_value, load_runs
+from .runs import Run, before_after, format_value, initial_metric, load_runs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,11 +71,18 @@ def console_summary(runs: Sequence[Run]) -> str:
         sides = before_after(run)
         b = (sides.get("before") or {}).get(key)
         a = (sides.get("after") or {}).get(key)
-        if a is None and key == "preference_accuracy":
-            a = run.final("eval_primary/rewards/accuracies")
+        if a is None and key == "preference_accuracy" and run.eval:
+            a = initial_metric(run.eval[-1], "rewards/accuracies")
         return f"{format_value(b)} → {format_value(a)}" if b is not None else format_value(a)
 
-    header = ["run", "steps", "held-out pref. accuracy", "likelihood accuracy", "eval loss", "n"]
+    header = [
+        "run",
+        "steps",
+        "pref. accuracy (vs initial policy)",
+        "likelihood accuracy (no reference)",
+        "eval loss (vs method's reference)",
+        "n",
+    ]
     rows = []
     for run in runs:
         loss_before = run.eval[0].get("eval_loss") if run.eval and run.eval[0]["step"] == 0 else None

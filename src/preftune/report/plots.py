@@ -68,15 +68,46 @@ def _new_figure(title: str, ylabel: str) -> tuple[Figure, Any]:
     return fig, ax
 
 
-def _colors(n: int) -> list[Any]:
+# One look per run: colour, dash pattern and marker all differ for the first 8 runs (then repeat with
+# the colour moving on), so lines that coincide stay told apart.
+DASHES: tuple[Any, ...] = (
+    "-",
+    (0, (6, 2)),
+    (0, (1, 1.5)),
+    (0, (6, 2, 1, 2)),
+    (0, (3, 1.5)),
+    (0, (8, 2, 1, 2, 1, 2)),
+    (0, (2, 3)),
+    (0, (10, 3)),
+)
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def run_styles(n: int) -> list[dict[str, Any]]:
+    """The look of each of ``n`` runs: ``color``, ``linestyle`` (a dash pattern), ``marker`` and
+    ``linewidth``. Earlier runs draw wider, so a later run's line on top of an identical one leaves
+    the earlier one showing along both edges."""
     from matplotlib import colormaps
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(n)]
+    return [
+        {
+            "color": cmap(i % cmap.N),
+            "linestyle": DASHES[i % len(DASHES)],
+            "marker": MARKERS[i % len(MARKERS)],
+            "linewidth": 1.4 + 0.4 * (n - 1 - i),
+        }
+        for i in range(n)
+    ]
+
+
+def _colors(n: int) -> list[Any]:
+    return [style["color"] for style in run_styles(n)]
 
 
 def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Figure | None:
-    """Train curve (EMA over a faint raw curve) and eval markers of ``key`` for every run."""
+    """Train curve (EMA over a faint raw curve) and eval markers of ``key`` for every run, each run
+    in its own colour, dash pattern and marker (:func:`run_styles`)."""
     from matplotlib.lines import Line2D
 
     curves = [(series(run.train, key), series(run.eval, EVAL_PREFIX + key)) for run in runs]
@@ -87,18 +118,41 @@ def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fig
     fig, ax = _new_figure(title, ylabel)
     handles, labels = [], []
     any_smoothed = any_eval = False
-    for run, color, ((steps, values), (eval_steps, eval_values)) in zip(runs, _colors(len(runs)), curves):
+    styles = run_styles(len(runs))
+    for i, (run, style, ((steps, values), (eval_steps, eval_values))) in enumerate(zip(runs, styles, curves)):
         if not steps and not eval_steps:
             continue
+        color, dash, marker, width = style["color"], style["linestyle"], style["marker"], style["linewidth"]
+        # ~10 markers per curve; coinciding curves put theirs on different points (staggered starts)
+        spacing = max(1, len(steps) // 10)
+        every = ((i * spacing) // len(runs), spacing)
         if steps:
             alpha = _smoothing_alpha(len(steps))
-            marker = "o" if len(steps) < 20 else None
             if alpha is None:
-                ax.plot(steps, values, color=color, linewidth=1.8, marker=marker, markersize=3)
+                ax.plot(
+                    steps,
+                    values,
+                    color=color,
+                    linestyle=dash,
+                    linewidth=width,
+                    marker=marker,
+                    markersize=4,
+                    markevery=every,
+                )
             else:
                 any_smoothed = True
                 ax.plot(steps, values, color=color, linestyle="none", marker="o", markersize=3, alpha=0.3)
-                ax.plot(steps, ema(values, alpha), color=color, linewidth=1.8, label="train (smoothed)")
+                ax.plot(
+                    steps,
+                    ema(values, alpha),
+                    color=color,
+                    linestyle=dash,
+                    linewidth=width,
+                    marker=marker,
+                    markersize=4,
+                    markevery=every,
+                    label="train (smoothed)",
+                )
         if eval_steps:
             any_eval = True
             ax.plot(
@@ -107,13 +161,15 @@ def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fig
                 color=color,
                 linestyle=":",
                 linewidth=1.0,
-                marker="o",
-                markersize=6,
-                markeredgecolor="black",
-                markeredgewidth=0.6,
+                marker=marker,
+                markersize=5 + 1.2 * (len(runs) - 1 - i),  # concentric: coinciding points all show
+                markerfacecolor="none",
+                markeredgewidth=1.5,
                 label="eval (held-out)",
             )
-        handles.append(Line2D([], [], color=color, linewidth=2.5))
+        handles.append(
+            Line2D([], [], color=color, linestyle=dash, linewidth=2.2, marker=marker, markersize=6)
+        )
         labels.append(run.label)
     # Style keys in grey, after the run colours.
     gray = "0.35"
@@ -134,8 +190,8 @@ def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fig
                 linestyle=":",
                 marker="o",
                 markersize=6,
-                markeredgecolor="black",
-                markeredgewidth=0.6,
+                markerfacecolor="none",
+                markeredgewidth=1.5,
             )
         )
         labels.append("eval (held-out)")
@@ -145,11 +201,16 @@ def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fig
         ax.axhline(0.5, color="black", linewidth=0.8, alpha=0.6, linestyle="--")
         low, high = ax.get_ylim()
         ax.set_ylim(min(low, -0.02), max(high, 1.02))
-    ax.legend(handles, labels, loc="best", fontsize=9, framealpha=0.9)
+    if len(runs) > 3:  # many runs: the legend beside the axes, never over the curves
+        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, framealpha=0.9)
+    else:
+        ax.legend(handles, labels, loc="best", fontsize=9, framealpha=0.9)
     return fig
 
 
 def _before_after_figure(runs: Sequence[Run]) -> Figure | None:
+    """Horizontal bars, one row per run (its label once, on the left), before (hatched) and after
+    each with its value at its end; the figure grows with the runs, so no text overlaps."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
@@ -166,52 +227,54 @@ def _before_after_figure(runs: Sequence[Run]) -> Figure | None:
         for key, title in (
             ("preference_accuracy", "preference accuracy\n(reward vs initial policy)"),
             ("likelihood_accuracy", "likelihood accuracy\n(log π chosen > rejected)"),
-            ("exact_match", "exact match"),
+            ("exact_match", "exact match\n(greedy answers)"),
         )
         if any(value(run, side, key) is not None for run, _ in evaluated for side in ("before", "after"))
     ]
     if not panels:
         return None
-    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    height = max(FIGSIZE[1], 1.8 + 0.62 * len(evaluated))
+    fig = Figure(figsize=(FIGSIZE[0], height), dpi=DPI, layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
     title = "Before vs after training"
     fig.suptitle(title if len(runs) > 1 else f"{title} — {runs[0].label}", fontsize=13)
-    width = 0.38
+    bar = 0.38
+    rows = range(len(evaluated))
     for ax, (key, panel_title) in zip(axes, panels):
         top = 1.0
         for i, (run, color) in enumerate(evaluated):
             for offset, side, alpha, hatch in (
-                (-width / 2, "before", 0.4, "//"),
-                (width / 2, "after", 1.0, None),
+                (-bar / 2, "before", 0.4, "//"),
+                (bar / 2, "after", 1.0, None),
             ):
                 number = value(run, side, key)
-                x = i + offset
+                y = i + offset
                 if number is None:
-                    ax.text(x, 0.01, "n/a", ha="center", va="bottom", fontsize=9, color="0.4", clip_on=True)
+                    ax.text(0.01, y, "n/a", ha="left", va="center", fontsize=8, color="0.4")
                     continue
                 top = max(top, number)
-                ax.bar(
-                    x, number, width, color=color, alpha=alpha, hatch=hatch, edgecolor="black", linewidth=0.6
+                ax.barh(
+                    y, number, bar, color=color, alpha=alpha, hatch=hatch, edgecolor="black", linewidth=0.6
                 )
-                ax.text(x, number + 0.01, f"{number:.3g}", ha="center", va="bottom", fontsize=9)
-        ax.set_title(panel_title, fontsize=12)
-        ax.set_ylim(0, top * 1.12)
-        ax.set_xlim(-0.6, len(evaluated) - 0.4)
-        ax.set_xticks(range(len(evaluated)))
-        ax.set_xticklabels([textwrap.fill(run.label, 16) for run, _ in evaluated], fontsize=10)
-        ax.grid(True, axis="y", alpha=0.3)
+                ax.text(number + 0.015, y, f"{number:.3g}", ha="left", va="center", fontsize=8)
+        ax.set_title(panel_title, fontsize=11)
+        ax.set_xlim(0, top * 1.3)  # room for the values after the longest bar
+        ax.grid(True, axis="x", alpha=0.3)
         if key == "preference_accuracy":
-            ax.axhline(0.5, color="black", linewidth=0.8, alpha=0.6, linestyle="--")
-    axes[0].set_ylabel("score (fraction of examples)", fontsize=11)
-    axes[0].legend(
+            ax.axvline(0.5, color="black", linewidth=0.8, alpha=0.6, linestyle="--")
+    axes[0].set_ylim(len(evaluated) - 0.5, -0.5)  # the first run on top
+    axes[0].set_yticks(list(rows))
+    axes[0].set_yticklabels([textwrap.fill(run.label, 22) for run, _ in evaluated], fontsize=9)
+    axes[0].set_xlabel("score (fraction of examples)", fontsize=10)
+    fig.legend(
         [
             Patch(facecolor="0.5", alpha=0.4, hatch="//", edgecolor="black"),
             Patch(facecolor="0.5", edgecolor="black"),
         ],
         ["before", "after"],
-        loc="upper left",
+        loc="outside lower center",
+        ncols=2,
         fontsize=9,
-        framealpha=0.9,
     )
     return fig
 

@@ -8,6 +8,9 @@ What the trainer leaves in a run directory (file names: :mod:`preftune.rundir`):
 - ``config.yaml``: the resolved config, used for the run's label and summary.
 - ``evaluation.json`` (optional): ``{"before": {...}, "after": {...}}`` from the demo.
 - ``eval.json`` and ``eval-KEY-TIME.json`` (optional): held-out metrics written by ``preftune eval``.
+  Each record says which model it evaluated (``evaluated``: ``final``, ``checkpoint-N`` or
+  ``other model``; records of earlier versions are told by their ``model`` path): only evaluations
+  of the run's own final model are the run's result (:attr:`Run.held_out`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ EVALUATION_FILE = rundir.BEFORE_AFTER
 EVAL_METRICS_FILE = rundir.EVAL_METRICS
 REPORT_FILE = rundir.REPORT
 EVAL_PREFIX = "eval_"
+FINAL_MODEL = "final"  # an eval record's "evaluated" for the run's own final model (preftune.held_out)
 
 
 @dataclass
@@ -50,9 +54,16 @@ class Run:
     held_out_results: list[dict[str, Any]] = field(default_factory=list)
 
     @property
+    def final_results(self) -> list[dict[str, Any]]:
+        """The held-out results that evaluated this run's own final model, oldest first."""
+        return [r for r in self.held_out_results if r.get("evaluated") == FINAL_MODEL]
+
+    @property
     def held_out(self) -> dict[str, float] | None:
-        """The metrics of the latest ``preftune eval`` result, or None."""
-        return self.held_out_results[-1]["metrics"] if self.held_out_results else None
+        """The metrics of the latest ``preftune eval`` result of the run's final model, or None (an
+        evaluation of a checkpoint or of another model is not the run's result)."""
+        results = self.final_results
+        return results[-1]["metrics"] if results else None
 
     @property
     def last_step(self) -> int | None:
@@ -137,8 +148,15 @@ def _read_held_out_results(path: Path) -> list[dict[str, Any]]:
     files, after a legacy ``eval.json``. Each: name, created, data, model, n, metrics."""
     results = []
     legacy = _read_held_out(path / EVAL_METRICS_FILE)
-    if legacy:
-        results.append({"name": EVAL_METRICS_FILE, "metrics": legacy, "n": legacy.get("eval_n")})
+    if legacy:  # earlier versions evaluated the final model only
+        results.append(
+            {
+                "name": EVAL_METRICS_FILE,
+                "metrics": legacy,
+                "n": legacy.get("eval_n"),
+                "evaluated": FINAL_MODEL,
+            }
+        )
     for file in rundir.RunDir(path).eval_results():
         try:
             record = json.loads(file.read_text(encoding="utf-8"))
@@ -152,8 +170,30 @@ def _read_held_out_results(path: Path) -> list[dict[str, Any]]:
         metrics = {
             k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
         }
-        results.append({**record, "name": file.name, "metrics": metrics})
+        evaluated = record.get("evaluated")
+        if not isinstance(evaluated, str):
+            evaluated = _evaluated(path, record.get("model"))
+        results.append({**record, "name": file.name, "metrics": metrics, "evaluated": evaluated})
     return results
+
+
+def _evaluated(run_dir: Path, model: Any) -> str:
+    """What a record of an earlier version (no ``evaluated`` field) evaluated, from its model path:
+    ``final`` for the run's final model, ``checkpoint-N``, or ``other model``."""
+    if not isinstance(model, str):
+        return "unknown model"
+    run = rundir.RunDir(run_dir)
+    try:
+        found = Path(model).resolve()
+        if found in (run.final.resolve(), run.final_adapter.resolve()):
+            return FINAL_MODEL
+        if found.name == rundir.CHECKPOINT_MODEL:
+            found = found.parent
+        if found.parent == run.root.resolve() and found.name.startswith(rundir.CHECKPOINT_PREFIX):
+            return found.name
+    except OSError:
+        pass
+    return "other model"
 
 
 def _read_held_out(path: Path) -> dict[str, float] | None:
@@ -279,14 +319,21 @@ def before_after(run: Run) -> dict[str, dict[str, Any]]:
 
     def side(row: dict[str, Any]) -> dict[str, Any]:
         return {
-            "preference_accuracy": row.get("eval_primary/rewards/accuracies"),
+            "preference_accuracy": initial_metric(row, "rewards/accuracies"),
             "likelihood_accuracy": row.get("eval_logps/accuracies"),
-            "reward_margin": row.get("eval_primary/rewards/margins"),
+            "reward_margin": initial_metric(row, "rewards/margins"),
             "loss": row.get("eval_loss"),
             "n": row.get("eval_n"),
         }
 
     return {"before": side(run.eval[0]), "after": side(run.eval[-1]), "after_step": run.eval[-1]["step"]}
+
+
+def initial_metric(row: dict[str, Any], name: str) -> Any:
+    """``eval_initial/NAME`` (against the initial policy) of a row; runs of earlier versions logged it
+    as ``eval_primary/NAME`` (against reference 0, the initial policy unless references said otherwise)."""
+    value = row.get("eval_initial/" + name)
+    return row.get("eval_primary/" + name) if value is None else value
 
 
 def format_value(value: Any) -> str:
