@@ -453,7 +453,7 @@ def main(argv: list[str]) -> int:
             + (" (its answers reused from the cache)" if before["cached"] else ""),
         )
         files.append(("initial model's generations", run.root / saved.record["before"]["generations"]))
-    before_values = before["metrics"] if before else None
+    before_values = {k: v for k, v in before["metrics"].items() if k != "eval_prompts_n"} if before else None
     print(results_table(title, metrics, files, run.root, notes, before=before_values))
     return 0
 

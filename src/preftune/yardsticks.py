@@ -129,6 +129,6 @@ def yardstick_note(sticks: dict[str, str]) -> str | None:
         return None
     return (
         f"note: eval_loss and eval_rewards/* are measured against {sticks[METHOD]}, not the initial "
-        "policy, so before training they are not ln 2 and 0.5; eval_initial/* (against the initial "
+        "policy, so before training they need not be ln 2 and 0.5; eval_initial/* (against the initial "
         "policy) compares across methods"
     )

@@ -45,7 +45,7 @@ def test_mrpo_reports_both_yardsticks_and_says_which_is_which(base_config, other
     virtual = groups["the MRPO virtual reference of the 2 references"]
     assert "eval_loss" in virtual and "eval_rewards/accuracies" in virtual
     assert "eval_logps/accuracies" in groups["no reference (the policy's own log-probs)"]
-    assert "not ln 2" in table  # the note that explains the step-0 loss
+    assert "need not be ln 2" in table  # the note that explains the step-0 loss
     # report.md: every held-out metric with what it is measured against
     final = write_report(result.output_dir, plots=False).read_text().split("## Final metrics", 1)[1]
     row = next(line for line in final.splitlines() if line.startswith("| `rewards/accuracies`"))
@@ -60,7 +60,7 @@ def test_dpo_groups_its_reference_with_the_initial_policy(base_config):
     assert {"eval_initial/rewards/accuracies", "eval_rewards/accuracies", "eval_loss"} <= set(
         groups["the initial policy"]
     )
-    assert "not ln 2" not in train_summary(result)
+    assert "ln 2" not in train_summary(result)
     last = metric_rows(result.metrics_path, "eval_loss")[-1]
     # DPO's reference is the initial policy: the two yardsticks give the same numbers
     assert last["eval_initial/rewards/margins"] == pytest.approx(last["eval_rewards/margins"], abs=1e-5)
@@ -177,6 +177,10 @@ def test_eval_prompts_reports_before_and_after_with_the_initial_answers_cached(
     record = json.loads(newest.read_text())
     assert record["before"]["cached"] is True and "reused from the cache" in out
     assert "eval_answer_phrase" in record["metrics"] and "eval_answer_phrase" in record["before"]["metrics"]
+    # the run's report shows the answers before → after, per eval call
+    held_out = write_report(run, plots=False).read_text().split("## Held-out evaluation", 1)[1]
+    row = next(line for line in held_out.splitlines() if line.startswith("| `eval_answer_match`"))
+    assert row.count("→") == 2  # both calls
 
 
 def test_eval_checkpoint_accepts_a_preset_name(base_config, tiny_model_dir, tmp_path, monkeypatch):

@@ -214,7 +214,7 @@ def _with_before(record: dict, key: str) -> str:
     """A record's value of ``key``, as ``before → after`` when it holds the initial model's too."""
     after = format_value(record["metrics"].get(key))
     before = (record.get("before") or {}).get("metrics") or {}
-    if isinstance(before, dict) and key in before:
+    if isinstance(before, dict) and key in before and key != "eval_prompts_n":  # the same prompts
         return f"{format_value(before[key])} → {after}"
     return after
 
