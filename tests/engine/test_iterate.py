@@ -367,8 +367,7 @@ def test_reference_both_needs_a_multi_reference_method(tiny_model_dir, files, tm
 def test_config_documents_every_rounds_key():
     import dataclasses
 
-    from preftune.config import describe
-    from preftune.iterate.options import JudgeConfig, RoundsConfig
+    from preftune.config import JudgeConfig, RoundsConfig, describe
 
     text = describe()
     for f in dataclasses.fields(RoundsConfig):
