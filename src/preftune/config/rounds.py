@@ -3,7 +3,7 @@
 A section of :class:`~.keys.TrainConfig` like ``mrpo:`` or ``lora:`` (same metadata, so
 ``preftune config`` documents every key); ``preftune train`` ignores it. The checks
 that need files or the method (judge settings, prompts, references) are in
-:func:`preftune.iterate.loop.check_rounds`, run before any model loads.
+:func:`preftune.iterate.checks.check_rounds`, run before any model loads.
 """
 
 from __future__ import annotations
