@@ -50,15 +50,6 @@ class SideScores:
     wpo: dict[str, torch.Tensor] = field(default_factory=dict)  # WPO's aligned sums [B], detached
     tail: dict[str, torch.Tensor] = field(default_factory=dict)  # LD-DPO: log-prob beyond the shared length
 
-    def merged(self, other: SideScores) -> SideScores:
-        """These sides and ``other``'s together."""
-        return SideScores(
-            {**self.logps, **other.logps},
-            {**self.lengths, **other.lengths},
-            {**self.wpo, **other.wpo},
-            {**self.tail, **other.tail},
-        )
-
 
 @dataclass
 class LossAdapter:
