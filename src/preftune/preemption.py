@@ -185,9 +185,9 @@ def requested(device=None) -> bool:
     """Whether any process got a preemption signal (collective under several processes)."""
     w = _active
     local = w is not None and w.signal_at is not None
-    from . import distributed as D
+    from . import distributed
 
-    if not D.is_distributed():
+    if not distributed.is_distributed():
         return local
     import torch
     import torch.distributed as dist

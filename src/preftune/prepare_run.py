@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from . import distributed as D
-from . import losses as L
+from . import distributed
 from .cache import default_cache_dir
 from .checkpointing import prepare_output_dir, select_resume_checkpoint
 from .config import ConfigError, TrainConfig, save_config
 from .data.check import check_data
 from .data.prepare import PreparedData, carve_validation, prepare_data
+from .losses import MethodSpec, calibrate_phi_star, neg_log_dispersion, resolve_method
 from .method_adapter import LossAdapter
 from .metrics import log
 from .models.loading import load_policy, mixed_precision
@@ -50,7 +50,7 @@ class PreparedRun:
 
     cfg: TrainConfig
     accelerator: Any  # accelerate.Accelerator
-    spec: L.MethodSpec
+    spec: MethodSpec
     sides: tuple[str, ...]  # the sides a micro-batch scores: chosen, rejected (or completion), KTO's kl
     fsdp: bool  # the policy is sharded (parallelism=fsdp over several processes)
     output_dir: Path
@@ -123,14 +123,14 @@ def prepare_run(
     from accelerate import Accelerator
 
     configure_threads(cfg.threads, log=log)  # intra-op threads from the CPUs this process may use
-    spec = L.resolve_method(cfg.method)
+    spec = resolve_method(cfg.method)
     sides = UNPAIRED_SIDES if spec.unpaired else PAIRED_SIDES
     if "mismatched" in spec.needs:  # KTO's reference point: mismatched items, scored last
         sides += (MISMATCHED_SIDE,)
     acc = accelerator or Accelerator(
         mixed_precision=mixed_precision(cfg),
         cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[D.process_group_kwargs(cfg.dist_timeout_s)],  # every collective times out
+        kwargs_handlers=[distributed.process_group_kwargs(cfg.dist_timeout_s)],  # every collective times out
     )
 
     def say(message: str) -> None:
@@ -138,7 +138,7 @@ def prepare_run(
 
     # FSDP shards only over several processes; the checkpoint format follows the key regardless
     fsdp = cfg.parallelism == "fsdp" and acc.num_processes > 1
-    D.barrier("start", cfg.dist_timeout_s)  # every rank is up (and NCCL's side gloo group exists)
+    distributed.barrier("start", cfg.dist_timeout_s)  # every rank is up (and NCCL's side gloo group exists)
     require_trackers(cfg.report_to)  # a requested tracker that is not installed: before any model loads
     # data errors surface here, all at once, before any model loads (preftune.data.check)
     data_check = check_data(cfg, unpaired=spec.unpaired, log=say)
@@ -257,8 +257,8 @@ def _references(cfg, acc, data, sides, model, cache_root, autocast_dtype, adapte
 def _shard(run: PreparedRun):
     """The policy's scorer sharded with FSDP2 (each decoder layer, the scorer as root)."""
     cfg, acc = run.cfg, run.accelerator
-    mp = D.mixed_precision_policy(cfg.precision, acc.device)
-    root = D.shard_policy(PolicyScorer(run.model, cfg.logits_chunk_tokens), mp_policy=mp)
+    mp = distributed.mixed_precision_policy(cfg.precision, acc.device)
+    root = distributed.shard_policy(PolicyScorer(run.model, cfg.logits_chunk_tokens), mp_policy=mp)
     if isinstance(run.references, OnlineReferences):
         run.references.policy_root = root  # the LoRA reference runs through the root too
     log(f"parallelism=fsdp: policy sharded over {acc.num_processes} processes", acc)
@@ -280,11 +280,11 @@ def _step_inputs(run: PreparedRun) -> StepInputs:
         }
         phi_star = cfg.mallows.phi_star
         if phi_star == "auto":
-            phi_star = L.calibrate_phi_star(*entropies["train"])
+            phi_star = calibrate_phi_star(*entropies["train"])
             log(f"mallows.phi_star=auto -> {phi_star:.4f} (mean c(x) over the training set is 1)")
         run.phi_star = float(phi_star)
         for split, (chosen_entropy, rejected_entropy) in entropies.items():
-            inputs.dispersion_c[split] = L.neg_log_dispersion(
+            inputs.dispersion_c[split] = neg_log_dispersion(
                 chosen_entropy, rejected_entropy, run.phi_star
             ).float()
     if spec.needs_embeddings:
