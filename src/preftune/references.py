@@ -265,7 +265,6 @@ def precompute_references(
     log=print,
     tails: bool = False,
     timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
-    split_labels: dict[str, str] | None = None,
 ) -> PrecomputedReferences:
     """Score every (reference, split, side) once, reusing cached results when the inputs match.
 
@@ -309,7 +308,7 @@ def precompute_references(
                 )
                 bar = tqdm(
                     total=len(mine) * len(sides),
-                    desc=f"reference {k} ({view.name}) {(split_labels or {}).get(split, split)}",
+                    desc=f"reference {k} ({view.name}) {split}",
                     disable=not progress,
                     unit="seq",
                 )
@@ -345,10 +344,7 @@ def precompute_references(
                         f"the reference scores just written to {cache.path(key)} cannot be read"
                     )
             else:
-                label = (split_labels or {}).get(
-                    split, split
-                )  # e.g. `preftune eval`'s data in the train slot
-                log(f"reference {k} ({view.name}) {label}: cached scores reused ({cache.path(key).name})")
+                log(f"reference {k} ({view.name}) {split}: cached scores reused ({cache.path(key).name})")
             for name, value in entry.items():
                 out[split].setdefault(name, []).append(value)
         if model is not None and model is not policy:
