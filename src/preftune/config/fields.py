@@ -1,8 +1,8 @@
 """What every config key is made of: its documentation and allowed values, declared with :func:`_f`.
 
 A key is a dataclass field whose ``metadata`` holds ``help`` (the text ``preftune config`` prints),
-``range`` (a :class:`Range`) and/or ``choices``; the sections (:mod:`.sections`, :mod:`.rounds`) and
-:class:`~.keys.TrainConfig` declare their keys with :func:`_f`, and :mod:`.validation` checks them.
+``range`` (a :class:`Range`) and/or ``choices``; the sections and :class:`~.keys.TrainConfig`
+(:mod:`.keys`, :mod:`.rounds`) declare their keys with :func:`_f`, and :mod:`.validation` checks them.
 """
 
 from __future__ import annotations

@@ -18,8 +18,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .fields import ConfigError, _is_dataclass_type
-from .keys import TrainConfig
-from .sections import ReferenceConfig
+from .keys import ReferenceConfig, TrainConfig
 from .validation import validate
 
 
