@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .checkpointing import TrainingError
+from .errors import TrainingError
 from .rundir import RunDir
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped cleanly, the same command continues it

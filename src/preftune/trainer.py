@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 from . import autoresume, distributed, preemption, runlock
 from .checkpointing import (
     SHARDED,
-    TrainingError,
     check_checkpoint_format,
     find_checkpoints,
     load_checkpoint,
@@ -35,6 +34,7 @@ from .checkpointing import (
     save_sharded_checkpoint,
 )
 from .config import ConfigError, TrainConfig, load_config
+from .errors import TrainingError
 from .metrics import HeldOutMetrics, MetricsLog, log, mean_over_processes, peak_memory_mb
 from .model_card import write_model_cards
 from .nonfinite import NonFiniteError, nonfinite_part, weights_finite
