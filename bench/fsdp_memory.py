@@ -75,15 +75,15 @@ def worker(args) -> dict:
     import torch
     import transformers  # noqa: F401  (part of the baseline, as in a real run)
 
-    from preftune import distributed as D
+    from preftune import distributed
     from preftune.data.collate import collate_sequences
     from preftune.losses import dpo
     from preftune.models.loading import enable_activation_checkpointing, load_causal_lm
     from preftune.step import PolicyScorer
 
-    D.init_process_group(backend="gloo")
+    distributed.init_process_group(backend="gloo")
     base_mb = _status_kb("VmRSS") / 1024  # libraries loaded, process group up: the same on both sides
-    world, rank = D.world_size(), D.rank()
+    world, rank = distributed.world_size(), distributed.rank()
     sampler = StageSampler()
     sampler.at("load model")
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def worker(args) -> dict:
     root = PolicyScorer(model)
     if world > 1:
         sampler.at("shard")
-        D.shard_policy(root)
+        distributed.shard_policy(root)
     params = [p for p in root.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
     vocab = model.config.vocab_size
@@ -129,7 +129,7 @@ def worker(args) -> dict:
         ]
         mine = pairs[rank * micro_batches : (rank + 1) * micro_batches]
         for m, (p, c, r) in enumerate(mine):
-            with D.no_sync(root, enabled=m < len(mine) - 1):
+            with distributed.no_sync(root, enabled=m < len(mine) - 1):
                 sampler.at("forward")
                 logps = root(**collate_sequences([p, p], [c, r], 0)).logps
                 ref = logps.detach() - 0.1
@@ -137,7 +137,7 @@ def worker(args) -> dict:
                 sampler.at("backward")
                 (loss / len(mine)).backward()
         sampler.at("clip + optimizer step")
-        D.clip_grad_norm_(params, 1.0)
+        distributed.clip_grad_norm_(params, 1.0)
         optimizer.step()
         sampler.at("between steps")
         optimizer.zero_grad(set_to_none=False)  # keep the gradients: they count at the peak anyway

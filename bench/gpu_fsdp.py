@@ -60,13 +60,13 @@ def workload(args):
 def worker_preftune(args) -> dict:
     from workloads import build_model
 
-    from preftune import distributed as D
+    from preftune import distributed
     from preftune.data.collate import collate_sequences
     from preftune.losses import dpo
     from preftune.models.loading import enable_activation_checkpointing
     from preftune.step import PolicyScorer
 
-    D.init_process_group()
+    distributed.init_process_group()
     w = workload(args)
     cuda = torch.cuda.is_available() and not args.dry_run
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
@@ -77,7 +77,9 @@ def worker_preftune(args) -> dict:
     if w.gradient_checkpointing:
         enable_activation_checkpointing(model)
         model.config.use_cache = False
-    root = D.shard_policy(PolicyScorer(model), mp_policy=D.mixed_precision_policy(w.precision, device))
+    root = distributed.shard_policy(
+        PolicyScorer(model), mp_policy=distributed.mixed_precision_policy(w.precision, device)
+    )
     params = [p for p in root.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=w.learning_rate, fused=True)
     rows = synthetic_pairs(w, w.vocab)
@@ -91,7 +93,8 @@ def worker_preftune(args) -> dict:
             torch.cuda.synchronize()
         started = time.perf_counter()
         index = [
-            (step * w.batch * D.world_size() + D.rank() * w.batch + i) % len(rows) for i in range(w.batch)
+            (step * w.batch * distributed.world_size() + distributed.rank() * w.batch + i) % len(rows)
+            for i in range(w.batch)
         ]
         batch = [rows[i] for i in index]
         prompts = [p for p, _, _ in batch] * 2
@@ -100,14 +103,14 @@ def worker_preftune(args) -> dict:
         ref = refs[index].to(device)
         loss = dpo(logps[: w.batch], logps[w.batch :], ref[:, 0], ref[:, 1], beta=w.beta).loss
         loss.backward()
-        D.clip_grad_norm_(params, 1.0)
+        distributed.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-    result = {**summarize(w, times, model, device), **meter.stop(), "world": D.world_size()}
-    D.barrier("bench done")
+    result = {**summarize(w, times, model, device), **meter.stop(), "world": distributed.world_size()}
+    distributed.barrier("bench done")
     return result
 
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from .checkpointing import TrainingError
 from .config import TrainConfig, to_dict
+from .errors import TrainingError
 from .rundir import RunDir
 
 AUTO = "auto"

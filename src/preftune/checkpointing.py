@@ -29,12 +29,10 @@ from torch import nn
 from . import statefile
 from .config import TrainConfig
 from .distributed import DEFAULT_TIMEOUT_S, barrier, rank, replace_directory
+from .errors import TrainingError
 from .rundir import CHECKPOINT_MODEL, CHECKPOINT_STATE, MANIFEST, RunDir
 from .seeding import rng_state, set_rng_state
-
-
-class TrainingError(RuntimeError):
-    """A run cannot continue; the message says why and what was kept."""
+from .storage import raise_if_storage
 
 
 def prepare_output_dir(cfg: TrainConfig, log: Callable[[str], None] = print) -> Path:
@@ -159,8 +157,6 @@ def write_atomically(final: Path, write: Callable[[Path], None]) -> None:
         tmp.mkdir(parents=True)
         write(tmp)
     except Exception as e:  # OSError, SafetensorError, ...: the storage's refusal in one line
-        from .storage import raise_if_storage
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise_if_storage(final, e, removed=tmp)
         raise
@@ -389,8 +385,6 @@ def save_sharded_checkpoint(
     try:
         save_dcp_state(path, root, _plain_optimizer(optimizer), write=write, timeout_s=timeout_s)
     except Exception as e:  # OSError, SafetensorError, DCP's CheckpointException
-        from .storage import raise_if_storage
-
         tmp = path.with_name(path.name + ".tmp")
         if rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)

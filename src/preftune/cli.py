@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preftune {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # the trainer's own errors carry their explanation
-        from .checkpointing import TrainingError
+        from .errors import TrainingError
         from .preemption import Preempted
 
         if isinstance(e, Preempted):  # every process stopped at the same step; the main one says so

@@ -361,19 +361,9 @@ def sample_batch(
         ids, mask = enc["input_ids"], enc["attention_mask"]
         start = ids.shape[1]
         static = getattr(model.generation_config, "cache_implementation", None) not in (None, "dynamic")
+        cache = None  # generate's name for the prefilled cache, and the cache
         if static or max_new_tokens < 1:  # a static cache cannot be expanded: k rows per prompt, one call
             ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-            texts = _decode(
-                model,
-                tokenizer,
-                ids,
-                mask,
-                start,
-                max_new_tokens,
-                stop_when,
-                processor=sampler,
-                on_done=on_done,
-            )
         else:
             position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
             last_only = _accepts(model, "logits_to_keep")  # the prefill's last logits, not [B, T, V]
@@ -385,24 +375,24 @@ def sample_batch(
                 **({"logits_to_keep": 1} if last_only else {}),
             )
             name = "cache" if "cache" in out.keys() else "past_key_values"
-            cache = out[name]
-            cache.batch_repeat_interleave(k)  # each prompt's keys and values, once per sample
+            out[name].batch_repeat_interleave(k)  # each prompt's keys and values, once per sample
+            cache = (name, out[name])
             first = sampler.draw(out.logits[:, -1, :].repeat_interleave(k, 0))
             ids = torch.cat([ids.repeat_interleave(k, 0), first[:, None]], dim=1)
             mask = torch.cat([mask.repeat_interleave(k, 0), mask.new_ones(len(first), 1)], dim=1)
             del out
-            texts = _decode(
-                model,
-                tokenizer,
-                ids,
-                mask,
-                start,
-                max_new_tokens,
-                stop_when,
-                cache=(name, cache),
-                processor=sampler,
-                on_done=on_done,
-            )
+        texts = _decode(
+            model,
+            tokenizer,
+            ids,
+            mask,
+            start,
+            max_new_tokens,
+            stop_when,
+            cache=cache,
+            processor=sampler,
+            on_done=on_done,
+        )
     finally:
         model.train(was_training)
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]

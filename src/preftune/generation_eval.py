@@ -85,8 +85,8 @@ def generation_eval(cfg: TrainConfig, result: RunResult) -> GenerationEval | Non
     """
     if not cfg.generation_eval or not is_main_process():
         return None
-    from .checkpointing import TrainingError
     from .data.check import generation_items
+    from .errors import TrainingError
     from .metrics import MetricsLog, log
 
     run = RunDir(result.output_dir)

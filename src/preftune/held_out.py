@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ConfigError, ReferenceConfig, TrainConfig, load_config, resolved_method
+from .mrpo_validation import uses_validation_weights
 from .prepare_run import prepare_run
 from .reference_identity import initial_policy_index
 from .report import METRIC_MEANINGS
@@ -179,9 +180,17 @@ def eval_config(run_dir: Path, data: str | None = None, checkpoint: str | None =
     source = data or cfg.data.eval
     if not source:
         raise ConfigError(f"{run_dir}: the run had no data.eval; pass --data FILE")
-    cfg.data.train, cfg.data.train_split, cfg.data.eval = source, cfg.data.eval_split, None
+    cfg.data.train, cfg.data.eval = None, source  # evaluated as the eval split (prepare_run(training=False))
     if state.get("phi_star") is not None:
         cfg.mallows.phi_star = state["phi_star"]  # the training set's calibration, not the eval set's
+    if uses_validation_weights(
+        cfg, resolved_method(cfg)
+    ):  # the weights training fixed from its validation rows
+        if "mrpo_validation" not in state:
+            raise ConfigError(
+                f"{run.run_state}: no mrpo_validation weights, which mrpo.weights=validation needs"
+            )
+        cfg.mrpo.weights = state["mrpo_validation"]["weights"]
     cfg.output_dir = str(run.eval_scratch)
     cfg.overwrite_output_dir = True
     cfg.report_to = []
@@ -208,8 +217,7 @@ def evaluate_run(
     With ``keep_trainer`` also the :class:`~preftune.trainer.Trainer` (its model is the trained policy)."""
     run = RunDir(run_dir)
     model_dir = trained_model(run.root, checkpoint)
-    # the held-out data is the prepared run's only split, ``train``: messages name it "eval data"
-    prepared = prepare_run(eval_config(run.root, data, checkpoint), split_labels={"train": "eval data"})
+    prepared = prepare_run(eval_config(run.root, data, checkpoint), training=False)  # data.eval alone
     if is_adapter(model_dir):
         _load_adapter(prepared.model, model_dir)
     trainer = Trainer(prepared)
@@ -217,7 +225,7 @@ def evaluate_run(
         cfg = load_config(run.config)
         trainer.initial_reference = initial_policy_index(cfg.model, cfg.references, cfg.data.chat_template)
     trainer.initial_scores_file = run.held_out_initial  # else its step-0 scores (same data only)
-    metrics = trainer.evaluate(split="train")
+    metrics = trainer.evaluate(split="eval")
     shutil.rmtree(run.eval_scratch, ignore_errors=True)
     return (metrics, trainer) if keep_trainer else metrics
 

@@ -15,12 +15,20 @@ from typing import Any
 
 import torch
 
-from . import losses as L
 from .config import TrainConfig, config_value, resolved_method, validate
+from .losses import (
+    LossOutput,
+    MethodSpec,
+    bco_running_delta,
+    ld_logps,
+    preference_loss,
+    unpaired_preference_loss,
+    wpo_weights,
+)
 from .references import MISMATCHED_SIDE
 
 
-def _length_normalize(cfg: TrainConfig, spec: L.MethodSpec) -> bool:
+def _length_normalize(cfg: TrainConfig, spec: MethodSpec) -> bool:
     if cfg.length_normalize is not None:
         return cfg.length_normalize
     return spec.length_normalize or cfg.reference_free
@@ -50,15 +58,6 @@ class SideScores:
     wpo: dict[str, torch.Tensor] = field(default_factory=dict)  # WPO's aligned sums [B], detached
     tail: dict[str, torch.Tensor] = field(default_factory=dict)  # LD-DPO: log-prob beyond the shared length
 
-    def merged(self, other: SideScores) -> SideScores:
-        """These sides and ``other``'s together."""
-        return SideScores(
-            {**self.logps, **other.logps},
-            {**self.lengths, **other.lengths},
-            {**self.wpo, **other.wpo},
-            {**self.tail, **other.tail},
-        )
-
 
 @dataclass
 class LossAdapter:
@@ -68,7 +67,7 @@ class LossAdapter:
     in checkpoints (:meth:`state_dict` / :meth:`load_state_dict`).
     """
 
-    spec: L.MethodSpec
+    spec: MethodSpec
     length_normalize: bool
     kwargs: dict[str, Any]
     ld_alpha: float | None = None
@@ -128,7 +127,7 @@ class LossAdapter:
         labels: torch.Tensor | None = None,
         dispersion: torch.Tensor | None = None,
         embeddings: torch.Tensor | None = None,
-    ) -> L.LossOutput:
+    ) -> LossOutput:
         """``policy``/``reference``: per-side ``[B]`` / ``[K, B]`` summed log-probs (the policy's with
         lengths, WPO's aligned sums and LD-DPO's tails as the method asks; KTO's mismatched side
         :data:`MISMATCHED_SIDE` in both). ``labels``: unpaired data's desirable items; ``dispersion``
@@ -139,7 +138,7 @@ class LossAdapter:
             """LD-DPO's tail weighting, then length normalisation (by the policy's token counts)."""
             logps = scores.logps[side]
             if self.needs_tails and self.ld_alpha is not None:
-                logps = L.ld_logps(logps, scores.tail[side].to(logps.dtype), self.ld_alpha)
+                logps = ld_logps(logps, scores.tail[side].to(logps.dtype), self.ld_alpha)
             if self.length_normalize:
                 logps = logps / policy.lengths[side].clamp(min=1).to(logps.dtype)
             return logps
@@ -151,15 +150,15 @@ class LossAdapter:
             return self._unpaired(policy, reference, policy_logps, reference_logps, labels, embeddings)
         kwargs = dict(self.kwargs)
         if self.wpo:
-            kwargs["pair_weights"] = L.wpo_weights(
+            kwargs["pair_weights"] = wpo_weights(
                 policy.wpo["chosen"],
                 policy.wpo["rejected"],
                 policy.lengths["chosen"],
                 policy.lengths["rejected"],
             )
 
-        def loss(options) -> L.LossOutput:
-            return L.preference_loss(
+        def loss(options) -> LossOutput:
+            return preference_loss(
                 policy_logps["chosen"],
                 policy_logps["rejected"],
                 reference_logps["chosen"],
@@ -181,7 +180,7 @@ class LossAdapter:
             rewards = torch.cat([first.chosen_rewards.reshape(-1), first.rejected_rewards.reshape(-1)])
             batch_mean = _process_mean(rewards.double().mean())
             count = int(self.state["bco_count"])
-            delta, count = L.bco_running_delta(delta, count, batch_mean.reshape(1), batch_mean.reshape(1))
+            delta, count = bco_running_delta(delta, count, batch_mean.reshape(1), batch_mean.reshape(1))
             self.state.update(bco_delta=float(delta), bco_count=count)
             kwargs["link_options"] = {**kwargs["link_options"], "delta": delta}
         return loss(kwargs)
@@ -194,7 +193,7 @@ class LossAdapter:
         reference_logps: dict[str, torch.Tensor],
         labels: torch.Tensor,
         embeddings: torch.Tensor | None,
-    ) -> L.LossOutput:
+    ) -> LossOutput:
         if self.spec.takes == "unpaired":  # KTO-style: each item against the reference point
             options = dict(self.kwargs.get("link_options", {}))
             if self.needs_mismatched:
@@ -213,7 +212,7 @@ class LossAdapter:
         desirable, undesirable = labels.nonzero().flatten(), (~labels).nonzero().flatten()
         completion, reference_completion = policy_logps["completion"], reference_logps["completion"][0]
         kwargs = {k: v for k, v in self.kwargs.items() if k != "link_options"}
-        return L.unpaired_preference_loss(
+        return unpaired_preference_loss(
             completion[desirable],
             reference_completion[desirable],
             None if embeddings is None else embeddings[desirable],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .checkpointing import TrainingError
+from .errors import TrainingError
 
 
 class NonFiniteError(TrainingError):

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .checkpointing import TrainingError
+from .errors import TrainingError
 from .rundir import RunDir
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): stopped cleanly, the same command continues it
@@ -185,9 +185,9 @@ def requested(device=None) -> bool:
     """Whether any process got a preemption signal (collective under several processes)."""
     w = _active
     local = w is not None and w.signal_at is not None
-    from . import distributed as D
+    from . import distributed
 
-    if not D.is_distributed():
+    if not distributed.is_distributed():
         return local
     import torch
     import torch.distributed as dist

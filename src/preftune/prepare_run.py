@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from . import distributed as D
-from . import losses as L
+from . import distributed
 from .cache import default_cache_dir
 from .checkpointing import prepare_output_dir, select_resume_checkpoint
 from .config import ConfigError, TrainConfig, save_config
 from .data.check import check_data
 from .data.prepare import PreparedData, carve_validation, prepare_data
+from .losses import MethodSpec, calibrate_phi_star, neg_log_dispersion, resolve_method
 from .method_adapter import LossAdapter
 from .metrics import log
 from .models.loading import load_policy, mixed_precision
@@ -50,7 +50,7 @@ class PreparedRun:
 
     cfg: TrainConfig
     accelerator: Any  # accelerate.Accelerator
-    spec: L.MethodSpec
+    spec: MethodSpec
     sides: tuple[str, ...]  # the sides a micro-batch scores: chosen, rejected (or completion), KTO's kl
     fsdp: bool  # the policy is sharded (parallelism=fsdp over several processes)
     output_dir: Path
@@ -96,9 +96,7 @@ class PreparedRun:
         return max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch()))
 
 
-def prepare_run(
-    cfg: TrainConfig, accelerator=None, *, split_labels: dict[str, str] | None = None
-) -> PreparedRun:
+def prepare_run(cfg: TrainConfig, accelerator=None, *, training: bool = True) -> PreparedRun:
     """Set up a run: every stage once, in this order (each needs the ones before it).
 
     1. the method (:class:`~preftune.losses.MethodSpec`) and the sides a micro-batch scores;
@@ -118,19 +116,20 @@ def prepare_run(
     9. config.yaml and run_state.json, written once the inputs proved usable (a failed start keeps
        the old ones), unless the run has finished already.
 
-    ``split_labels`` renames splits in messages (``preftune eval``'s data is its ``train`` split).
+    ``training=False`` prepares a held-out evaluation (``preftune eval``): ``data.eval`` is the only
+    split, under its own name, and nothing is carved out of it or calibrated on it.
     """
     from accelerate import Accelerator
 
     configure_threads(cfg.threads, log=log)  # intra-op threads from the CPUs this process may use
-    spec = L.resolve_method(cfg.method)
+    spec = resolve_method(cfg.method)
     sides = UNPAIRED_SIDES if spec.unpaired else PAIRED_SIDES
     if "mismatched" in spec.needs:  # KTO's reference point: mismatched items, scored last
         sides += (MISMATCHED_SIDE,)
     acc = accelerator or Accelerator(
         mixed_precision=mixed_precision(cfg),
         cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[D.process_group_kwargs(cfg.dist_timeout_s)],  # every collective times out
+        kwargs_handlers=[distributed.process_group_kwargs(cfg.dist_timeout_s)],  # every collective times out
     )
 
     def say(message: str) -> None:
@@ -138,10 +137,10 @@ def prepare_run(
 
     # FSDP shards only over several processes; the checkpoint format follows the key regardless
     fsdp = cfg.parallelism == "fsdp" and acc.num_processes > 1
-    D.barrier("start", cfg.dist_timeout_s)  # every rank is up (and NCCL's side gloo group exists)
+    distributed.barrier("start", cfg.dist_timeout_s)  # every rank is up (and NCCL's side gloo group exists)
     require_trackers(cfg.report_to)  # a requested tracker that is not installed: before any model loads
     # data errors surface here, all at once, before any model loads (preftune.data.check)
-    data_check = check_data(cfg, unpaired=spec.unpaired, log=say)
+    data_check = check_data(cfg, unpaired=spec.unpaired, log=say, training=training)
     output_dir = prepare_output_dir(cfg, log=say) if acc.is_main_process else Path(cfg.output_dir)
     acc.wait_for_everyone()
     # the newest intact checkpoint (damaged ones are skipped, saying why) before any model loads
@@ -158,9 +157,10 @@ def prepare_run(
         log=say,
         node_first=acc.local_main_process_first,
         loaded=data_check.loaded,
+        training=training,
     )
     validation_rows = None
-    if uses_validation_weights(cfg, spec):  # held out before anything scores the data
+    if training and uses_validation_weights(cfg, spec):  # held out before anything scores the data
         validation_rows = carve_validation(data, cfg.mrpo.validation_fraction, cfg.seed)
     loading_report = data_check.report  # rows skipped while loading (read from the loaded splits)
     data_check.loaded.clear()  # streamed splits (row offsets); only the token stores stay
@@ -184,7 +184,7 @@ def prepare_run(
         adapter,
         _share_prompt(cfg, model, spec.unpaired, acc),
         autocast_dtype,
-        _references(cfg, acc, data, sides, model, cache_root, autocast_dtype, adapter, split_labels),
+        _references(cfg, acc, data, sides, model, cache_root, autocast_dtype, adapter),
     )
     if validation_rows is not None:
         run.validation = fixed_weights(cfg, run.references, validation_rows)
@@ -231,7 +231,7 @@ def _share_prompt(cfg: TrainConfig, model, unpaired: bool, acc) -> bool | None:
     return bool(cfg.share_prompt)
 
 
-def _references(cfg, acc, data, sides, model, cache_root, autocast_dtype, adapter, split_labels):
+def _references(cfg, acc, data, sides, model, cache_root, autocast_dtype, adapter):
     if cfg.reference_free:
         return None
     if cfg.reference_mode == "online":
@@ -250,15 +250,14 @@ def _references(cfg, acc, data, sides, model, cache_root, autocast_dtype, adapte
         progress=cfg.progress and acc.is_local_main_process,
         log=lambda m: log(m, acc),
         tails=adapter.needs_tails,
-        split_labels=split_labels,
     )
 
 
 def _shard(run: PreparedRun):
     """The policy's scorer sharded with FSDP2 (each decoder layer, the scorer as root)."""
     cfg, acc = run.cfg, run.accelerator
-    mp = D.mixed_precision_policy(cfg.precision, acc.device)
-    root = D.shard_policy(PolicyScorer(run.model, cfg.logits_chunk_tokens), mp_policy=mp)
+    mp = distributed.mixed_precision_policy(cfg.precision, acc.device)
+    root = distributed.shard_policy(PolicyScorer(run.model, cfg.logits_chunk_tokens), mp_policy=mp)
     if isinstance(run.references, OnlineReferences):
         run.references.policy_root = root  # the LoRA reference runs through the root too
     log(f"parallelism=fsdp: policy sharded over {acc.num_processes} processes", acc)
@@ -279,12 +278,17 @@ def _step_inputs(run: PreparedRun) -> StepInputs:
             for split in run.data.splits
         }
         phi_star = cfg.mallows.phi_star
+        if phi_star == "auto" and "train" not in entropies:  # a held-out evaluation
+            raise ConfigError(
+                "mallows.phi_star: auto is calibrated on the training set, which an evaluation does not "
+                "load; set the number the run trained with"
+            )
         if phi_star == "auto":
-            phi_star = L.calibrate_phi_star(*entropies["train"])
+            phi_star = calibrate_phi_star(*entropies["train"])
             log(f"mallows.phi_star=auto -> {phi_star:.4f} (mean c(x) over the training set is 1)")
         run.phi_star = float(phi_star)
         for split, (chosen_entropy, rejected_entropy) in entropies.items():
-            inputs.dispersion_c[split] = L.neg_log_dispersion(
+            inputs.dispersion_c[split] = neg_log_dispersion(
                 chosen_entropy, rejected_entropy, run.phi_star
             ).float()
     if spec.needs_embeddings:

@@ -7,7 +7,8 @@ model's token ids.
 
 Reference scores depend only on the data, so by default they are computed once and cached on disk
 (:func:`precompute_references`); :class:`OnlineReferences` scores each batch instead, for data that
-cannot be precomputed. Both return the same :class:`ReferenceBatch`.
+cannot be precomputed. Both return the same :class:`ReferenceBatch`. A training step reads its
+examples' token ids and reference scores in one call, :func:`read_rows`.
 """
 
 from __future__ import annotations
@@ -135,10 +136,12 @@ class _TokenList:
 
 @dataclass
 class ReferenceBatch:
-    """Reference quantities for a batch: log-probs [K, B] per side, primary entropies [B] per side."""
+    """Reference quantities for a batch: log-probs [K, B] per side, primary entropies [B] per side,
+    and (LD-DPO, precomputed) the log-probs [K, B] beyond each pair's shared length per side."""
 
     logps: dict[str, torch.Tensor]
     entropy: dict[str, torch.Tensor]
+    tail: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class PrecomputedReferences:
@@ -151,12 +154,44 @@ class PrecomputedReferences:
     def batch(self, split: str, index: torch.Tensor | list[int], sides: tuple[str, ...]) -> ReferenceBatch:
         data = self.scores[split]
         index = torch.as_tensor(index, dtype=torch.long)
-        logps = {s: data[f"{s}_logps"][:, index] for s in sides}
-        logps.update({f"{s}_tail": data[f"{s}_tail"][:, index] for s in sides if f"{s}_tail" in data})
-        return ReferenceBatch(logps=logps, entropy={s: data[f"{s}_entropy"][index] for s in sides})
+        return ReferenceBatch(
+            logps={s: data[f"{s}_logps"][:, index] for s in sides},
+            entropy={s: data[f"{s}_entropy"][index] for s in sides},
+            tail={s: data[f"{s}_tail"][:, index] for s in sides if f"{s}_tail" in data},
+        )
 
     def entropies(self, split: str, side: str) -> torch.Tensor:
         return self.scores[split][f"{side}_entropy"]
+
+
+@dataclass
+class Rows:
+    """What one micro-batch reads of its examples (:func:`read_rows`)."""
+
+    prompts: list[list[int]]  # the policy's prompt ids: the first side's B rows, then the next side's
+    completions: list[list[int]]  # the policy's completion ids, in the same order
+    pad_token_id: int  # the policy's
+    reference: ReferenceBatch | None  # None: the run has no reference
+    labels: list[bool] | None = None  # unpaired data: which examples are desirable
+    shared_lengths: list[int] | None = None  # LD-DPO: each pair's shared completion length
+
+
+def read_rows(
+    view: ModelView, references, split: str, index: list[int], sides: tuple[str, ...], *, tails: bool = False
+) -> Rows:
+    """Everything a micro-batch reads of the examples ``index`` of ``split``, in one call: the token ids
+    of each side in ``view`` (the policy's), their reference scores (``references``: precomputed,
+    online, or None without a reference), unpaired labels when ``sides`` are unpaired and, ``tails``
+    (LD-DPO), each pair's shared completion length."""
+    prompts, completions = view.batch_sequences(split, sides, index)
+    return Rows(
+        prompts,
+        completions,
+        view.pad_token_id,
+        None if references is None else references.batch(split, index, sides),
+        labels=view.labels(split, index) if UNPAIRED_SIDES[0] in sides else None,
+        shared_lengths=view.shared_lengths(split, index) if tails else None,
+    )
 
 
 def _load_reference_model(view: ModelView, device, dtype):
@@ -230,7 +265,6 @@ def precompute_references(
     log=print,
     tails: bool = False,
     timeout_s: float = distributed.DEFAULT_TIMEOUT_S,
-    split_labels: dict[str, str] | None = None,
 ) -> PrecomputedReferences:
     """Score every (reference, split, side) once, reusing cached results when the inputs match.
 
@@ -274,7 +308,7 @@ def precompute_references(
                 )
                 bar = tqdm(
                     total=len(mine) * len(sides),
-                    desc=f"reference {k} ({view.name}) {(split_labels or {}).get(split, split)}",
+                    desc=f"reference {k} ({view.name}) {split}",
                     disable=not progress,
                     unit="seq",
                 )
@@ -310,10 +344,7 @@ def precompute_references(
                         f"the reference scores just written to {cache.path(key)} cannot be read"
                     )
             else:
-                label = (split_labels or {}).get(
-                    split, split
-                )  # e.g. `preftune eval`'s data in the train slot
-                log(f"reference {k} ({view.name}) {label}: cached scores reused ({cache.path(key).name})")
+                log(f"reference {k} ({view.name}) {split}: cached scores reused ({cache.path(key).name})")
             for name, value in entry.items():
                 out[split].setdefault(name, []).append(value)
         if model is not None and model is not policy:

@@ -21,7 +21,7 @@ from torch import nn
 from .data.collate import collate_sequences, collate_shared_prompt_pairs
 from .losses import LossOutput
 from .method_adapter import LossAdapter, SideScores
-from .references import MISMATCHED_SIDE, UNPAIRED_SIDES, ModelView
+from .references import MISMATCHED_SIDE, ModelView, read_rows
 from .scoring import SequenceScores, score_batch
 
 
@@ -180,39 +180,37 @@ def micro_batch(
     device,
     gather=None,
 ) -> MicroBatch:
-    """The micro-batch of examples ``index`` of ``split``: the policy's token ids (``view``), the
-    reference scores (``references``: precomputed, online, or None without a reference), the per-example
-    inputs of the method, and whether the prompts are shared (``share_prompt``: see :func:`shares_prompt`).
+    """The micro-batch of examples ``index`` of ``split``: the policy's token ids (``view``) and the
+    reference scores (``references``: precomputed, online, or None without a reference), read in one
+    call (:func:`~preftune.references.read_rows`), the per-example inputs of the method, and whether
+    the prompts are shared (``share_prompt``: see :func:`shares_prompt`).
 
     ``tails``: LD-DPO's tails are asked for; ``gather``: see :class:`MicroBatch`.
     """
-    prompts, completions = view.batch_sequences(split, sides, index)
+    rows = read_rows(view, references, split, index, sides, tails=tails)
     size = len(index)
-    if references is None:
+    if rows.reference is None:
         reference = SideScores({side: torch.zeros(1, size, device=device) for side in sides})
     else:
-        # precomputed references name LD-DPO's tails "<side>_tail" beside the sides' log-probs
-        found = references.batch(split, index, sides).logps
         reference = SideScores(
-            {side: found[side].to(device) for side in sides},
-            tail={side: found[f"{side}_tail"].to(device) for side in sides if f"{side}_tail" in found},
+            {side: rows.reference.logps[side].to(device) for side in sides},
+            tail={side: tail.to(device) for side, tail in rows.reference.tail.items()},
         )
-    rows = torch.tensor(index)
-    dispersion = inputs.dispersion_c[split][rows].to(device) if split in inputs.dispersion_c else None
-    embeddings = inputs.embeddings[split][rows].to(device) if split in inputs.embeddings else None
-    unpaired = UNPAIRED_SIDES[0] in sides
+    index_tensor = torch.tensor(index)
+    dispersion = inputs.dispersion_c[split][index_tensor].to(device) if split in inputs.dispersion_c else None
+    embeddings = inputs.embeddings[split][index_tensor].to(device) if split in inputs.embeddings else None
     return MicroBatch(
-        prompts,
-        completions,
+        rows.prompts,
+        rows.completions,
         sides,
         reference,
-        view.pad_token_id,
+        rows.pad_token_id,
         device,
-        share=shares_prompt(share_prompt, prompts, completions),
+        share=shares_prompt(share_prompt, rows.prompts, rows.completions),
         dispersion=dispersion,
         embeddings=embeddings,
-        labels=torch.tensor(view.labels(split, index), device=device) if unpaired else None,
-        tail_from=view.shared_lengths(split, index) * 2 if tails else None,
+        labels=None if rows.labels is None else torch.tensor(rows.labels, device=device),
+        tail_from=None if rows.shared_lengths is None else rows.shared_lengths * 2,
         gather=gather,
     )
 
@@ -312,19 +310,19 @@ def micro_batch_loss(
         with_wpo=adapter.wpo,
         tail_from=batch.tail_from,
     )
-    if mismatched:
-        policy = policy.merged(
-            score_sides(
-                scorer,
-                batch.prompts[scored:],
-                batch.completions[scored:],
-                (MISMATCHED_SIDE,),
-                batch.pad_token_id,
-                batch.device,
-                share=False,
-                grad=False,
-            )
+    if mismatched:  # its log-probs and lengths join the scored sides' (no WPO sums, no tails)
+        mismatched_scores = score_sides(
+            scorer,
+            batch.prompts[scored:],
+            batch.completions[scored:],
+            (MISMATCHED_SIDE,),
+            batch.pad_token_id,
+            batch.device,
+            share=False,
+            grad=False,
         )
+        policy.logps.update(mismatched_scores.logps)
+        policy.lengths.update(mismatched_scores.lengths)
     reference, labels = batch.reference, batch.labels
     dispersion, embeddings = batch.dispersion, batch.embeddings
     if batch.gather is not None:

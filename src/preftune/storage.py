@@ -13,7 +13,7 @@ import errno
 import shutil
 from pathlib import Path
 
-from .checkpointing import TrainingError
+from .errors import TrainingError
 from .rundir import human_bytes
 
 STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}

@@ -22,11 +22,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import autoresume, preemption, runlock
-from . import distributed as D
+from . import autoresume, distributed, preemption, runlock
 from .checkpointing import (
     SHARDED,
-    TrainingError,
     check_checkpoint_format,
     find_checkpoints,
     load_checkpoint,
@@ -36,6 +34,7 @@ from .checkpointing import (
     save_sharded_checkpoint,
 )
 from .config import ConfigError, TrainConfig, load_config
+from .errors import TrainingError
 from .metrics import HeldOutMetrics, MetricsLog, log, mean_over_processes, peak_memory_mb
 from .model_card import write_model_cards
 from .nonfinite import NonFiniteError, nonfinite_part, weights_finite
@@ -223,7 +222,7 @@ class Trainer:
             for m, index in enumerate(micro_batches):
                 sync = m == len(micro_batches) - 1
                 if run.fsdp:
-                    accumulate = D.no_sync(scorer, enabled=not sync)
+                    accumulate = distributed.no_sync(scorer, enabled=not sync)
                 else:
                     accumulate = nullcontext() if sync or acc.num_processes == 1 else acc.no_sync(scorer)
                 with accumulate:
@@ -236,7 +235,9 @@ class Trainer:
                 skipped += 1
                 grad_norm, lr = self._nonfinite(bad, step + 1, optimizer, scheduler)
             else:
-                clip = D.clip_grad_norm_ if run.fsdp else acc.clip_grad_norm_  # FSDP: over all shards
+                clip = (
+                    distributed.clip_grad_norm_ if run.fsdp else acc.clip_grad_norm_
+                )  # FSDP: over all shards
                 grad_norm, lr = apply_update(optimizer, scheduler, params, cfg.max_grad_norm, clip)
 
             loss = acc.reduce(torch.stack(losses).mean().to(acc.device), reduction="mean").item()
@@ -309,7 +310,7 @@ class Trainer:
         final = run.run_dir.final
         lora = hasattr(run.model, "peft_config")
         if run.fsdp:  # gathered to rank 0 and saved as transformers directories (LoRA: merged + adapter)
-            D.save_consolidated(
+            distributed.save_consolidated(
                 scorer,
                 final,
                 tokenizer=run.tokenizer,
@@ -353,7 +354,7 @@ class Trainer:
                 f"step {step}: the weights are not finite (NaN/Inf); not saving them; {nonfinite_hint(cfg, None)}"
             )
         self.stage = f"checkpoint {step}"
-        D.barrier(f"checkpoint {step}: start", cfg.dist_timeout_s)
+        distributed.barrier(f"checkpoint {step}: start", cfg.dist_timeout_s)
         state = {
             "step": step,
             "global_batch": run.global_batch(),
@@ -387,7 +388,7 @@ class Trainer:
                     state,
                     cfg.save_total_limit,
                 )
-        D.barrier(f"checkpoint {step}: done", cfg.dist_timeout_s)
+        distributed.barrier(f"checkpoint {step}: done", cfg.dist_timeout_s)
 
     # -- evaluation ----------------------------------------------------------------------------------
 
@@ -509,7 +510,7 @@ def train(config: TrainConfig | str | os.PathLike | dict, overrides: list[str] |
     try:
         # several processes: a failing rank exits at once naming its rank and stage; the others end at
         # their next collective or barrier (dist_timeout_s) instead of hanging
-        with preemption.watch(cfg, stage), D.exit_on_error(stage):
+        with preemption.watch(cfg, stage), distributed.exit_on_error(stage):
             cfg = autoresume.resolve(cfg)  # resume: auto -> true (this run is there) or false
             trainer = Trainer(cfg)
             return trainer.fit()

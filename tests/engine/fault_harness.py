@@ -3,8 +3,9 @@
 The N-th time the run passes POINT, the process (depending on POINT's prefix) kills itself with
 SIGKILL (``kill -9``: no cleanup at all), sends itself SIGINT (Ctrl-C) or SIGTERM (a scheduler's
 preemption; ``sigterm-stall`` then stalls 4 s; ``sigterm-launcher``: rank 0 signals its parent, e.g.
-torchrun), or waits until the file named by ``$FAULT_GO`` exists (to hold a run in mid-training). Used by test_fault_injection.py and
-scripts/fault_injection.py; nothing here is part of preftune.
+torchrun), or waits until the file named by ``$FAULT_GO`` exists (to hold a run in mid-training).
+Launched through faults.py by the fault tests (which scripts/fault_injection.py runs); nothing here
+is part of preftune.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ POINTS = {
     "after-metrics": ("preftune.metrics", "MetricsLog.write", "after"),  # a row written
     "mid-checkpoint": ("preftune.statefile", "save_state", "before"),  # a checkpoint half-written
     "before-rename": ("preftune.checkpointing", "write_manifest", "after"),  # complete, not renamed
-    "final-save": ("preftune.trainer", "write_atomically", "before"),  # the final model being written
+    "final-save": ("preftune.trainer", "save_final", "before"),  # the final model about to be written
 }
 
 

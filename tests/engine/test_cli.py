@@ -52,7 +52,9 @@ def test_precompute_train_eval_report(config_file, tmp_path, capsys):
     # the printout: every metric with its n and meaning, the file it was saved to
     assert f"(n = {metrics['eval_n']} held-out pairs)" in out.out and str(saved) in out.out
     assert "eval_logps/accuracies" in out.out and "no reference" in out.out
-    assert "eval data: cached scores reused" in out.out + out.err  # not "train"
+    # the held-out data is the eval split, under its name: "reference 0 (...) eval: cached ..."
+    assert ") eval: cached scores reused" in out.out + out.err
+    assert ") train: cached scores reused" not in out.out + out.err
     assert main(["eval", str(cfg)]) == 0  # a second call keeps the first result
     assert len(list(run.glob("eval-*.json"))) == 2
     last_eval = metric_rows(run, "eval_loss")[-1]

@@ -101,3 +101,7 @@ def test_eval_rejects_a_bad_prompts_file_before_scoring(base_config, tmp_path, c
     err = capsys.readouterr().err
     assert "prompts.jsonl:2" in err and "'answer'" in err and len(err.strip().splitlines()) == 1
     assert not list((tmp_path / "run").glob("eval-*.json"))
+    # held-out data is read as the eval split: its errors name data.eval, not data.train
+    assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "data.eval" in err and "data.train" not in err and "missing.jsonl" in err, err

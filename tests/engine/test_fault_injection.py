@@ -16,7 +16,6 @@ The default suite runs a few kills and the cheaper corruptions; ``-m slow`` runs
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -26,53 +25,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.torch import load_file
 
 from preftune import cli
 from preftune.trainer import train
 
-from .conftest import metric_rows
+from .faults import assert_each_step_once, assert_same_run, checkpointed_run, start_harness
 
-HARNESS = Path(__file__).with_name("fault_harness.py")
 KILL_STEPS = 6
-
-
-def strict_rows(path) -> list[dict]:
-    """metrics.jsonl parsed by a strict JSON reader (bare NaN/Infinity are errors)."""
-
-    def refuse(token):
-        raise ValueError(f"non-standard JSON constant {token}")
-
-    return [json.loads(line, parse_constant=refuse) for line in Path(path).read_text().splitlines()]
-
-
-def assert_each_step_once(run_dir, steps: int, eval_steps: tuple[int, ...] = ()) -> None:
-    rows = strict_rows(Path(run_dir) / "metrics.jsonl")
-    train_steps = [r["step"] for r in rows if "loss" in r]
-    eval_at = [r["step"] for r in rows if "eval_loss" in r]
-    assert train_steps == list(range(1, steps + 1)), train_steps
-    assert eval_at == list(eval_steps), eval_at
-
-
-def final_weights(run_dir) -> dict:
-    return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
-
-
-def assert_same_run(run_dir, reference_dir) -> None:
-    """Same losses at every step (bit for bit) and the same final weights."""
-    got = {r["step"]: r["loss"] for r in metric_rows(run_dir, "loss")}
-    want = {r["step"]: r["loss"] for r in metric_rows(reference_dir, "loss")}
-    assert got == want
-    a, b = final_weights(run_dir), final_weights(reference_dir)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].equal(b[k]), k
-
-
-def harness(point: str, n: int, config: Path, *overrides: str, env=None, **popen):
-    cmd = [sys.executable, str(HARNESS), point, str(n), "train", str(config), *overrides]
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
-    return subprocess.Popen(cmd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
 
 
 # ------------------------------------------------------------------------------------------ kill -9
@@ -82,23 +41,8 @@ def harness(point: str, n: int, config: Path, *overrides: str, env=None, **popen
 def kill_setup(tiny_model_dir, pair_files, tmp_path_factory):
     """The kill sweep's config (6 steps, checkpoints every 2, eval every 3) and its uninterrupted run."""
     root = tmp_path_factory.mktemp("kills")
-    cfg = {
-        "model": str(tiny_model_dir),
-        "data": {"train": pair_files[0], "eval": pair_files[1]},
-        "batch_size": 4,
-        "max_steps": KILL_STEPS,
-        "save_steps": 2,
-        "eval_steps": 3,
-        "logging_steps": 1,
-        "learning_rate": 1e-3,
-        "lr_scheduler": "linear",
-        "warmup_steps": 1,
-        "cache_dir": str(root / "cache"),
-        "progress": False,
-        "report_to": [],
-    }
-    reference = train({**cfg, "output_dir": str(root / "reference")})
-    return root, cfg, reference.output_dir
+    cfg, reference = checkpointed_run(root, tiny_model_dir, pair_files, KILL_STEPS, eval_steps=3)
+    return root, cfg, reference
 
 
 # how often a 6-step run passes each point (checkpoints 2 and 4 and the final one, 3 state files each)
@@ -127,7 +71,7 @@ def run_kill_case(kill_setup, point: str, n: int, name: str) -> None:
     shutil.rmtree(out, ignore_errors=True)
     config = root / f"{name}.yaml"
     config.write_text(yaml.safe_dump({**cfg, "output_dir": str(out)}))
-    proc = harness(point, n, config)
+    proc = start_harness(point, n, config)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == -9, err.decode()[-2000:]
     assert (out / ".lock").exists()  # kill -9 leaves the lock behind: the resume must take it over
@@ -314,7 +258,7 @@ def test_a_second_trainer_on_a_busy_directory_is_refused_at_once(kill_setup, tmp
     out, go = tmp_path / "run", tmp_path / "go"
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump({**cfg, "output_dir": str(out)}))
-    first = harness("wait:after-metrics", 1, config, env={"FAULT_GO": str(go)})
+    first = start_harness("wait:after-metrics", 1, config, env={"FAULT_GO": str(go)})
     try:
         deadline = time.time() + 120
         while not (out / "metrics.jsonl").exists() and time.time() < deadline:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from preftune.iterate import loop
+from preftune.iterate import loop, training
 from preftune.iterate.pairs import build_pairs
 
 from .conftest import free_port, launch_processes, metric_rows, process_logs, rank_env, write_jsonl
@@ -215,7 +215,7 @@ def test_reference_both_scores_the_previous_round(tiny_model_dir, files, tmp_pat
     loop.iterate(cfg)
     run = tmp_path / "run"
     full = loop.load_iterate_config(cfg)
-    round2 = loop.round_train_config(full, 2)
+    round2 = training.round_train_config(full, 2)
     assert [r["model"] for r in round2["references"]] == [str(tiny_model_dir), "policy"]
     assert round2["model"] == str(run / "round-1" / "train" / "final")
     round2.update(output_dir=str(tmp_path / "check"), resume=False, overwrite_output_dir=True)
@@ -273,9 +273,9 @@ def test_kill_during_round_two_sampling_then_resume(tiny_model_dir, files, tmp_p
 def test_round_training_resumes_from_its_checkpoint(tiny_model_dir, files, tmp_path):
     cfg = loop.load_iterate_config(iterate_config(tiny_model_dir, files, tmp_path, JUDGES["python"](files)))
     train_dir = tmp_path / "run" / "round-1" / "train"
-    assert loop.round_train_config(cfg, 1)["resume"] is False
+    assert training.round_train_config(cfg, 1)["resume"] is False
     (train_dir / "checkpoint-1").mkdir(parents=True)
-    assert loop.round_train_config(cfg, 1)["resume"] is True
+    assert training.round_train_config(cfg, 1)["resume"] is True
 
 
 @pytest.mark.distributed
@@ -367,8 +367,7 @@ def test_reference_both_needs_a_multi_reference_method(tiny_model_dir, files, tm
 def test_config_documents_every_rounds_key():
     import dataclasses
 
-    from preftune.config import describe
-    from preftune.iterate.options import JudgeConfig, RoundsConfig
+    from preftune.config import JudgeConfig, RoundsConfig, describe
 
     text = describe()
     for f in dataclasses.fields(RoundsConfig):

@@ -67,6 +67,15 @@ def test_weights_are_the_softmax_of_validation_accuracies_and_validation_rows_ar
     rows = metric_rows(result.metrics_path, "loss")
     assert rows[0]["mrpo/alpha_1"] == pytest.approx(trainer.run.validation["weights"][1], rel=1e-5)
 
+    # `preftune eval` scores every held-out row with the weights training fixed: nothing is carved
+    # out of the eval data, nothing is recomputed from it
+    from preftune.held_out import evaluate_run
+
+    metrics, evaluation = evaluate_run(result.output_dir, keep_trainer=True)
+    assert evaluation.run.data.splits == ["eval"] and evaluation.run.validation is None
+    assert metrics["eval_n"] == len(view.tokenized["eval"])
+    assert evaluation.run.adapter.kwargs["weights"] == trainer.run.validation["weights"]
+
 
 def test_the_carved_split_depends_on_the_seed_only(base_config, other_tokenizer_model_dir):
     def rows(seed):

@@ -21,9 +21,8 @@ import yaml
 
 from preftune import cli
 from preftune.preemption import EXIT_PREEMPTED
-from preftune.trainer import train
 
-from .test_fault_injection import HARNESS, assert_each_step_once, assert_same_run
+from .faults import HARNESS, assert_each_step_once, assert_same_run, checkpointed_run, run_harness
 
 STEPS = 6
 
@@ -32,30 +31,8 @@ STEPS = 6
 def setup(tiny_model_dir, pair_files, tmp_path_factory):
     """A 6-step run checkpointing every 2 steps, and its uninterrupted result."""
     root = tmp_path_factory.mktemp("preempt")
-    cfg = {
-        "model": str(tiny_model_dir),
-        "data": {"train": pair_files[0], "eval": pair_files[1]},
-        "batch_size": 4,
-        "max_steps": STEPS,
-        "save_steps": 2,
-        "logging_steps": 1,
-        "learning_rate": 1e-3,
-        "lr_scheduler": "linear",
-        "warmup_steps": 1,
-        "cache_dir": str(root / "cache"),
-        "progress": False,
-        "report_to": [],
-        "resume": "auto",
-    }
-    reference = train({**cfg, "output_dir": str(root / "reference")})
-    return root, cfg, reference.output_dir
-
-
-def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run(
-        [sys.executable, str(HARNESS), *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
+    cfg, reference = checkpointed_run(root, tiny_model_dir, pair_files, STEPS, resume="auto")
+    return root, cfg, reference
 
 
 def lines(stderr: str) -> list[str]:
@@ -74,7 +51,7 @@ def test_sigterm_checkpoints_the_step_reached_and_the_same_command_finishes_it(s
     root, cfg, reference = setup
     config, out = write_config(root, cfg, "sigterm")
     started = time.monotonic()
-    done = run_cli(["sigterm:after-update", "3", "train", str(config)])  # during step 3
+    done = run_harness(["sigterm:after-update", "3", "train", str(config)])  # during step 3
     took = time.monotonic() - started
     assert done.returncode == EXIT_PREEMPTED, done.stderr[-3000:]
     (line,) = lines(done.stderr)
@@ -95,7 +72,7 @@ def test_sigusr1_during_a_checkpoint_write_completes_that_checkpoint(setup):
     """The notice arrives while checkpoint-2 is half written: it is finished, nothing else is saved."""
     root, cfg, reference = setup
     config, out = write_config(root, cfg, "mid-write")
-    done = run_cli(["sigusr1:mid-checkpoint", "2", "train", str(config)])  # optimizer saved, not the rest
+    done = run_harness(["sigusr1:mid-checkpoint", "2", "train", str(config)])  # optimizer saved, not the rest
     assert done.returncode == EXIT_PREEMPTED, done.stderr[-3000:]
     (line,) = lines(done.stderr)
     assert "preempted at step 2 (SIGUSR1): checkpoint-2 written" in line, line
@@ -113,7 +90,9 @@ def test_a_checkpoint_past_the_grace_budget_names_the_complete_one_that_remains(
     root, cfg, reference = setup
     config, out = write_config(root, cfg, "past-grace", preemption_grace_s=1)
     started = time.monotonic()
-    done = run_cli(["sigterm-stall:mid-checkpoint", "4", "train", str(config)])  # checkpoint-4's first file
+    done = run_harness(
+        ["sigterm-stall:mid-checkpoint", "4", "train", str(config)]
+    )  # checkpoint-4's first file
     took = time.monotonic() - started
     assert done.returncode == EXIT_PREEMPTED, done.stderr[-3000:]
     (line,) = lines(done.stderr)
@@ -132,7 +111,7 @@ def test_a_checkpoint_past_the_grace_budget_names_the_complete_one_that_remains(
 def test_without_resume_auto_the_line_says_how_to_continue(setup):
     root, cfg, _ = setup
     config, out = write_config(root, cfg, "no-auto", resume=False)
-    done = run_cli(["sigterm:after-update", "1", "train", str(config)])
+    done = run_harness(["sigterm:after-update", "1", "train", str(config)])
     assert done.returncode == EXIT_PREEMPTED, done.stderr[-3000:]
     (line,) = lines(done.stderr)
     assert "preempted at step 1 (SIGTERM): checkpoint-1 written" in line

@@ -21,8 +21,8 @@ from preftune.checkpointing import TrainingError
 from preftune.trainer import train
 
 from .conftest import metric_rows
+from .faults import assert_each_step_once, final_weights, run_harness, strict_rows
 from .test_bad_input import snapshot
-from .test_fault_injection import assert_each_step_once, final_weights, strict_rows
 
 
 def write_config(tmp_path, cfg: dict, name: str = "cfg.yaml"):
@@ -319,18 +319,9 @@ def test_an_unexpected_error_is_one_line_with_a_traceback_log(base_config, tmp_p
 
 def test_sigint_to_a_training_process_exits_130_with_one_line(base_config, tmp_path):
     """A real Ctrl-C (SIGINT) in a CLI subprocess, mid-run."""
-    from .test_fault_injection import HARNESS
-
     out = tmp_path / "run"
     cfg = write_config(tmp_path, base_config(max_steps=4, save_steps=2, output_dir=str(out)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run(
-        [sys.executable, str(HARNESS), "sigint:after-update", "3", "train", cfg],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    done = run_harness(["sigint:after-update", "3", "train", cfg])
     assert done.returncode == 130, done.stderr[-2000:]
     line = error_line(done.stderr)
     assert f"last checkpoint {out / 'checkpoint-2'}; continue with: preftune train {cfg} resume=true" in line

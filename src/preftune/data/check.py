@@ -79,8 +79,9 @@ def _describe_skipped(data: LoadedData) -> str:
     return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
 
 
-def check_data(cfg, *, unpaired: bool = False, log=print) -> DataCheck:
-    """Load and validate every split ``cfg.data`` names, before any model is loaded.
+def check_data(cfg, *, unpaired: bool = False, log=print, training: bool = True) -> DataCheck:
+    """Load and validate every split ``cfg.data`` names (``training=False``: ``data.eval`` alone, for a
+    held-out evaluation), before any model is loaded.
 
     Raises DataError naming the config key and path of a source that is missing, every missing column
     with the ``data.columns.<field>=<column>`` override that maps it, and the first bad rows with line
@@ -91,7 +92,7 @@ def check_data(cfg, *, unpaired: bool = False, log=print) -> DataCheck:
     from ..config import NO_EVAL_FOR_GENERATION, ConfigError
 
     data_cfg = cfg.data
-    sources = configured_sources(cfg)
+    sources = configured_sources(cfg, training=training)
     answering = bool(getattr(cfg, "generation_eval", False))  # the tests' stand-in configs lack the key
     if answering and not data_cfg.eval:
         raise ConfigError(NO_EVAL_FOR_GENERATION)
@@ -122,17 +123,25 @@ def check_data(cfg, *, unpaired: bool = False, log=print) -> DataCheck:
     return check
 
 
-def configured_sources(cfg) -> dict[str, tuple[str, str, str]]:
+def configured_sources(cfg, *, training: bool = True) -> dict[str, tuple[str, str, str]]:
     """The splits ``cfg.data`` names: ``{"train": ("data.train", source, split within it), "eval": ...}``
-    (eval only when set). A ConfigError without ``data.train``."""
+    (eval only when set). A ConfigError without ``data.train``. ``training=False`` (a held-out
+    evaluation): ``data.eval`` alone, a ConfigError without it."""
     from ..config import ConfigError
 
     data_cfg = cfg.data
+    evaluation = ("data.eval", data_cfg.eval, data_cfg.eval_split)
+    if not training:
+        if not data_cfg.eval:
+            raise ConfigError(
+                "data.eval is required to evaluate (a file, a folder, a hub name or builtin:arithmetic-test)"
+            )
+        return {"eval": evaluation}
     if not data_cfg.train:
         raise ConfigError("data.train is required (a file, a folder, a hub name or builtin:arithmetic-train)")
     sources = {"train": ("data.train", data_cfg.train, data_cfg.train_split)}
     if data_cfg.eval:
-        sources["eval"] = ("data.eval", data_cfg.eval, data_cfg.eval_split)
+        sources["eval"] = evaluation
     return sources
 
 

@@ -49,6 +49,7 @@ def prepare_data(
     log=log,
     node_first=None,
     loaded: dict[str, LoadedData] | None = None,
+    training: bool = True,
 ) -> PreparedData:
     """Load, validate and tokenize every split for the policy and for each reference's tokenizer.
 
@@ -60,11 +61,12 @@ def prepare_data(
     the store key comes from the digest computed while loading, so a warm start reads no text again.
 
     Rows dropped for one model (e.g. a prompt over max_length in its tokens, with on_error=skip) are
-    dropped for all, so index i always names the same example in every view.
+    dropped for all, so index i always names the same example in every view. ``training=False``: the
+    ``eval`` split alone (a held-out evaluation, :func:`~preftune.data.check.configured_sources`).
     """
     from transformers import AutoTokenizer
 
-    sources = configured_sources(cfg)
+    sources = configured_sources(cfg, training=training)
     if loaded is not None:  # loaded (and reported) by preftune.data.check: not read twice
         loaded = dict(loaded)
     else:

@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from .loop import ROUNDS_FILE
+from .record import ROUNDS_FILE
 
 SKIP = ("round", "seconds", "held_out_n", "prompts", "samples")
 

@@ -1,16 +1,16 @@
 """The ``rounds:`` section of the config: what ``preftune iterate`` does each round.
 
-A dataclass section of :class:`preftune.config.TrainConfig` like ``mrpo:`` or ``lora:`` (same
-metadata, so ``preftune config`` documents every key); ``preftune train`` ignores it. The checks
+A section of :class:`~.keys.TrainConfig` like ``mrpo:`` or ``lora:`` (same metadata, so
+``preftune config`` documents every key); ``preftune train`` ignores it. The checks
 that need files or the method (judge settings, prompts, references) are in
-:func:`preftune.iterate.loop.check_rounds`, run before any model loads.
+:func:`preftune.iterate.checks.check_rounds`, run before any model loads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import AT_LEAST_ONE, NON_NEGATIVE, Range, _f
+from .fields import AT_LEAST_ONE, MATCH_MODES, NON_NEGATIVE, Range, _f
 
 JUDGE_KINDS = ("verifier", "reward_model", "python")
 PAIR_MODES = ("best_worst", "all", "unpaired")
@@ -30,7 +30,7 @@ class JudgeConfig:
         "numeric",
         "verifier: how an answer is checked, as `generation_match`: `numeric` (the integer of the last "
         '"The answer is N"), `exact`, `contains` or `regex`.',
-        choices=("contains", "exact", "regex", "numeric"),
+        choices=MATCH_MODES,
     )
     model: str | None = _f(
         None,
