@@ -74,17 +74,21 @@ def load_trained(cfg: TrainConfig, model_dir: Path):
     import torch
 
     from .models.loading import config_dtype, load_causal_lm, resolve_causal_lm
+    from .progress import library_bars
 
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dtype = config_dtype(cfg.model_dtype) or torch.float32
-    if not is_adapter(model_dir):
-        return load_causal_lm(str(model_dir), dtype=dtype, device=device)
-    from peft import PeftModel
+    with library_bars(cfg.progress):
+        if not is_adapter(model_dir):
+            return load_causal_lm(str(model_dir), dtype=dtype, device=device)
+        from peft import PeftModel
 
-    base, tokenizer = load_causal_lm(str(resolve_causal_lm(cfg.model, "model")), dtype=dtype, device=device)
-    return PeftModel.from_pretrained(base, str(model_dir)), tokenizer
+        base, tokenizer = load_causal_lm(
+            str(resolve_causal_lm(cfg.model, "model")), dtype=dtype, device=device
+        )
+        return PeftModel.from_pretrained(base, str(model_dir)), tokenizer
 
 
 GENERATION_EVAL_BY = "preftune train (generation_eval)"

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import autoresume, preemption, runlock
 from . import distributed as D
@@ -41,6 +40,8 @@ from .model_card import write_model_cards
 from .nonfinite import NonFiniteError, nonfinite_part, weights_finite
 from .nonfinite import hint as nonfinite_hint
 from .prepare_run import PreparedRun, prepare_run
+from .progress import bar as progress_bar
+from .progress import library_bars
 from .step import (
     DataOrder,
     PolicyScorer,
@@ -155,9 +156,11 @@ class Trainer:
         return self.run.total_steps()
 
     def fit(self) -> RunResult:
-        """Train; the run directory's lock is released however this ends."""
+        """Train; the run directory's lock is released however this ends. The libraries' own bars
+        (transformers' "Writing model shards" at each save) follow ``progress``, as in the setup."""
         try:
-            return self._fit()
+            with library_bars(self.run.cfg.progress):
+                return self._fit()
         finally:
             if self.run.accelerator.is_main_process:
                 runlock.release(self.run.output_dir)
@@ -191,12 +194,12 @@ class Trainer:
         metrics_log = MetricsLog(run.output_dir, cfg.report_to, acc.is_main_process)
         start = self._resume(scorer, optimizer, scheduler, metrics_log)
 
-        bar = tqdm(
+        bar = progress_bar(
             total=total,
             initial=start,
             desc=f"train {cfg.method}",
             unit="step",
-            disable=not (cfg.progress and acc.is_local_main_process),
+            enabled=cfg.progress and acc.is_local_main_process,
             dynamic_ncols=True,
         )
         if start == 0 and "eval" in run.data.splits:  # the "before" point of every eval curve
@@ -398,7 +401,7 @@ class Trainer:
         metrics = HeldOutMetrics(cfg.beta, run.unpaired, run.references is not None)
         progress = cfg.progress and run.accelerator.is_local_main_process
         starts = range(0, rows, cfg.batch_size)
-        for start in tqdm(starts, desc=f"evaluate ({rows} pairs)", disable=not progress, leave=False):
+        for start in progress_bar(starts, desc=f"evaluate ({rows} pairs)", enabled=progress, leave=False):
             index = list(range(start, min(rows, start + cfg.batch_size)))
             result = self._micro_batch(scorer, split, index, grad=False)
             metrics.add(result.output, result.policy.logps, result.reference.logps)
