@@ -64,6 +64,24 @@ class RunResult:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def batch_choices(global_batch, processes: int, shown: int = 4) -> str:
+    """What to set to resume at ``global_batch`` pairs per step on ``processes`` processes: the
+    ``batch_size``/``grad_accum`` pairs whose product is ``global_batch / processes`` (largest batch
+    first), or the process counts that divide it."""
+    if not isinstance(global_batch, int) or global_batch < 1:
+        return "the checkpoint does not say its global batch"
+    if global_batch % processes:
+        counts = [n for n in range(1, global_batch + 1) if global_batch % n == 0][:shown]
+        return (
+            f"{global_batch} pairs cannot be split over {processes} processes: resume on "
+            f"{', '.join(map(str, counts))}{' ...' if len(counts) == shown else ''} process(es)"
+        )
+    per = global_batch // processes
+    pairs = [(b, per // b) for b in range(per, 0, -1) if per % b == 0]
+    listed = ", ".join(f"batch_size={b} grad_accum={g}" for b, g in pairs[:shown])
+    return f"on {processes} process(es) resume with {listed}{' ...' if len(pairs) > shown else ''}"
+
+
 class MetricsWindow:
     """The training metrics of the steps since the last logged row: each step's loss, the mean of
     its micro-batches' loss metrics and its gradient norm; tokens and time for the throughput."""
@@ -290,7 +308,9 @@ class Trainer:
         if state.get("global_batch") != run.global_batch():
             raise TrainingError(
                 f"{run.resume_from} was written with global batch {state.get('global_batch')}, "
-                f"this run has {run.global_batch()}: the data order would not continue"
+                f"this run has {run.global_batch()} (batch_size {cfg.batch_size} x grad_accum "
+                f"{cfg.grad_accum} x {acc.num_processes} process(es)): the data order would not continue; "
+                + batch_choices(state.get("global_batch"), acc.num_processes)
             )
         metrics_log.truncate_after(start)
         log(f"resumed from {run.resume_from} at step {start}", acc)
