@@ -111,8 +111,8 @@ def test_sft_term_lambda_is_chosen_on_validation_answers(tmp_path):
     assert main["dpo_sft"]["sft_weight"] in (0.5, 2.0) and main["dpo"]["sft_weight"] is None
     # the SFT term shows in the training metrics of the DPO+SFT runs only
     logged = (out / "runs" / main["dpo_sft"]["run"] / "train" / "metrics.jsonl").read_text()
-    assert "sft/loss" in logged
-    assert "sft/loss" not in (out / "runs" / main["dpo"]["run"] / "train" / "metrics.jsonl").read_text()
+    assert '"nll_loss"' in logged
+    assert '"nll_loss"' not in (out / "runs" / main["dpo"]["run"] / "train" / "metrics.jsonl").read_text()
     text = (out / "RESULTS.md").read_text()
     assert (
         "λ of the SFT term chosen on the validation split" in text

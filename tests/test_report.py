@@ -354,3 +354,65 @@ def test_report_lists_every_eval_call_with_n(tmp_path):
     section = text.split("## Held-out evaluation", 1)[1]
     assert first.name in section and second.name in section
     assert "| n (held-out pairs) | 8 | 4 |" in section and "| `eval_loss` | 0.5 | 0.25 |" in section
+
+
+def make_sft_run(root, name, *, steps=8, sft_weight=3.0, evals=(0, 8)):
+    """A DPO + λ·SFT run as the trainer logs it: the loss and its two terms, loss/sigmoid and nll_loss."""
+    run_dir = root / name
+    run_dir.mkdir()
+    lines = [{"step": s, "eval_loss": 3.2 - 0.2 * s, "eval_n": 8} for s in evals]
+    for step in range(1, steps + 1):
+        preference, nll = 0.69 - 0.02 * step, 1.0 - 0.1 * step
+        lines.append(
+            train_line(
+                step, loss=preference + sft_weight * nll, **{"loss/sigmoid": preference, "nll_loss": nll}
+            )
+        )
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (run_dir / "config.yaml").write_text(f"method: dpo\nmodel: tiny\nbeta: 0.1\nsft_weight: {sft_weight}\n")
+    return run_dir
+
+
+def test_a_loss_of_two_terms_is_titled_by_both_and_plots_them_apart(tmp_path):
+    run = load_run(make_sft_run(tmp_path, "sft"))
+    fig = make_figures([run])["loss.png"]
+    total_ax, terms_ax = fig.axes
+    assert total_ax.get_title() == "Loss = sigmoid + 3·NLL — dpo β=0.1"
+    assert legend_labels(fig)[-2:] == ["sigmoid", "3·NLL"]
+    # each term as it enters the loss: raw points of the weighted term, and the two add up to the loss
+    raw = {
+        round(float(line.get_ydata()[0]), 6)
+        for line in terms_ax.get_lines()
+        if line.get_linestyle() == "None"
+    }
+    assert raw == {round(0.69 - 0.02, 6), round(3.0 * 0.9, 6)}
+    assert sum(raw) == pytest.approx(run.train[0]["loss"])
+    # a one-term run (λ = 0: nll_loss is not a term) keeps one panel and the plain title
+    plain = load_run(make_sft_run(tmp_path, "plain", sft_weight=0.0))
+    (ax,) = make_figures([plain])["loss.png"].axes
+    assert ax.get_title() == "Loss — dpo β=0.1"
+    plot_runs([run.path], tmp_path / "png")
+    assert_valid_png(tmp_path / "png" / "loss.png")
+
+
+def test_two_evaluations_are_markers_not_a_trend_line(tmp_path):
+    two = load_run(make_sft_run(tmp_path, "two", evals=(0, 8)))
+    (points,) = [
+        line
+        for line in make_figures([two])["loss.png"].axes[0].get_lines()
+        if line.get_label() == "eval (held-out)"
+    ]
+    assert len(points.get_xdata()) == 2 and points.get_linestyle() == "None" and points.get_marker() == "o"
+    three = load_run(make_sft_run(tmp_path, "three", evals=(0, 4, 8)))
+    (joined,) = [
+        line
+        for line in make_figures([three])["loss.png"].axes[0].get_lines()
+        if line.get_label() == "eval (held-out)"
+    ]
+    assert joined.get_linestyle() == ":"
+    # a two-step train series is markers too
+    short = load_run(make_short_run(tmp_path, "short", steps=2, eval_every=1))
+    train = [
+        line for line in make_figures([short])["loss.png"].axes[0].get_lines() if len(line.get_xdata()) == 2
+    ]
+    assert train and all(line.get_linestyle() == "None" for line in train)

@@ -45,16 +45,18 @@ def load_trained(cfg, model_dir: Path):
     import torch
 
     from .models.loading import config_dtype, load_causal_lm, resolve_causal_lm
+    from .progress import library_bars
 
     dtype = config_dtype(cfg.model_dtype) or torch.float32
-    if not (Path(model_dir) / "adapter_config.json").is_file():  # a full or merged model
-        return load_causal_lm(str(model_dir), dtype=dtype, device=_device())
-    from peft import PeftModel
+    with library_bars(cfg.progress):
+        if not (Path(model_dir) / "adapter_config.json").is_file():  # a full or merged model
+            return load_causal_lm(str(model_dir), dtype=dtype, device=_device())
+        from peft import PeftModel
 
-    base, tokenizer = load_causal_lm(
-        str(resolve_causal_lm(cfg.model, "model")), dtype=dtype, device=_device()
-    )
-    return PeftModel.from_pretrained(base, str(model_dir)), tokenizer
+        base, tokenizer = load_causal_lm(
+            str(resolve_causal_lm(cfg.model, "model")), dtype=dtype, device=_device()
+        )
+        return PeftModel.from_pretrained(base, str(model_dir)), tokenizer
 
 
 def _prompt_text(prompt) -> str:

@@ -105,9 +105,8 @@ def generate(
 
     With ``stop_when``, a row stops once its new text matches the pattern (the others go on): the
     text up to that point is exactly what it would have been without stopping."""
-    from tqdm.auto import tqdm
-
     from .data import add_special_tokens_for
+    from .progress import bar as progress_bar
 
     texts = [prompt_text(p, tokenizer, chat_template) for p in prompts]
     special = (
@@ -124,7 +123,7 @@ def generate(
     outputs = []
     device = next(model.parameters()).device
     # one tick per prompt as its row stops (not per batch: a batch can take minutes on a busy CPU)
-    bar = tqdm(total=len(texts), desc="generate", unit="prompt", disable=not progress)
+    bar = progress_bar(total=len(texts), desc="generate", unit="prompt", enabled=progress)
     try:
         for start in range(0, len(texts), batch_size):
             chunk = texts[start : start + batch_size]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from .method_adapter import LossAdapter
 from .metrics import log
 from .models.loading import load_policy, mixed_precision
 from .mrpo_validation import fixed_weights, uses_validation_weights, with_weights
+from .progress import library_bars
 from .references import (
     MISMATCHED_SIDE,
     PAIRED_SIDES,
@@ -118,7 +120,14 @@ def prepare_run(cfg: TrainConfig, accelerator=None, *, training: bool = True) ->
 
     ``training=False`` prepares a held-out evaluation (``preftune eval``): ``data.eval`` is the only
     split, under its own name, and nothing is carved out of it or calibrated on it.
+    The libraries' own progress bars (transformers' "Loading weights", datasets') follow
+    ``progress`` and are off when stderr is not a terminal (:func:`preftune.progress.library_bars`).
     """
+    with library_bars(cfg.progress):
+        return _prepare_run(cfg, accelerator, training)
+
+
+def _prepare_run(cfg: TrainConfig, accelerator, training: bool) -> PreparedRun:
     from accelerate import Accelerator
 
     configure_threads(cfg.threads, log=log)  # intra-op threads from the CPUs this process may use
@@ -266,7 +275,7 @@ def _shard(run: PreparedRun):
 
 def _step_inputs(run: PreparedRun) -> StepInputs:
     """MallowsPO's dispersion c(x) (sets ``run.phi_star``) and RPO's prompt embeddings, per split."""
-    cfg, spec, references = run.cfg, run.spec, run.references
+    cfg, spec, references, acc = run.cfg, run.spec, run.references, run.accelerator
     inputs = StepInputs()
     if spec.needs_entropy:
         if not isinstance(references, PrecomputedReferences):
@@ -277,6 +286,7 @@ def _step_inputs(run: PreparedRun) -> StepInputs:
             split: (references.entropies(split, "chosen"), references.entropies(split, "rejected"))
             for split in run.data.splits
         }
+        started = time.perf_counter()
         phi_star = cfg.mallows.phi_star
         if phi_star == "auto" and "train" not in entropies:  # a held-out evaluation
             raise ConfigError(
@@ -285,12 +295,19 @@ def _step_inputs(run: PreparedRun) -> StepInputs:
             )
         if phi_star == "auto":
             phi_star = calibrate_phi_star(*entropies["train"])
-            log(f"mallows.phi_star=auto -> {phi_star:.4f} (mean c(x) over the training set is 1)")
+            log(f"mallows.phi_star=auto -> {phi_star:.4f} (mean c(x) over the training set is 1)", acc)
         run.phi_star = float(phi_star)
         for split, (chosen_entropy, rejected_entropy) in entropies.items():
             inputs.dispersion_c[split] = neg_log_dispersion(
                 chosen_entropy, rejected_entropy, run.phi_star
             ).float()
+        counts = ", ".join(f"{len(chosen)} {split}" for split, (chosen, _) in entropies.items())
+        log(
+            f"MallowsPO dispersion c(x): the primary reference's token entropies of {counts} pairs "
+            f"(scored with its log-probs), phi_star {run.phi_star:.4f}, "
+            f"in {time.perf_counter() - started:.2f} s",
+            acc,
+        )
     if spec.needs_embeddings:
         from .embeddings import embed_prompts
 
@@ -300,6 +317,8 @@ def _step_inputs(run: PreparedRun) -> StepInputs:
                 embedder=cfg.rpo.embedder,
                 cache_root=run.cache_root,
                 progress=cfg.progress and run.accelerator.is_local_main_process,
+                log=lambda message: log(message, run.accelerator),
+                label=split,
             )
     return inputs
 

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed
 from .cache import TensorCache, hash_token_lists, make_key, model_fingerprint
 from .data.collate import collate_sequences
 from .data.store import TokenStore
+from .progress import bar as progress_bar
 from .scoring import score_batch, score_dataset
 
 PAIRED_SIDES = ("chosen", "rejected")
@@ -306,10 +306,10 @@ def precompute_references(
                 mine = (
                     range(n_rows) if sharded else range(distributed.rank(), n_rows, distributed.world_size())
                 )
-                bar = tqdm(
+                bar = progress_bar(
                     total=len(mine) * len(sides),
                     desc=f"reference {k} ({view.name}) {split}",
-                    disable=not progress,
+                    enabled=progress,
                     unit="seq",
                 )
                 ctx = _as_initial_policy(model) if view.name == "policy" else contextlib.nullcontext()

@@ -128,13 +128,19 @@ class StepLoss(NamedTuple):
 
 
 def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0 keeping the autograd graph (gradient flows back to the local part)."""
+    """All-gather along dim 0 keeping the autograd graph: the backward reduce-scatters (sums) every
+    process's gradient of the gathered tensor into each local part, as
+    ``torch.distributed.nn.functional.all_gather`` (deprecated) did. Through PyTorch's functional
+    collectives, the API that deprecation names (``all_gather_single_autograd``; torch releases before
+    it have ``all_gather_tensor_autograd``). Every process must pass the same shape."""
     import torch.distributed as dist
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed import _functional_collectives as funcol
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
-    return torch.cat(all_gather(local), dim=0)
+    gather = getattr(funcol, "all_gather_single_autograd", None) or funcol.all_gather_tensor_autograd
+    gathered = gather(local.contiguous(), 0, dist.group.WORLD)
+    return funcol.wait_tensor(gathered) if isinstance(gathered, funcol.AsyncCollectiveTensor) else gathered
 
 
 SHARE_PROMPT_MIN_SAVING = 0.25

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import autoresume, distributed, preemption, runlock
 from .checkpointing import (
@@ -40,6 +39,8 @@ from .model_card import write_model_cards
 from .nonfinite import NonFiniteError, nonfinite_part, weights_finite
 from .nonfinite import hint as nonfinite_hint
 from .prepare_run import PreparedRun, prepare_run
+from .progress import bar as progress_bar
+from .progress import library_bars
 from .reference_identity import initial_policy_index
 from .step import (
     DataOrder,
@@ -61,6 +62,24 @@ class RunResult:
     metrics_path: Path
     steps: int
     last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def batch_choices(global_batch, processes: int, shown: int = 4) -> str:
+    """What to set to resume at ``global_batch`` pairs per step on ``processes`` processes: the
+    ``batch_size``/``grad_accum`` pairs whose product is ``global_batch / processes`` (largest batch
+    first), or the process counts that divide it."""
+    if not isinstance(global_batch, int) or global_batch < 1:
+        return "the checkpoint does not say its global batch"
+    if global_batch % processes:
+        counts = [n for n in range(1, global_batch + 1) if global_batch % n == 0][:shown]
+        return (
+            f"{global_batch} pairs cannot be split over {processes} processes: resume on "
+            f"{', '.join(map(str, counts))}{' ...' if len(counts) == shown else ''} process(es)"
+        )
+    per = global_batch // processes
+    pairs = [(b, per // b) for b in range(per, 0, -1) if per % b == 0]
+    listed = ", ".join(f"batch_size={b} grad_accum={g}" for b, g in pairs[:shown])
+    return f"on {processes} process(es) resume with {listed}{' ...' if len(pairs) > shown else ''}"
 
 
 class MetricsWindow:
@@ -163,9 +182,11 @@ class Trainer:
         return self.run.total_steps()
 
     def fit(self) -> RunResult:
-        """Train; the run directory's lock is released however this ends."""
+        """Train; the run directory's lock is released however this ends. The libraries' own bars
+        (transformers' "Writing model shards" at each save) follow ``progress``, as in the setup."""
         try:
-            return self._fit()
+            with library_bars(self.run.cfg.progress):
+                return self._fit()
         finally:
             if self.run.accelerator.is_main_process:
                 runlock.release(self.run.output_dir)
@@ -199,12 +220,12 @@ class Trainer:
         metrics_log = MetricsLog(run.output_dir, cfg.report_to, acc.is_main_process)
         start = self._resume(scorer, optimizer, scheduler, metrics_log)
 
-        bar = tqdm(
+        bar = progress_bar(
             total=total,
             initial=start,
             desc=f"train {cfg.method}",
             unit="step",
-            disable=not (cfg.progress and acc.is_local_main_process),
+            enabled=cfg.progress and acc.is_local_main_process,
             dynamic_ncols=True,
         )
         if start == 0 and "eval" in run.data.splits:  # the "before" point of every eval curve
@@ -297,7 +318,9 @@ class Trainer:
         if state.get("global_batch") != run.global_batch():
             raise TrainingError(
                 f"{run.resume_from} was written with global batch {state.get('global_batch')}, "
-                f"this run has {run.global_batch()}: the data order would not continue"
+                f"this run has {run.global_batch()} (batch_size {cfg.batch_size} x grad_accum "
+                f"{cfg.grad_accum} x {acc.num_processes} process(es)): the data order would not continue; "
+                + batch_choices(state.get("global_batch"), acc.num_processes)
             )
         metrics_log.truncate_after(start)
         log(f"resumed from {run.resume_from} at step {start}", acc)
@@ -417,7 +440,7 @@ class Trainer:
         kept: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": []}
         progress = cfg.progress and run.accelerator.is_local_main_process
         starts = range(0, rows, cfg.batch_size)
-        for start in tqdm(starts, desc=f"evaluate ({rows} pairs)", disable=not progress, leave=False):
+        for start in progress_bar(starts, desc=f"evaluate ({rows} pairs)", enabled=progress, leave=False):
             index = list(range(start, min(rows, start + cfg.batch_size)))
             result = self._micro_batch(scorer, split, index, grad=False)
             policy = result.policy.logps

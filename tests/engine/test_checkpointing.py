@@ -365,3 +365,25 @@ def test_one_interface_writes_and_restores_both_formats(tmp_path, tiny_model_dir
     for name, value in resumed.state_dict().items():
         assert torch.equal(value, saved[name]), name
     assert _same(fresh.state_dict()["state"], opt.state_dict()["state"])
+
+
+def test_a_resume_at_another_global_batch_says_what_would_work(base_config, tmp_path):
+    from preftune.checkpointing import TrainingError
+    from preftune.trainer import batch_choices
+
+    common = dict(save_steps=2, output_dir=str(tmp_path / "run"))
+    train(base_config(max_steps=2, **common))  # checkpoint-2 at global batch 4 (4 x 1 x 1 process)
+    with pytest.raises(TrainingError) as refused:
+        train(base_config(resume=True, max_steps=4, batch_size=2, **common))
+    message = str(refused.value)
+    assert "global batch 4, this run has 2 (batch_size 2 x grad_accum 1 x 1 process(es))" in message
+    assert message.endswith(
+        "on 1 process(es) resume with batch_size=4 grad_accum=1, batch_size=2 grad_accum=2, "
+        "batch_size=1 grad_accum=4"
+    )
+    assert batch_choices(8, 2) == (
+        "on 2 process(es) resume with batch_size=4 grad_accum=1, batch_size=2 grad_accum=2, "
+        "batch_size=1 grad_accum=4"
+    )
+    assert batch_choices(4, 3) == "4 pairs cannot be split over 3 processes: resume on 1, 2, 4 process(es)"
+    assert batch_choices(64, 1).endswith("batch_size=8 grad_accum=8 ...")

@@ -109,6 +109,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     for name in RUNS:
         out[f"two/{name}"] = metric_rows(root / f"two-{name}", "loss")
     out["ended"] = [json.loads((root / f"cli.yaml.rank{r}.json").read_text()) for r in range(WORLD)]
+    out["logs"] = process_logs(root, "ddp", WORLD, tail=10**6)
     return out
 
 
@@ -148,3 +149,8 @@ def test_preftune_train_ends_its_process_group_on_every_rank(runs):
     # A rank that exits with its gloo group alive can abort in interpreter teardown (exit -6) after
     # training finished, failing the job; `preftune train` destroys the group once every rank is done.
     assert runs["ended"] == [{"code": 0, "group_alive": False}] * WORLD
+
+
+def test_global_rpo_gathers_without_a_deprecated_collective(runs):
+    # torch.distributed.nn.functional.all_gather warned a FutureWarning at every step of global RPO
+    assert "FutureWarning" not in runs["logs"] and "is deprecated" not in runs["logs"]

@@ -302,3 +302,16 @@ def test_data_order_splits_each_epochs_permutation_over_steps_micro_batches_and_
         assert seen == perm[: per_epoch * g]  # the epoch's permutation in order, nothing twice
     # steps of another epoch, then back: the permutation follows the step, not the call history
     assert orders[0](0) == DataOrder(n, seed, per_epoch, bs, grad_accum, processes, 0)(0)
+
+
+def test_lora_with_activation_checkpointing_uses_no_deprecated_transformers_api(base_config):
+    # transformers 5 renamed gradient_checkpointing_enable / is_gradient_checkpointing (aliases warn a
+    # FutureWarning until v6); preftune's own path (load, LoRA, train, save) calls the current names.
+    # (TRL 1.16's DPOTrainer still reads model.is_gradient_checkpointing: the parity tests show it.)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(base_config(gradient_checkpointing=True, lora={"enabled": True, "r": 4, "alpha": 8}))
+    deprecated = [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+    assert not deprecated, deprecated

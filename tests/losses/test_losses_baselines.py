@@ -85,9 +85,15 @@ def test_sft_term_is_added_per_pair():
     out = L.dpo(pc, pr, rc, rr, sft_weight=lam, chosen_lengths=lengths)
     expected = [base.losses[i].item() + lam * (-pc[i].item() / lengths[i].item()) for i in range(6)]
     torch.testing.assert_close(out.losses, torch.tensor(expected, dtype=torch.float64))
-    assert out.metrics["sft/loss"].item() == pytest.approx(
+    assert out.metrics["nll_loss"].item() == pytest.approx(
         sum(-pc[i].item() / lengths[i].item() for i in range(6)) / 6
     )
+    # the two terms are logged apart and make up the loss: preference term + λ·nll_loss
+    assert out.metrics["loss/sigmoid"].item() == pytest.approx(base.loss.item())
+    assert out.loss.item() == pytest.approx(
+        out.metrics["loss/sigmoid"].item() + lam * out.metrics["nll_loss"].item()
+    )
+    assert "loss/sigmoid" not in base.metrics  # a one-term loss is ``loss`` alone
     with pytest.raises(ValueError, match="chosen_lengths"):
         L.dpo(pc, pr, rc, rr, sft_weight=lam)
 

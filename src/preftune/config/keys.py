@@ -366,7 +366,11 @@ class TrainConfig:
         "$MLFLOW_EXPERIMENT_NAME, else `preftune`.",
     )
     run_name: str | None = _f(None, "The run's name in the trackers (default: the output_dir's folder name).")
-    progress: bool = _f(True, "Show progress bars.")
+    progress: bool = _f(
+        True,
+        "Show progress bars: redrawn in place on a terminal, a plain line every 30 s when stderr is "
+        "not one (a log file). Off also hides the libraries' own bars (transformers' Loading weights).",
+    )
     threads: int | None = _f(
         None,
         "Intra-op CPU threads per process. null: OMP_NUM_THREADS if set, else the CPUs this process may "

@@ -19,7 +19,6 @@ EOS themselves) likewise.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -303,10 +302,10 @@ def batch_settings(
 
 
 def progress_bar(total: int, progress: bool):
-    """The "Tokenizing" bar: shown only with ``progress`` and a terminal on stderr."""
-    from tqdm.auto import tqdm
+    """The "Tokenizing" bar: shown with ``progress`` (plain lines when stderr is not a terminal)."""
+    from ..progress import bar
 
-    return tqdm(total=total, desc="Tokenizing", unit="ex", disable=not progress or not sys.stderr.isatty())
+    return bar(total=total, desc="Tokenizing", unit="ex", enabled=progress)
 
 
 def tokenize_batch(batch, settings: BatchSettings):

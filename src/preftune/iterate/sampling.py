@@ -58,9 +58,8 @@ def sample_round(
 
     ``done`` (default: read now) are the batches already drawn; under several processes every rank
     must deal from the same ``done``, read before any rank writes (then a barrier)."""
-    from tqdm.auto import tqdm
-
     from ..generation import sample_batch
+    from ..progress import bar as progress_bar
 
     k, size = rounds.samples_per_prompt, rounds.batch_size
     batches = list(range((len(prompts) + size - 1) // size))
@@ -69,7 +68,7 @@ def sample_round(
     mine = missing[rank::world]
     device = next(model.parameters()).device
     total = sum(len(prompts[b * size : (b + 1) * size]) for b in mine) * k
-    bar = tqdm(total=total, desc=f"round {round_index} samples", unit="sample", disable=not progress)
+    bar = progress_bar(total=total, desc=f"round {round_index} samples", unit="sample", enabled=progress)
     part = round_dir / PART.format(rank=rank)
     _drop_torn_tail(part)
     try:

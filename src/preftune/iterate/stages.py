@@ -31,10 +31,12 @@ def load_model(cfg: TrainConfig, name: str):
     import torch
 
     from ..models.loading import config_dtype, load_causal_lm, resolve_causal_lm
+    from ..progress import library_bars
 
     path = resolve_causal_lm(name, "model")
     dtype = config_dtype(cfg.model_dtype) or torch.float32
-    return load_causal_lm(str(path), dtype=dtype, device=_device())
+    with library_bars(cfg.progress):
+        return load_causal_lm(str(path), dtype=dtype, device=_device())
 
 
 def sample_stage(cfg: TrainConfig, plan: Plan, round_index: int, rank: int = 0, world: int = 1) -> bool:

@@ -279,10 +279,12 @@ def _metrics(
     if inputs.contrast_weight is not None:
         metrics["rpo/weight_diag"] = torch.diagonal(inputs.contrast_weight).mean()
     if sft is not None:
-        metrics["sft/loss"] = (sft / sft_weight).mean()
-    if len(per_link) > 1:
-        # keyed by each link's pipeline value, TRL's loss_type name (``loss/sigmoid`` for ``dpo``): the
-        # names metrics.jsonl and dashboards already carry
+        # the SFT term's NLL (token mean of −log π(y_w|x)), before λ: TRL's CPO/ORPO ``nll_loss``
+        metrics["nll_loss"] = (sft / sft_weight).mean()
+    if len(per_link) > 1 or sft is not None:
+        # A loss of several terms logs each: keyed by each link's pipeline value, TRL's loss_type name
+        # (``loss/sigmoid`` for ``dpo``), the names metrics.jsonl and dashboards already carry. Without
+        # pair weights, loss = Σ_t w_t·loss/<link> + λ·nll_loss.
         metrics.update({f"loss/{name}": ell.detach().mean() for name, ell in per_link.items()})
     if omega is not None:
         metrics["wpo/weight"] = omega.mean()
@@ -519,7 +521,7 @@ def unpaired_preference_loss(
     ).mean(dim=1)
     if sft is not None:
         losses = losses + sft
-        metrics["sft/loss"] = (sft.detach() / sft_weight).mean()
+        metrics["nll_loss"] = (sft.detach() / sft_weight).mean()
     return LossOutput(
         losses.mean(), losses, metrics, beta * logratio_chosen.detach(), beta * logratio_rejected.detach()
     )

@@ -75,7 +75,7 @@ def simpo(
 
     Returns:
         :class:`LossOutput`; rewards are ``β·ā`` as TRL logs them (``logps/*`` are the averages ā);
-        ``sft/loss`` when λ > 0.
+        ``nll_loss`` (TRL's CPO name: the token-mean NLL −ā_w) when λ > 0.
     """
     del ref_chosen, ref_rejected
     if beta <= 0:
@@ -91,7 +91,7 @@ def simpo(
         if avg_c.numel():
             metrics = reward_metrics(beta, avg_c.detach(), avg_r.detach(), avg_c, avg_r)
             if sft_weight:
-                metrics["sft/loss"] = -avg_c.detach().mean()
+                metrics["nll_loss"] = -avg_c.detach().mean()
     return LossOutput(safe_mean(losses), losses, metrics, beta * avg_c.detach(), beta * avg_r.detach())
 
 

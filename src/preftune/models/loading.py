@@ -4,7 +4,6 @@ policy as a training config asks for it (dtype, activation checkpointing, LoRA).
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -165,9 +164,7 @@ def load_policy(cfg: TrainConfig, device) -> tuple[nn.Module, object, Path]:
             target_modules=targets if targets == "all-linear" else list(targets),
             task_type="CAUSAL_LM",
         )
-        with warnings.catch_warnings():  # peft asks transformers' deprecated alias: not the user's concern
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     return model, tokenizer, Path(path)

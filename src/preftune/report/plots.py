@@ -53,17 +53,19 @@ def _smoothing_alpha(n_points: int) -> float | None:
     return 2.0 / (span + 1)
 
 
-def _new_figure(title: str, ylabel: str) -> tuple[Figure, Any]:
+def _new_figure(title: str, ylabel: str, *, panels: int = 1) -> tuple[Figure, Any]:
+    """A figure with ``panels`` axes stacked over one step axis (the first twice as tall); returns
+    the figure and its first axes."""
     from matplotlib.figure import Figure
-
-    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title(title, fontsize=13)
-    ax.set_xlabel("step", fontsize=11)
-    ax.set_ylabel(ylabel, fontsize=11)
-    ax.grid(True, alpha=0.3)
     from matplotlib.ticker import MaxNLocator
 
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    axes = fig.subplots(panels, 1, sharex=True, squeeze=False, height_ratios=[2] + [1] * (panels - 1))[:, 0]
+    ax = axes[0]
+    ax.set_title(title, fontsize=13)
+    axes[-1].set_xlabel("step", fontsize=11)
+    ax.set_ylabel(ylabel, fontsize=11)
+    ax.grid(True, alpha=0.3)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers: no 1.25 ticks
     return fig, ax
 
@@ -105,19 +107,98 @@ def _colors(n: int) -> list[Any]:
     return [style["color"] for style in run_styles(n)]
 
 
+# Fewer points than this are drawn as markers alone: two points make no trend worth a line.
+MIN_POINTS_FOR_LINE = 3
+TERM_STYLES = ("-", "--", "-.", ":")
+
+
+def loss_terms(run: Run) -> list[tuple[str, float]]:
+    """The terms a run's loss is the sum of, as logged: ``(metric key, its weight)``; ``[]`` for a
+    one-term loss. Each link of a sum logs ``loss/<link>`` (weights ``loss_weights``), the SFT term
+    ``nll_loss`` (weight ``sft_weight``); ORPO's own ``nll_loss`` (weight 0 here) is not a term."""
+    keys: list[str] = []
+    for row in run.train:
+        keys += [key for key in row if (key.startswith("loss/") or key == "nll_loss") and key not in keys]
+    links = [key for key in keys if key.startswith("loss/")]
+    weights = run.config.get("loss_weights")
+    if not (
+        isinstance(weights, list)
+        and len(weights) == len(links)
+        and all(as_float(w) is not None for w in weights)
+    ):
+        weights = [1.0] * len(links)
+    terms = [(key, float(weight)) for key, weight in zip(links, weights)]
+    sft_weight = as_float(run.config.get("sft_weight"))
+    if "nll_loss" in keys and sft_weight:
+        terms.append(("nll_loss", sft_weight))
+    return terms if len(terms) > 1 else []
+
+
+def term_label(key: str, weight: float) -> str:
+    """``sigmoid``, ``3·NLL``: a term as it enters the loss."""
+    name = "NLL" if key == "nll_loss" else key.removeprefix("loss/")
+    return name if weight == 1 else f"{weight:g}·{name}"
+
+
+def loss_formula(run: Run) -> str | None:
+    """``sigmoid + 3·NLL`` for a run whose loss has several terms, else None."""
+    terms = loss_terms(run)
+    return " + ".join(term_label(key, weight) for key, weight in terms) if terms else None
+
+
+def _draw_train(ax: Any, steps: list, values: list, color: Any, linestyle: str = "-") -> bool:
+    """One train series: an EMA over faint raw points (4+ points), a line with markers, or markers
+    alone (under 3 points). True when it was smoothed."""
+    alpha = _smoothing_alpha(len(steps))
+    if alpha is None:
+        line = linestyle if len(steps) >= MIN_POINTS_FOR_LINE else "none"
+        ax.plot(steps, values, color=color, linewidth=1.8, linestyle=line, marker="o", markersize=3)
+        return False
+    ax.plot(steps, values, color=color, linestyle="none", marker="o", markersize=3, alpha=0.3)
+    ax.plot(
+        steps, ema(values, alpha), color=color, linewidth=1.8, linestyle=linestyle, label="train (smoothed)"
+    )
+    return True
+
+
+def _terms_panel(ax: Any, runs: Sequence[Run], colors: Sequence[Any]) -> None:
+    """Each run's loss terms as they enter the loss (weight × logged value): they add up to the curve
+    above. Run colours; one line style per term."""
+    from matplotlib.lines import Line2D
+
+    styles: dict[str, str] = {}
+    for run, color in zip(runs, colors):
+        for key, weight in loss_terms(run):
+            label = term_label(key, weight)
+            style = styles.setdefault(label, TERM_STYLES[len(styles) % len(TERM_STYLES)])
+            steps, values = series(run.train, key)
+            if steps:
+                _draw_train(ax, steps, [weight * value for value in values], color, style)
+    ax.set_ylabel("term of the loss", fontsize=11)
+    ax.grid(True, alpha=0.3)
+    handles = [Line2D([], [], color="0.35", linewidth=1.8, linestyle=style) for style in styles.values()]
+    ax.legend(handles, list(styles), loc="best", fontsize=9, framealpha=0.9)
+
+
 def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Figure | None:
     """Train curve (EMA over a faint raw curve) and eval markers of ``key`` for every run, each run
-    in its own colour, dash pattern and marker (:func:`run_styles`)."""
+    in its own colour, dash pattern and marker (:func:`run_styles`); for the loss of runs whose loss
+    is a sum, a second panel with its terms."""
     from matplotlib.lines import Line2D
 
     curves = [(series(run.train, key), series(run.eval, EVAL_PREFIX + key)) for run in runs]
     if not any(train[0] or evals[0] for train, evals in curves):
         return None
+    with_terms = key == "loss" and any(loss_terms(run) for run in runs)
+    if with_terms:
+        formulas = {loss_formula(run) for run in runs}
+        (formula,) = formulas if len(formulas) == 1 else (None,)
+        title = f"{title} = {formula}" if formula else f"{title} (its terms below)"
     if len(runs) == 1:
         title = f"{title} — {runs[0].label}"
-    fig, ax = _new_figure(title, ylabel)
+    fig, ax = _new_figure(title, ylabel, panels=2 if with_terms else 1)
     handles, labels = [], []
-    any_smoothed = any_eval = False
+    any_smoothed = any_eval = eval_line = False
     styles = run_styles(len(runs))
     for i, (run, style, ((steps, values), (eval_steps, eval_values))) in enumerate(zip(runs, styles, curves)):
         if not steps and not eval_steps:
@@ -128,12 +209,12 @@ def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fig
         every = ((i * spacing) // len(runs), spacing)
         if steps:
             alpha = _smoothing_alpha(len(steps))
-            if alpha is None:
+            if alpha is None:  # under 3 points: markers alone, no trend line
                 ax.plot(
                     steps,
                     values,
                     color=color,
-                    linestyle=dash,
+                    linestyle=dash if len(steps) >= MIN_POINTS_FOR_LINE else "none",
                     linewidth=width,
                     marker=marker,
                     markersize=4,
@@ -155,11 +236,14 @@ def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fig
                 )
         if eval_steps:
             any_eval = True
+            # a dotted line joins 3+ evaluations; fewer are markers alone (no trend from two points)
+            joined = len(eval_steps) >= MIN_POINTS_FOR_LINE
+            eval_line |= joined
             ax.plot(
                 eval_steps,
                 eval_values,
                 color=color,
-                linestyle=":",
+                linestyle=":" if joined else "none",
                 linewidth=1.0,
                 marker=marker,
                 markersize=5 + 1.2 * (len(runs) - 1 - i),  # concentric: coinciding points all show
@@ -179,7 +263,7 @@ def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fig
         handles.append(Line2D([], [], color=gray, linestyle="none", marker="o", markersize=3, alpha=0.4))
         labels.append("train (each step)")
     elif any(steps for (steps, _), _ in curves):
-        handles.append(Line2D([], [], color=gray, linewidth=1.8))
+        handles.append(Line2D([], [], color=gray, linewidth=1.8, marker="o", markersize=3))
         labels.append("train")
     if any_eval:
         handles.append(
@@ -187,7 +271,7 @@ def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fig
                 [],
                 [],
                 color=gray,
-                linestyle=":",
+                linestyle=":" if eval_line else "none",
                 marker="o",
                 markersize=6,
                 markerfacecolor="none",
@@ -205,6 +289,8 @@ def _curve_figure(runs: Sequence[Run], key: str, title: str, ylabel: str) -> Fig
         ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, framealpha=0.9)
     else:
         ax.legend(handles, labels, loc="best", fontsize=9, framealpha=0.9)
+    if with_terms:
+        _terms_panel(fig.axes[1], runs, [style["color"] for style in styles])
     return fig
 
 
