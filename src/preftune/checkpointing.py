@@ -3,7 +3,8 @@
 A checkpoint is ``checkpoint-N/`` in the run directory: ``model/`` (safetensors weights, or the
 LoRA adapter), ``trainer_state.json``, and the optimizer, LR scheduler and RNG states as
 ``<name>.safetensors`` + ``<name>.json`` (:mod:`preftune.statefile`: nothing in a checkpoint is
-unpickled). Every directory is written under a temporary name and renamed into place, so a failure
+unpickled). The tokenizer is not in it: a run writes ``tokenizer/`` beside the checkpoints once, when
+it starts (:func:`save_run_tokenizer`; ``final/`` and ``final-adapter/`` carry their own copy). Every directory is written under a temporary name and renamed into place, so a failure
 (disk full, a crash) leaves the previous checkpoint intact. The last file written before the rename is
 ``manifest.json``: each file's size and sha256. Resuming verifies the newest checkpoint against it and
 falls back to the newest intact one (:func:`select_resume_checkpoint`).
@@ -98,54 +99,21 @@ def find_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def save_model(model: nn.Module, tokenizer, directory: Path, *, merge_lora: bool = False) -> None:
+    """``save_pretrained`` of the model (and of ``tokenizer``, unless None)."""
     if merge_lora and hasattr(model, "merge_and_unload"):
         import copy
 
         model = copy.deepcopy(model).merge_and_unload()
     model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
 
 
-def _stored_dtype(model: nn.Module) -> torch.dtype | None:
-    """The dtype the base checkpoint was saved in (its config.json), or None if it does not say."""
-    config = getattr(model, "config", None)
-    name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    source = getattr(config, "_name_or_path", None)
-    if source and (Path(source) / "config.json").is_file():
-        stored = json.loads((Path(source) / "config.json").read_text())
-        name = stored.get("dtype") or stored.get("torch_dtype") or name
-    if isinstance(name, torch.dtype):
-        return name
-    return getattr(torch, name, None) if isinstance(name, str) else None
-
-
-def save_final(model: nn.Module, tokenizer, output_dir: Path, *, save_merged: bool = False) -> Path:
-    """Write the trained model at the end of a run; returns the directory to load it from.
-
-    Full-model runs: ``final/``. LoRA runs: the adapter alone in ``final-adapter/`` (a few MB; load it
-    with peft on top of the base model, or ``preftune eval`` the run directory), plus, only with
-    ``save_merged``, the merged model in ``final/``, cast to the dtype the base checkpoint was stored in
-    (not the float32 used for training), so it is no larger than the model it came from.
-    """
-    run = RunDir(output_dir)
-    if not hasattr(model, "peft_config"):
-        write_atomically(run.final, lambda tmp: save_model(model, tokenizer, tmp))
-        return run.final
-    write_atomically(run.final_adapter, lambda tmp: save_model(model, tokenizer, tmp))
-    if not save_merged:
-        return run.final_adapter
-
-    def merged(tmp: Path) -> None:
-        import copy
-
-        plain = copy.deepcopy(model).merge_and_unload()
-        dtype = _stored_dtype(plain.get_base_model() if hasattr(plain, "get_base_model") else plain)
-        if dtype is not None and dtype.is_floating_point:
-            plain = plain.to(dtype)
-        save_model(plain, tokenizer, tmp)
-
-    write_atomically(run.final, merged)
-    return run.final
+def save_run_tokenizer(output_dir: Path, tokenizer) -> Path:
+    """The run's ``tokenizer/`` (written atomically), once per run instead of in every checkpoint."""
+    target = RunDir(output_dir).tokenizer
+    write_atomically(target, tokenizer.save_pretrained)
+    return target
 
 
 def write_atomically(final: Path, write: Callable[[Path], None]) -> None:
@@ -175,7 +143,6 @@ def save_checkpoint(
     output_dir: Path,
     step: int,
     model,
-    tokenizer,
     optimizer,
     scheduler,
     state: dict,
@@ -185,17 +152,15 @@ def save_checkpoint(
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> Path:
     """Write ``checkpoint-N`` (model, optimizer, scheduler, RNG and trainer ``state``), then keep the
-    ``keep`` newest. Plain: ``model`` is the policy, saved as safetensors by this process. ``sharded``
-    (parallelism=fsdp): ``model`` is the sharded root and every rank calls this
-    (:func:`save_sharded_checkpoint`)."""
+    ``keep`` newest (the tokenizer is the run's ``tokenizer/``: :func:`save_run_tokenizer`). Plain:
+    ``model`` is the policy, saved as safetensors by this process. ``sharded`` (parallelism=fsdp):
+    ``model`` is the sharded root and every rank calls this (:func:`save_sharded_checkpoint`)."""
     if sharded:
-        return save_sharded_checkpoint(
-            output_dir, step, model, tokenizer, optimizer, scheduler, state, keep, timeout_s
-        )
+        return save_sharded_checkpoint(output_dir, step, model, optimizer, scheduler, state, keep, timeout_s)
     path = RunDir(output_dir).checkpoint(step)
 
     def write(tmp: Path) -> None:
-        save_model(model, tokenizer, tmp / CHECKPOINT_MODEL)
+        save_model(model, None, tmp / CHECKPOINT_MODEL)
         # through the module attribute, so that tests can inject a failing write
         statefile.save_state(optimizer.state_dict(), tmp, "optimizer")
         statefile.save_state(scheduler.state_dict(), tmp, "scheduler")
@@ -367,15 +332,14 @@ def check_checkpoint_format(path: Path, parallelism: str) -> None:
 
 
 def save_sharded_checkpoint(
-    output_dir: Path, step: int, root, tokenizer, optimizer, scheduler, state: dict, keep: int, timeout_s
+    output_dir: Path, step: int, root, optimizer, scheduler, state: dict, keep: int, timeout_s
 ) -> Path:
     """Collective: every rank writes its shards of the model (trainable parameters) and optimizer
-    into ``checkpoint-N.tmp``; rank 0 adds scheduler, RNG state, tokenizer and trainer state, and
-    renames it once all ranks are done (an earlier checkpoint survives any failure); then rotates."""
+    into ``checkpoint-N.tmp``; rank 0 adds scheduler, RNG state and trainer state, and renames it
+    once all ranks are done (an earlier checkpoint survives any failure); then rotates."""
     path = RunDir(output_dir).checkpoint(step)
 
     def write(tmp: Path) -> None:
-        tokenizer.save_pretrained(tmp)
         statefile.save_state(scheduler.state_dict(), tmp, "scheduler")
         statefile.save_state(rng_state(), tmp, "rng")
         (tmp / CHECKPOINT_STATE).write_text(json.dumps(state, indent=1))
@@ -420,12 +384,40 @@ def _state_options(root: nn.Module, **extra):
     return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen, **extra)
 
 
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module", "_orig_mod")  # not part of a state-dict name
+
+
+def _trainable_names(root: nn.Module) -> set[str]:
+    """State-dict names of ``root``'s trainable parameters (every name of a shared one)."""
+    return {
+        ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+        for name, p in root.named_parameters(remove_duplicate=False)
+        if p.requires_grad
+    }
+
+
+def _trainable_only(path: Path, root: nn.Module, model_state: dict) -> dict:
+    """With frozen parameters (LoRA), the model state cut to the trainable ones.
+
+    ``ignore_frozen_params`` drops a frozen parameter under its first name only: a tied head
+    (``lm_head.weight`` sharing the embedding, as in SmolLM2) stayed in every LoRA checkpoint, 113 MB
+    of SmolLM2-135M in float32, and so did persistent buffers. What a checkpoint holds is what trains.
+    """
+    if all(p.requires_grad for p in root.parameters()):
+        return model_state
+    keep = _trainable_names(root)
+    absent = sorted(keep - model_state.keys())
+    if absent:  # a name this function does not know how to map: refuse rather than drop weights
+        raise RuntimeError(f"{path}: trainable parameters missing from the state dict: {absent[:3]}")
+    return {k: v for k, v in model_state.items() if k in keep}
+
+
 def _check_loaded(path: Path, root: nn.Module, result) -> None:
-    """Non-strict loading (LoRA) may skip the frozen parameters, nothing else."""
+    """Non-strict loading (LoRA) may skip what does not train (the base model's weights), nothing else."""
     if result is None:
         return
-    frozen = {name for name, p in root.named_parameters() if not p.requires_grad}
-    missing = [k for k in result.missing_keys if k not in frozen]
+    trainable = _trainable_names(root)
+    missing = [k for k in result.missing_keys if k in trainable]
     if missing or result.unexpected_keys:
         raise RuntimeError(
             f"{path}: checkpoint does not match the model (missing {missing[:3]}, "
@@ -463,10 +455,10 @@ def save_dcp_state(
     if optimizer is None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        state = {"model": get_model_state_dict(root, options=options)}
+        state = {"model": _trainable_only(path, root, get_model_state_dict(root, options=options))}
     else:
         model_sd, optim_sd = get_state_dict(root, optimizer, options=options)
-        state = {"model": model_sd, "optimizer": optim_sd}
+        state = {"model": _trainable_only(path, root, model_sd), "optimizer": optim_sd}
     dcp.save(state, checkpoint_id=str(tmp))
     if rank() == 0:
         for name, value in (json_files or {}).items():
@@ -499,12 +491,13 @@ def load_dcp_state(
         raise FileNotFoundError(f"{path} is not a sharded checkpoint (no .metadata)")
     options = _state_options(root)
     if optimizer is None:
-        state = {"model": get_model_state_dict(root, options=options)}
+        # only what trains: a checkpoint written before the tied head was dropped still loads
+        state = {"model": _trainable_only(path, root, get_model_state_dict(root, options=options))}
         dcp.load(state, checkpoint_id=str(path))
         _check_loaded(path, root, set_model_state_dict(root, state["model"], options=options))
     else:
         model_sd, optim_sd = get_state_dict(root, optimizer, options=options)
-        state = {"model": model_sd, "optimizer": optim_sd}
+        state = {"model": _trainable_only(path, root, model_sd), "optimizer": optim_sd}
         dcp.load(state, checkpoint_id=str(path))
         result = set_state_dict(
             root,

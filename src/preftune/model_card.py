@@ -309,14 +309,10 @@ def write_model_cards(
 ) -> list[Path]:
     """README.md into the model folders this run saved: ``final/`` (full model, or merged LoRA: with
     ``save_merged``, and always under FSDP) and ``final-adapter/`` (LoRA). Returns the cards written."""
+    from .final_model import final_directories
+
     run = RunDir(run_dir)
-    lora = cfg.lora.enabled
-    fsdp = cfg.parallelism == "fsdp" and num_processes > 1
-    targets = []
-    if not lora or cfg.save_merged or fsdp:
-        targets.append((run.final, False))
-    if lora:
-        targets.append((run.final_adapter, True))
+    targets = [(d, d == run.final_adapter) for d in final_directories(run.root, cfg, num_processes)]
     written = []
     for directory, adapter in targets:
         if directory.is_dir():

@@ -18,14 +18,15 @@ import torch
 
 from . import distributed
 from .cache import default_cache_dir
-from .checkpointing import prepare_output_dir, select_resume_checkpoint
+from .checkpointing import prepare_output_dir, save_run_tokenizer, select_resume_checkpoint
 from .config import ConfigError, TrainConfig, save_config
 from .data.check import check_data
 from .data.prepare import PreparedData, carve_validation, prepare_data
+from .final_model import recorded_final_step
 from .losses import MethodSpec, calibrate_phi_star, neg_log_dispersion, resolve_method
 from .method_adapter import LossAdapter
 from .metrics import log
-from .models.loading import load_policy, mixed_precision
+from .models.loading import check_model_paths, load_policy, load_tokenizer, mixed_precision
 from .mrpo_validation import fixed_weights, uses_validation_weights, with_weights
 from .progress import library_bars
 from .references import (
@@ -103,20 +104,23 @@ def prepare_run(cfg: TrainConfig, accelerator=None, *, training: bool = True) ->
 
     1. the method (:class:`~preftune.losses.MethodSpec`) and the sides a micro-batch scores;
        the accelerator (every collective times out);
-    2. the data checked before any model loads; the run directory (created and locked); the
+    2. the inputs, before any weights load and before anything is written: the data, every model
+       path (policy, references, RPO's embedder), the loss adapter (it refuses what the method
+       cannot do and says whether the references need LD-DPO's tails), the data tokenized for the
+       policy and for each reference (tokenizers only; with ``mrpo.weights=validation``, validation
+       rows held out before anything scores the data) and whether it holds one global batch;
+    3. the run directory (created and locked only now: a bad input leaves none behind); the
        checkpoint to resume from; the seed;
-    3. the policy, then the data tokenized for it and for each reference (with
-       ``mrpo.weights=validation``, validation rows held out before anything scores the data);
-    4. the loss adapter, before the references: it refuses what the method cannot do before anything
-       is scored, and says whether the references need LD-DPO's tails;
+    4. the policy's weights (LoRA, activation checkpointing);
     5. the references (precomputed into the cache, or online);
     6. MRPO's validation weights, from the references' scores of the validation rows (the adapter is
        rebuilt with them);
     7. sharding (FSDP2), after LoRA / activation checkpointing (the policy) and the precomputed
        references (which score with the unsharded policy);
     8. the per-example step inputs (MallowsPO's dispersion, RPO's embeddings);
-    9. config.yaml and run_state.json, written once the inputs proved usable (a failed start keeps
-       the old ones), unless the run has finished already.
+    9. config.yaml, run_state.json and the tokenizer (``tokenizer/``, once per run: checkpoints do
+       not carry it), written once the inputs proved usable (a failed start keeps the old ones),
+       unless the run has finished already.
 
     ``training=False`` prepares a held-out evaluation (``preftune eval``): ``data.eval`` is the only
     split, under its own name, and nothing is carved out of it or calibrated on it.
@@ -150,14 +154,16 @@ def _prepare_run(cfg: TrainConfig, accelerator, training: bool) -> PreparedRun:
     require_trackers(cfg.report_to)  # a requested tracker that is not installed: before any model loads
     # data errors surface here, all at once, before any model loads (preftune.data.check)
     data_check = check_data(cfg, unpaired=spec.unpaired, log=say, training=training)
-    output_dir = prepare_output_dir(cfg, log=say) if acc.is_main_process else Path(cfg.output_dir)
-    acc.wait_for_everyone()
-    # the newest intact checkpoint (damaged ones are skipped, saying why) before any model loads
-    resume_from = select_resume_checkpoint(output_dir, say) if cfg.resume else None
-    set_seed(cfg.seed)
+    # then every model path and the method's settings: a bad one leaves no run directory behind
+    policy_path = check_model_paths(cfg)[0]  # the policy and every reference, before any weights load
+    if spec.needs_embeddings:
+        _check_embedder(cfg.rpo.embedder)
+    adapter = LossAdapter.from_config(cfg)  # refuses what the method cannot do, before anything is scored
+    if spec.needs_entropy and (cfg.reference_free or cfg.reference_mode != "precompute"):
+        raise ConfigError(MALLOWS_NEEDS_PRECOMPUTE)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-
-    model, tokenizer, policy_path = load_policy(cfg, acc.device)
+    # the data tokenized with the policy's tokenizer (no weights yet): too-long rows are refused here
+    tokenizer = load_tokenizer(policy_path)
     data = prepare_data(
         cfg,
         tokenizer,
@@ -173,8 +179,16 @@ def _prepare_run(cfg: TrainConfig, accelerator, training: bool) -> PreparedRun:
         validation_rows = carve_validation(data, cfg.mrpo.validation_fraction, cfg.seed)
     loading_report = data_check.report  # rows skipped while loading (read from the loaded splits)
     data_check.loaded.clear()  # streamed splits (row offsets); only the token stores stay
+    _check_batch_fits(cfg, len(data.views[0].tokenized["train"]), acc.num_processes)
 
-    adapter = LossAdapter.from_config(cfg)
+    # only now the run directory: created and locked once every input proved usable
+    output_dir = prepare_output_dir(cfg, log=say) if acc.is_main_process else Path(cfg.output_dir)
+    acc.wait_for_everyone()
+    # the newest intact checkpoint (damaged ones are skipped, saying why) before any model loads
+    resume_from = select_resume_checkpoint(output_dir, say) if cfg.resume else None
+    set_seed(cfg.seed)
+    model, _, _ = load_policy(cfg, acc.device)  # its tokenizer is the one the data was tokenized with
+
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
     run = PreparedRun(
         cfg,
@@ -210,13 +224,41 @@ def _prepare_run(cfg: TrainConfig, accelerator, training: bool) -> PreparedRun:
         save_config(cfg, run.run_dir.config)
         rows = {**data.report, **run.loading_report}  # rows skipped while loading, too
         state = {"phi_star": run.phi_star, "data": rows, "method": spec.method}
+        final_step = recorded_final_step(output_dir) if resume_from is not None else None
+        if final_step is not None:  # the final folders of an earlier end stay until this run saves its own
+            state["final_step"] = final_step
         if run.validation is not None:
             state["mrpo_validation"] = run.validation
         run.run_dir.run_state.write_text(json.dumps(state, indent=1))
+        save_run_tokenizer(output_dir, tokenizer)  # once per run: checkpoints do not carry it
     return run
 
 
 # -- the stages ------------------------------------------------------------------------------------
+
+
+def _check_embedder(embedder: str) -> None:
+    """RPO's prompt embedder exists (a one-line ConfigError naming ``rpo.embedder`` otherwise)."""
+    from .embeddings import resolve_embedder
+
+    try:
+        resolve_embedder(embedder)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _check_batch_fits(cfg: TrainConfig, rows: int, processes: int) -> None:
+    """Fewer usable training rows than one global batch can never train: said before anything is
+    written (the message :meth:`PreparedRun.steps_per_epoch` would give at the first step)."""
+    batch = cfg.batch_size * cfg.grad_accum * processes
+    if rows < batch:
+        raise ConfigError(
+            f"the training data has {rows} usable examples, fewer than one global batch "
+            f"(batch_size × grad_accum × processes = {batch})"
+        )
+
+
+MALLOWS_NEEDS_PRECOMPUTE = "MallowsPO needs the primary reference's entropies: use reference_mode=precompute"
 
 
 def _share_prompt(cfg: TrainConfig, model, unpaired: bool, acc) -> bool | None:
@@ -278,10 +320,8 @@ def _step_inputs(run: PreparedRun) -> StepInputs:
     cfg, spec, references, acc = run.cfg, run.spec, run.references, run.accelerator
     inputs = StepInputs()
     if spec.needs_entropy:
-        if not isinstance(references, PrecomputedReferences):
-            raise ConfigError(
-                "MallowsPO needs the primary reference's entropies: use reference_mode=precompute"
-            )
+        if not isinstance(references, PrecomputedReferences):  # refused before the run started
+            raise ConfigError(MALLOWS_NEEDS_PRECOMPUTE)
         entropies = {
             split: (references.entropies(split, "chosen"), references.entropies(split, "rejected"))
             for split in run.data.splits
@@ -324,9 +364,12 @@ def _step_inputs(run: PreparedRun) -> StepInputs:
 
 
 def _already_finished(run: PreparedRun) -> bool:
-    """resume=true on a run whose last checkpoint is its last step and whose final model exists."""
+    """resume=true on a run whose last checkpoint is its last step and whose final model exists and
+    holds that step (``final_step``: a final model of an earlier end, of a run resumed to a later
+    step and stopped before it saved its own, is not this run's)."""
     saved = run.run_dir.final.is_dir() or run.run_dir.final_adapter.is_dir()  # LoRA: the adapter alone
     if run.resume_from is None or not saved:
         return False
     step = json.loads((run.resume_from / CHECKPOINT_STATE).read_text()).get("step", 0)
-    return step >= run.total_steps()
+    final_step = recorded_final_step(run.output_dir)
+    return step >= run.total_steps() and final_step in (None, step)  # None: written before it was recorded

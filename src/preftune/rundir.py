@@ -5,13 +5,15 @@
 or nowhere::
 
     config.yaml          the resolved config (written once the run's inputs proved usable)
-    run_state.json       what evaluation needs from training (MallowsPO's calibrated phi*, data counts)
+    run_state.json       what evaluation needs from training (MallowsPO's calibrated phi*, data counts;
+                         final_step: the step final/ and final-adapter/ hold)
+    tokenizer/           the policy's tokenizer, written once per run (checkpoints do not carry it)
     metrics.jsonl        one JSON object per logged step, TRL's metric names
     tensorboard/         TensorBoard events (report_to: [tensorboard])
     checkpoint-N/        model/, trainer_state.json, optimizer.*, scheduler.*, rng.* (see checkpointing)
-    final/               the trained model, loadable with plain transformers (LoRA runs: only
-                         with save_merged: true, merged in the model's dtype)
-    final-adapter/       the LoRA adapter alone (LoRA runs; a few MB)
+    final/               the trained model with its tokenizer, loadable with plain transformers (LoRA
+                         runs: only with save_merged: true or under FSDP, merged in the model's dtype)
+    final-adapter/       the LoRA adapter alone, with the tokenizer (LoRA runs)
     eval-KEY-TIME.json   held-out metrics of one ``preftune eval`` call (KEY: its data, TIME: UTC)
     eval-KEY-TIME.generations.jsonl   the greedy answers of ``eval --prompts``, one per line
     eval.json            held-out metrics of earlier versions' ``preftune eval`` (read, not written)
@@ -33,6 +35,7 @@ from pathlib import Path
 
 CONFIG = "config.yaml"
 RUN_STATE = "run_state.json"
+TOKENIZER = "tokenizer"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -71,6 +74,10 @@ class RunDir:
     @property
     def run_state(self) -> Path:
         return self.root / RUN_STATE
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / TOKENIZER
 
     @property
     def metrics(self) -> Path:
@@ -151,12 +158,14 @@ class RunDir:
 
     def outputs(self) -> list[Path]:
         """What a training run produces and ``overwrite_output_dir`` clears: checkpoints (complete or
-        not), final models, metrics, evaluation files, report and plots, TensorBoard events, error log.
-        Not config.yaml / run_state.json (rewritten by the new run) nor the demo's data/."""
+        not), final models, the tokenizer, metrics, evaluation files, report and plots, TensorBoard
+        events, error log. Not config.yaml / run_state.json (rewritten by the new run) nor the demo's
+        data/."""
         found = [p for p in self.root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
         named = [
             self.final,
             self.final_adapter,
+            self.tokenizer,
             self.metrics,
             self.tensorboard,
             self.eval_metrics,
@@ -185,7 +194,8 @@ class RunDir:
             return None
         top = rel.parts[0]
         base = top.removesuffix(".tmp").removesuffix(".old")
-        named = {FINAL, FINAL_ADAPTER, METRICS, TENSORBOARD, EVAL_METRICS, BEFORE_AFTER, GENERATIONS}
+        named = {FINAL, FINAL_ADAPTER, TOKENIZER, METRICS, TENSORBOARD, EVAL_METRICS, BEFORE_AFTER}
+        named.add(GENERATIONS)
         named |= {EVAL_SCRATCH, REPORT, ERROR_LOG, CONFIG, RUN_STATE, LOCK, *PLOTS}
         if (
             base in named
@@ -222,6 +232,20 @@ class RunDir:
             if p.is_dir() and suffix.isdigit() and (p / CHECKPOINT_STATE).is_file():
                 found.append(p)
         return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def tokenizer_dir(model_dir: str | Path) -> Path:
+    """Where the tokenizer of a model directory is: the directory itself, or, for a checkpoint's
+    ``checkpoint-N/model/`` (checkpoints do not carry one), its run's ``tokenizer/``."""
+    model_dir = Path(model_dir)
+    if (model_dir / "tokenizer_config.json").is_file():
+        return model_dir
+    checkpoint = model_dir.parent
+    if model_dir.name == CHECKPOINT_MODEL and checkpoint.name.startswith(CHECKPOINT_PREFIX):
+        shared = checkpoint.parent / TOKENIZER
+        if (shared / "tokenizer_config.json").is_file():
+            return shared
+    return model_dir
 
 
 def dir_bytes(path: str | Path) -> int:

@@ -29,11 +29,11 @@ from .checkpointing import (
     load_checkpoint,
     load_sharded_checkpoint,
     save_checkpoint,
-    save_final,
     save_sharded_checkpoint,
 )
 from .config import ConfigError, TrainConfig, load_config
 from .errors import TrainingError
+from .final_model import final_directories, record_final_step, remove_stale_finals, save_final
 from .metrics import HeldOutMetrics, MetricsLog, log, mean_over_processes, peak_memory_mb
 from .model_card import write_model_cards
 from .nonfinite import NonFiniteError, nonfinite_part, weights_finite
@@ -290,7 +290,10 @@ class Trainer:
         self.stage = "final save"
         final = self._save_final(scorer)
         if acc.is_main_process:  # README.md of final/ and final-adapter/ (preftune.model_card)
+            written = final_directories(run.output_dir, cfg, acc.num_processes)
+            remove_stale_finals(run.output_dir, written, log)  # e.g. a merged final/ of an earlier end
             write_model_cards(run.output_dir, cfg, total, acc.num_processes)
+            record_final_step(run.output_dir, total)  # last: the final folders hold step `total`
         metrics_log.close()
         acc.wait_for_everyone()
         log(f"done: {total} steps; model in {final}", acc)
@@ -392,7 +395,6 @@ class Trainer:
                     run.output_dir,
                     step,
                     root,
-                    run.tokenizer,
                     optimizer,
                     scheduler,
                     state,
@@ -405,7 +407,6 @@ class Trainer:
                     run.output_dir,
                     step,
                     run.model,
-                    run.tokenizer,
                     optimizer,
                     scheduler,
                     state,

@@ -1,4 +1,4 @@
-"""Fifty bad inputs to ``preftune train``: each must end in one line naming what is wrong, exit code 2.
+"""Fifty-two bad inputs to ``preftune train``: each must end in one line naming what is wrong, exit code 2.
 
 ``CASES`` maps a case name to ``make(tmp_path, base) -> (config, overrides)``, where ``base`` is the
 conftest ``base_config`` factory and ``config`` a dict (written as YAML), raw YAML text (``str``) or a
@@ -130,4 +130,5 @@ CASES = {
     "model-dir-without-weights": _empty_model_dir,
     "reference-without-weights": _no_weights_reference,
     "fewer-examples-than-a-batch": _config(batch_size=64),
+    "prompts-over-max-length": _config(max_length=8),  # found while tokenizing, before any weights load
 }

@@ -21,7 +21,7 @@ POINTS = {
     "after-metrics": ("preftune.metrics", "MetricsLog.write", "after"),  # a row written
     "mid-checkpoint": ("preftune.statefile", "save_state", "before"),  # a checkpoint half-written
     "before-rename": ("preftune.checkpointing", "write_manifest", "after"),  # complete, not renamed
-    "final-save": ("preftune.trainer", "save_final", "before"),  # the final model about to be written
+    "final-save": ("preftune.final_model", "write_atomically", "before"),  # the final model being written
 }
 
 

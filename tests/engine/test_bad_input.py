@@ -291,4 +291,4 @@ def test_bad_input_is_one_line_with_exit_code_2(case, base_config, tmp_path, cap
     lines = [line for line in err.splitlines() if line.startswith("preftune ")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith("preftune train: error: ") and len(lines[0]) < 600, lines[0]
-    assert not (tmp_path / "run" / "checkpoint-1").exists()
+    assert not (tmp_path / "run").exists()  # refused before the run directory is created

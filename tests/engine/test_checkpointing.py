@@ -159,15 +159,14 @@ def test_resume_never_unpickles_files_planted_in_a_checkpoint(base_config, tmp_p
 
 
 def test_old_format_files_load_only_as_plain_tensors(tmp_path, tiny_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from preftune.checkpointing import save_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    ckpt = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"step": 1}, keep=2)
+    ckpt = save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, keep=2)
 
     # an old checkpoint with plain tensors in its .pt files still loads
     for name, state in (("optimizer", opt.state_dict()), ("scheduler", sched.state_dict())):
@@ -217,7 +216,7 @@ def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_and_rng(tmp_
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     opt_state, sched_state = copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict())
     torch.manual_seed(5)
-    ckpt = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"step": 1, "global_batch": 4}, keep=2)
+    ckpt = save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1, "global_batch": 4}, keep=2)
     expected_draw = torch.rand(2)
 
     _train_one_step(model, opt, sched)  # move everything on, then restore
@@ -235,9 +234,9 @@ def test_rotation_keeps_the_newest_n(tmp_path, tiny_parts):
 
     model, tok, opt, sched = tiny_parts
     for step in (1, 2, 3, 10, 11):  # 10 sorts before 2 as text: the order must be numeric
-        save_checkpoint(tmp_path, step, model, tok, opt, sched, {"step": step}, keep=3)
+        save_checkpoint(tmp_path, step, model, opt, sched, {"step": step}, keep=3)
     assert [p.name for p in find_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-10", "checkpoint-11"]
-    save_checkpoint(tmp_path, 12, model, tok, opt, sched, {"step": 12}, keep=0)  # 0 keeps all
+    save_checkpoint(tmp_path, 12, model, opt, sched, {"step": 12}, keep=0)  # 0 keeps all
     assert len(find_checkpoints(tmp_path)) == 4
 
 
@@ -271,7 +270,7 @@ def test_manifest_lists_every_file_and_verification_catches_each_kind_of_damage(
 
     model, tok, opt, sched = tiny_parts
     _train_one_step(model, opt, sched)
-    ckpt = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"step": 1}, keep=0)
+    ckpt = save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, keep=0)
     listed = json.loads((ckpt / "manifest.json").read_text())["files"]
     on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(listed) == on_disk and "model/model.safetensors" in listed and "rng.json" in listed
@@ -299,7 +298,7 @@ def test_resume_selection_falls_back_to_the_newest_intact_checkpoint(tmp_path, t
 
     model, tok, opt, sched = tiny_parts
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path, step, model, tok, opt, sched, {"step": step}, keep=0)
+        save_checkpoint(tmp_path, step, model, opt, sched, {"step": step}, keep=0)
     messages = []
     assert select_resume_checkpoint(tmp_path, messages.append) == tmp_path / "checkpoint-3"
     assert messages == []
@@ -339,19 +338,18 @@ def test_no_source_file_loads_pickles():
 def test_one_interface_writes_and_restores_both_formats(tmp_path, tiny_model_dir, sharded):
     """save_checkpoint/load_checkpoint hold both formats: safetensors, and DCP (sharded=True; one
     process without a process group here), each restoring the weights, the optimizer and the RNG."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from preftune.checkpointing import checkpoint_format, save_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
     opt.step()
     saved = copy.deepcopy(model.state_dict())
     torch.manual_seed(5)
-    ckpt = save_checkpoint(tmp_path, 1, model, tok, opt, sched, {"step": 1}, keep=2, sharded=sharded)
+    ckpt = save_checkpoint(tmp_path, 1, model, opt, sched, {"step": 1}, keep=2, sharded=sharded)
     expected_draw = torch.rand(3)
     assert checkpoint_format(ckpt) == ("fsdp" if sharded else "ddp")
 

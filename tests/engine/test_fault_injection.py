@@ -122,7 +122,8 @@ def _damage(name: str, run: Path, cache: Path) -> None:
         "truncate-weights": lambda: _truncate(model),
         "flip-weights": lambda: _flip(model),
         "delete-model-dir": lambda: shutil.rmtree(c3 / "model"),
-        "flip-tokenizer": lambda: _edit_json(c3 / "model" / "tokenizer_config.json"),
+        # the run's tokenizer/ (checkpoints carry none): not read to resume, written again by it
+        "flip-tokenizer": lambda: _edit_json(run / "tokenizer" / "tokenizer_config.json"),
         "truncate-optimizer": lambda: _truncate(c3 / "optimizer.safetensors"),
         "flip-optimizer": lambda: _flip(c3 / "optimizer.safetensors"),
         "edit-optimizer-json": lambda: _edit_json(c3 / "optimizer.json"),
@@ -146,6 +147,7 @@ def _damage(name: str, run: Path, cache: Path) -> None:
 
 # what a damaged checkpoint-3 falls back to; the others resume from checkpoint-3 itself
 INTACT_CHECKPOINT_3 = {
+    "flip-tokenizer",
     "leftover-tmp-and-old",
     "partial-metrics-line",
     "flip-reference-cache",

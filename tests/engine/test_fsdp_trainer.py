@@ -38,6 +38,7 @@ RUNS = {  # max_grad_norm below every step's gradient norm
         "lora": {"enabled": True, "r": 4, "alpha": 8},
         "max_grad_norm": 0.05,
         "save_merged": True,
+        "save_steps": 1,  # checkpoint-2 to resume from (the model: a tied head, frozen under LoRA)
     },
     "lora_online": {  # the LoRA base (adapters disabled) scored every step through the sharded root
         "method": "dpo",
@@ -87,7 +88,7 @@ def worker(spec: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_model_dir, other_tokenizer_model_dir, tmp_path_factory):
+def setup(tiny_model_dir, other_tokenizer_model_dir, tied_head_model_dir, tmp_path_factory):
     from .conftest import arithmetic_rows, write_jsonl
 
     root = tmp_path_factory.mktemp("fsdp-trainer")
@@ -111,6 +112,8 @@ def setup(tiny_model_dir, other_tokenizer_model_dir, tmp_path_factory):
             "report_to": [],
             **RUNS[run],
         }
+        if run == "dpo_lora":  # as SmolLM2: the head is the embedding, frozen and not in a checkpoint
+            cfg["model"] = str(tied_head_model_dir)
         if run == "mrpo":
             cfg["references"] = [{"model": "policy"}, {"model": str(other_tokenizer_model_dir)}]
         if parallelism == "fsdp" and world > 1 and run != "rpo_global":
@@ -221,6 +224,57 @@ def test_fsdp_run_directory_is_complete(trajectories, setup):
     assert not list(run.glob("*.tmp"))
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert any("eval_loss" in r for r in rows)  # evaluation ran through the sharded scorer
+    assert (run / "tokenizer" / "tokenizer.json").is_file()  # once per run, not in the checkpoints
+    assert not list(run.glob("checkpoint-*/tokenizer*"))
+
+
+def test_fsdp_lora_checkpoint_holds_what_ddp_holds(trajectories, setup):
+    """The sharded LoRA checkpoint of 2 processes holds the adapter's tensors and no frozen base
+    weight (the tied head was in it: 113 MB of SmolLM2), about the bytes of DDP's checkpoint."""
+    import math
+
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    root, config = setup
+    fsdp_ckpt, ddp_ckpt = root / "fsdp-dpo_lora" / "checkpoint-3", root / "ddp-dpo_lora" / "checkpoint-3"
+    metadata = dcp.FileSystemReader(str(fsdp_ckpt)).read_metadata().state_dict_metadata
+    model = {
+        k: math.prod(m.size) * m.properties.dtype.itemsize
+        for k, m in metadata.items()
+        if k.startswith("model.")
+    }
+    adapter = load_file(ddp_ckpt / "model" / "adapter_model.safetensors")
+    assert all(".lora_A." in k or ".lora_B." in k for k in model), [k for k in model if "lora" not in k]
+    assert len(model) == len(adapter)
+    assert sum(model.values()) == sum(t.numel() * t.element_size() for t in adapter.values())
+    tied = AutoConfig.from_pretrained(config("x", "dpo_lora", 1)["model"])
+    head_bytes = tied.vocab_size * tied.hidden_size * 4
+    fsdp_bytes = sum(f.stat().st_size for f in fsdp_ckpt.glob("*.distcp"))  # both ranks' shards
+    ddp_bytes = sum(f.stat().st_size for f in (ddp_ckpt / "model").glob("*.safetensors"))
+    ddp_bytes += (ddp_ckpt / "optimizer.safetensors").stat().st_size
+    # DCP frames each rank's shard of each tensor (~1.5 KB apiece, more than these tiny adapters hold;
+    # nothing next to SmolLM2's); the frozen head alone would be head_bytes
+    assert fsdp_bytes < ddp_bytes + head_bytes / 2, (fsdp_bytes, ddp_bytes, head_bytes)
+
+
+def test_fsdp_lora_checkpoint_resumed_on_one_process_trains_alike(trajectories, setup):
+    """The 2-process LoRA run's checkpoint-2 resumed by one process (the sharded checkpoint holds
+    the adapter alone; the frozen base comes from the model): the same losses and merged weights as
+    the uninterrupted run."""
+    from preftune.trainer import train
+
+    from .conftest import metric_rows
+
+    root, config = setup
+    copy = root / "fsdp-dpo_lora-resumed"
+    shutil.copytree(root / "fsdp-dpo_lora", copy, ignore=shutil.ignore_patterns("checkpoint-3", "final*"))
+    train(config(copy.name, "dpo_lora", 1, "fsdp", resume=True))
+    rows, weights = trajectories["fsdp", "dpo_lora"]
+    assert metric_rows(copy, "loss")[-1]["step"] == STEPS
+    assert_same_trajectory(metric_rows(copy, "loss"), rows)
+    assert_same_weights(final_weights(copy), weights)
 
 
 @pytest.fixture(scope="module")

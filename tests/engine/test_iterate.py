@@ -352,6 +352,27 @@ def test_bad_judge_settings_fail_before_any_model_loads(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_misspelt_policy_path_fails_before_anything_loads_or_is_written(
+    files, tmp_path, monkeypatch, capsys
+):
+    import yaml
+
+    import preftune.models.loading as loading
+    from preftune.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(loading, "load_causal_lm", no_model)
+    cfg = iterate_config(tmp_path / "no-such-policy", files, tmp_path, JUDGES["python"](files))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["iterate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("preftune iterate: error: model: ") and "does not exist" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 def test_reference_both_needs_a_multi_reference_method(tiny_model_dir, files, tmp_path):
     from preftune.config import ConfigError
 

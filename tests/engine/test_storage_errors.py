@@ -63,7 +63,7 @@ def test_a_full_disk_in_a_checkpoint_via_safetensors_is_one_line_without_leftove
 def test_a_full_disk_while_saving_the_final_model_names_the_intact_checkpoint(
     base_config, tmp_path, capsys, monkeypatch
 ):
-    import preftune.checkpointing as ckpt
+    import preftune.final_model as ckpt  # where final/ is written
 
     out = tmp_path / "run"
     real = ckpt.save_model

@@ -15,9 +15,10 @@ import numpy as np
 
 from ..config import ConfigError, TrainConfig
 from ..metrics import log
-from ..models.loading import config_dtype, resolve_causal_lm
+from ..models.loading import POLICY_REFERENCE_TEMPLATE, config_dtype, resolve_causal_lm
 from ..models.presets import default_cache_dir
 from ..references import ModelView
+from ..rundir import tokenizer_dir
 from .check import configured_sources, load_split, resolve_source
 from .records import LoadedData
 from .store import TokenStore, build_token_store, store_key
@@ -84,11 +85,11 @@ def prepare_data(
     for k, ref in enumerate(cfg.references or []):
         if ref.model == "policy":
             if ref.chat_template:
-                raise ConfigError("references: the `policy` reference always uses the policy's chat template")
+                raise ConfigError(POLICY_REFERENCE_TEMPLATE)
             reference_views.append(policy_view)
             continue
         path = resolve_causal_lm(ref.model, f"references[{k}]")
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(path)))
         view = ModelView(ref.model, Path(path), tok, ref.chat_template, dtype=config_dtype(ref.dtype))
         views.append(view)
         reference_views.append(view)

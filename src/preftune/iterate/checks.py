@@ -112,8 +112,11 @@ class Plan:
 
 def check_rounds(cfg: TrainConfig) -> Plan:
     """Read and check the prompts and the judge settings: every error here comes before any model loads."""
+    from ..models.loading import resolve_causal_lm
+
     rounds = cfg.rounds
     check_settings(cfg)
+    resolve_causal_lm(cfg.model, "model")  # a misspelt path: one line, before output_dir exists
     column = cfg.data.columns.prompt
     rows = read_prompt_rows(rounds.prompts, rounds.prompts_split, "rounds.prompts", prompt_column=column)
     check_judge(rounds.judge, rows, rounds.prompts, "rounds.prompts")

@@ -11,6 +11,7 @@ from torch import nn
 
 from preftune.config import ConfigError, TrainConfig
 from preftune.models.presets import resolve_model
+from preftune.rundir import tokenizer_dir
 
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
@@ -53,6 +54,19 @@ def check_causal_lm_config(path: str | Path):
     return config
 
 
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The tokenizer of a model directory (a checkpoint's ``model/``: its run's ``tokenizer/``), with a
+    pad token (its eos token when it had none). Loads no weights."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(model_dir))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {str(model_dir)!r} has neither a pad token nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_causal_lm(
     name_or_path: str | os.PathLike,
     *,
@@ -70,7 +84,7 @@ def load_causal_lm(
     chunked head would not reproduce the model's own logits, or shared-prompt rows would not reproduce
     plain rows, the model is marked so that scoring never silently gives other numbers.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from preftune.scoring_probe import probe_scoring
 
@@ -80,11 +94,7 @@ def load_causal_lm(
     if device is not None:
         model = model.to(device)
     probe_scoring(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer of {str(path)!r} has neither a pad token nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(path)
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -122,9 +132,44 @@ def resolve_causal_lm(name: str, key: str) -> Path:
             next(path.glob(p), None) for p in ("*.safetensors", "*.bin", "*.index.json")
         ):
             raise ValueError(f"{str(path)!r} has a config.json but no weights (*.safetensors or *.bin)")
-    except (ValueError, ImportError) as e:  # not a causal LM / a file / a preset's package missing
+    except (
+        ValueError,
+        ImportError,
+        FileNotFoundError,
+    ) as e:  # not a causal LM / a file / absent / no package
         raise ConfigError(f"{key}: {e}") from e
     return path
+
+
+POLICY_REFERENCE_TEMPLATE = "references: the `policy` reference always uses the policy's chat template"
+
+
+def check_model_paths(cfg: TrainConfig) -> list[Path]:
+    """Every model the config names -- the policy, then each reference -- checked to be a causal LM
+    with weights, before any weights load and before the run directory is created: a misspelt path is
+    one ConfigError naming its key (``model``, ``references[1]``). Local directories first, presets
+    after (a preset not converted yet is converted on first use, which a misspelt reference must not
+    wait for). Returns the directories, policy first."""
+    from preftune.models.presets import PRESETS
+
+    if not cfg.model:
+        raise ConfigError(
+            "`model` is required: a local HF directory or a preset name (e.g. smollm2-135m-instruct)"
+        )
+    named = [("model", cfg.model)]
+    for k, ref in enumerate(cfg.references or []):
+        if ref.model == "policy":
+            if ref.chat_template:
+                raise ConfigError(POLICY_REFERENCE_TEMPLATE)
+            continue
+        named.append((f"references[{k}]", ref.model))
+
+    def is_preset(name: str) -> bool:
+        return str(name) in PRESETS and not Path(name).expanduser().is_dir()
+
+    found = {key: resolve_causal_lm(name, key) for key, name in named if not is_preset(name)}
+    found.update({key: resolve_causal_lm(name, key) for key, name in named if is_preset(name)})
+    return [found[key] for key, _ in named]
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
