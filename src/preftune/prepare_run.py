@@ -179,7 +179,8 @@ def _prepare_run(cfg: TrainConfig, accelerator, training: bool) -> PreparedRun:
         validation_rows = carve_validation(data, cfg.mrpo.validation_fraction, cfg.seed)
     loading_report = data_check.report  # rows skipped while loading (read from the loaded splits)
     data_check.loaded.clear()  # streamed splits (row offsets); only the token stores stay
-    _check_batch_fits(cfg, len(data.views[0].tokenized["train"]), acc.num_processes)
+    if training:  # an evaluation (data.eval alone) has no training batch to fit
+        _check_batch_fits(cfg, len(data.views[0].tokenized["train"]), acc.num_processes)
 
     # only now the run directory: created and locked once every input proved usable
     output_dir = prepare_output_dir(cfg, log=say) if acc.is_main_process else Path(cfg.output_dir)
