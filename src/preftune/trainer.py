@@ -34,6 +34,7 @@ from .checkpointing import (
     save_checkpoint,
     save_final,
     save_sharded_checkpoint,
+    write_atomically,
 )
 from .config import ConfigError, TrainConfig, load_config
 from .metrics import HeldOutMetrics, MetricsLog, log, mean_over_processes, peak_memory_mb
@@ -50,6 +51,7 @@ from .step import (
     micro_batch,
     micro_batch_loss,
 )
+from .storage import StorageError, one_line, with_intact_hint
 
 __all__ = ["RunResult", "Trainer", "TrainingError", "train"]
 
@@ -257,7 +259,10 @@ class Trainer:
             last.update(held_out)
         self._checkpoint(total, optimizer, scheduler)
         self.stage = "final save"
-        final = self._save_final(scorer)
+        try:
+            final = self._save_final(scorer)
+        except StorageError as e:  # a full disk: the one line names the intact checkpoint
+            raise with_intact_hint(e, run.output_dir) from e.__cause__
         if acc.is_main_process:  # README.md of final/ and final-adapter/ (preftune.model_card)
             write_model_cards(run.output_dir, cfg, total, acc.num_processes)
         metrics_log.close()
@@ -307,6 +312,7 @@ class Trainer:
                 merge_lora=True,
                 adapter_directory=run.run_dir.final_adapter if lora else None,
                 timeout_s=cfg.dist_timeout_s,
+                write_directory=write_atomically,  # a full disk: one StorageError, .tmp removed
             )
             return final
         if acc.is_main_process:
@@ -414,6 +420,19 @@ class Trainer:
         return run.references.batch(split, list(range(rows)), run.sides).logps
 
 
+def explain(error: BaseException, cfg: TrainConfig) -> tuple[str, int] | None:
+    """The one line (and exit code) of an error that explains itself: the trainer's own errors and
+    a full disk anywhere; None for the others (a bug: its traceback is printed)."""
+    line = one_line(error, cfg.output_dir)  # a StorageError, or ENOSPC & co. raised anywhere
+    if line is not None:
+        return line, 1
+    if isinstance(error, (TrainingError, ConfigError)):
+        return " ".join(str(error).split()), getattr(
+            error, "exit_code", 1 if isinstance(error, TrainingError) else 2
+        )
+    return None
+
+
 @contextmanager
 def _intact_hint(output_dir: Path, *, resume: bool):
     """A checkpoint that failed to save: its error names the newest intact one (and, ``resume``,
@@ -442,7 +461,7 @@ def train(config: TrainConfig | str | os.PathLike | dict, overrides: list[str] |
     try:
         # several processes: a failing rank exits at once naming its rank and stage; the others end at
         # their next collective or barrier (dist_timeout_s) instead of hanging
-        with preemption.watch(cfg, stage), D.exit_on_error(stage):
+        with preemption.watch(cfg, stage), D.exit_on_error(stage, explain=lambda e: explain(e, cfg)):
             cfg = autoresume.resolve(cfg)  # resume: auto -> true (this run is there) or false
             trainer = Trainer(cfg)
             return trainer.fit()
