@@ -420,16 +420,17 @@ class Trainer:
         return run.references.batch(split, list(range(rows)), run.sides).logps
 
 
-def explain(error: BaseException, cfg: TrainConfig) -> tuple[str, int] | None:
+def explain(error: BaseException, output_dir: str | Path | None) -> tuple[str, int] | None:
     """The one line (and exit code) of an error that explains itself: the trainer's own errors and
-    a full disk anywhere; None for the others (a bug: its traceback is printed)."""
-    line = one_line(error, cfg.output_dir)  # a StorageError, or ENOSPC & co. raised anywhere
+    a full disk anywhere (naming ``output_dir``'s intact checkpoint); None for the others (a bug:
+    its traceback is printed)."""
+    line = one_line(error, output_dir)  # a StorageError, or ENOSPC & co. raised anywhere
     if line is not None:
         return line, 1
-    if isinstance(error, (TrainingError, ConfigError)):
-        return " ".join(str(error).split()), getattr(
-            error, "exit_code", 1 if isinstance(error, TrainingError) else 2
-        )
+    if isinstance(error, TrainingError):
+        return " ".join(str(error).split()), getattr(error, "exit_code", 1)
+    if isinstance(error, ConfigError):
+        return " ".join(str(error).split()), 2
     return None
 
 
@@ -461,7 +462,10 @@ def train(config: TrainConfig | str | os.PathLike | dict, overrides: list[str] |
     try:
         # several processes: a failing rank exits at once naming its rank and stage; the others end at
         # their next collective or barrier (dist_timeout_s) instead of hanging
-        with preemption.watch(cfg, stage), D.exit_on_error(stage, explain=lambda e: explain(e, cfg)):
+        with (
+            preemption.watch(cfg, stage),
+            D.exit_on_error(stage, explain=lambda e: explain(e, cfg.output_dir)),
+        ):
             cfg = autoresume.resolve(cfg)  # resume: auto -> true (this run is there) or false
             trainer = Trainer(cfg)
             return trainer.fit()

@@ -20,7 +20,8 @@ POINTS = {
     "after-metrics": ("preftune.metrics", "MetricsLog.write", "after"),  # a row written
     "mid-checkpoint": ("preftune.statefile", "save_state", "before"),  # a checkpoint half-written
     "before-rename": ("preftune.checkpointing", "write_manifest", "after"),  # complete, not renamed
-    "final-save": ("preftune.trainer", "write_atomically", "before"),  # the final model being written
+    "final-save": ("preftune.trainer", "save_final", "before"),  # the last checkpoint written, not final/
+    "sample-batch": ("preftune.generation", "sample_batch", "before"),  # iterate: a batch being sampled
 }
 
 
