@@ -19,6 +19,10 @@ SIGKILL after a grace period (30 s by default for both). What preftune does with
    exits with the same code (a partly written ``checkpoint-N.tmp`` is never resumed from). A signal
    before the first step (setup: loading, scoring references) exits at once: nothing new to save.
 
+``preftune iterate`` watches the whole run (``watch(..., command="iterate")``; a round's training
+nests in it): its sampling stops after the batch in progress (:func:`signalled`, local) and every
+rank meets :func:`at_stage_end` after each stage, which raises :class:`Preempted` on all of them.
+
 SIGINT (Ctrl-C) keeps its behaviour: KeyboardInterrupt, exit 130 (see :mod:`preftune.cli`).
 """
 
