@@ -195,17 +195,6 @@ def _interrupted(command: str, rest: list[str]) -> str:
     return f"preftune train: interrupted; last checkpoint {kept[-1]}; continue with: {again}"
 
 
-def _intact(command: str, rest: list[str]) -> str:
-    """Which checkpoint a failed write left intact, and how to continue from it."""
-    out = _output_dir(command, rest)
-    from .rundir import RunDir
-
-    kept = RunDir(out).checkpoints() if out is not None else []
-    if not kept:
-        return "no complete checkpoint to continue from; free some space and rerun"
-    return f"{kept[-1]} is intact: free some space and rerun with resume=true (or resume: auto) to continue"
-
-
 def _crash_log(command: str, rest: list[str], error: BaseException) -> Path:
     """The full traceback of an unexpected error, in the run directory when there is one."""
     import tempfile
@@ -286,22 +275,17 @@ def main(argv: list[str] | None = None) -> int:
             if os.environ.get("RANK", "0") == "0":
                 print(f"preftune {command}: {_one_line(e)}", file=sys.stderr)
             return e.exit_code
-        from .storage import StorageError, free_space, storage_reason
+        from .storage import StorageError, one_line
 
-        if isinstance(e, StorageError) and "intact" not in str(e):
-            print(f"preftune {command}: error: {_one_line(e)}; {_intact(command, rest)}", file=sys.stderr)
+        if isinstance(e, StorageError):  # naming the intact checkpoint
+            print(f"preftune {command}: error: {one_line(e, _output_dir(command, rest))}", file=sys.stderr)
             return 1
         if isinstance(e, TrainingError):
             print(f"preftune {command}: error: {_one_line(e)}", file=sys.stderr)
             return getattr(e, "exit_code", 1)
-        reason = storage_reason(e)  # ENOSPC & co. raised anywhere else: still one line
-        if reason is not None:
-            where = getattr(e, "filename", None) or _output_dir(command, rest) or Path.cwd()
-            print(
-                f"preftune {command}: error: could not write {where}: {reason} ({free_space(where)}); "
-                f"{_intact(command, rest)}",
-                file=sys.stderr,
-            )
+        line = one_line(e, _output_dir(command, rest))  # ENOSPC & co. raised anywhere else: still one line
+        if line is not None:
+            print(f"preftune {command}: error: {line}", file=sys.stderr)
             return 1
         log_path = _crash_log(command, rest, e)
         print(

@@ -139,11 +139,16 @@ def end_process_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
 
 
 @contextlib.contextmanager
-def exit_on_error(stage: str | Callable[[], str] = "training"):
+def exit_on_error(
+    stage: str | Callable[[], str] = "training",
+    explain: Callable[[BaseException], tuple[str, int] | None] | None = None,
+):
     """In a multi-process run, on an exception: print it and end this process at once, exit code 1.
 
     ``stage`` names what was running in the message; a callable is asked at the moment of failure
-    (the trainer's current stage: setup, step N, checkpoint N, final save, ...).
+    (the trainer's current stage: setup, step N, checkpoint N, final save, ...). ``explain(error)``:
+    ``(line, exit_code)`` for an error whose message is the whole explanation (a full disk, a refused
+    checkpoint), printed as that one line without a traceback; None for the others.
 
     A rank that fails must not wait in process-group teardown (NCCL's destructor can block on peers
     stuck in a collective); the launcher (torchrun) sees the exit and stops the other ranks, which
@@ -158,12 +163,18 @@ def exit_on_error(stage: str | Callable[[], str] = "training"):
         import sys
         import traceback
 
-        traceback.print_exc()
         name = stage() if callable(stage) else stage
-        print(f"[preftune] rank {rank()}: {name} failed: {e!r}; exiting", file=sys.stderr)
+        explained = explain(e) if explain is not None else None
+        if explained is not None:
+            line, code = explained
+            print(f"[preftune] rank {rank()}: {name} failed: {line}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+            print(f"[preftune] rank {rank()}: {name} failed: {e!r}; exiting", file=sys.stderr)
+            code = 1
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(code)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -335,43 +346,50 @@ def save_consolidated(
     merge_lora: bool = True,
     adapter_directory: str | Path | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    write_directory: Callable[[Path, Callable[[Path], None]], None] | None = None,
 ) -> None:
     """Write the sharded policy as an ordinary Hugging Face directory (``from_pretrained`` loads it).
 
     With LoRA: ``directory`` gets the merged model (adapters folded into the base weights, as
     ``merge_and_unload``) when ``merge_lora``, else the adapter; ``adapter_directory``, if given,
-    gets the adapter alone. Each directory is written under ``<name>.tmp`` and then renamed, so an
-    existing one survives a failure. Collective: every rank gathers, rank 0 builds and writes (it
-    needs CPU memory for one full copy of the model, twice while merging).
+    gets the adapter alone. Each directory is written by ``write_directory(final, write)`` (default
+    :func:`write_directory_atomically`; the trainer passes checkpointing's, which also turns a full
+    disk into one line), under ``<name>.tmp`` and then renamed, so an existing one survives a failure.
+    Collective: every rank gathers, rank 0 builds and writes (it needs CPU memory for one full copy of
+    the model, twice while merging).
     """
+    write_directory = write_directory or write_directory_atomically
     policy = _policy(root)
     state = full_state_dict(root)
     if rank() == 0:
         model = _rebuild(policy, state)
         del state
         is_peft = hasattr(model, "peft_config")
-        if is_peft and adapter_directory is not None:
-            with _atomic_directory(adapter_directory) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
-                if tokenizer is not None:
-                    tokenizer.save_pretrained(tmp)
-        if is_peft and merge_lora:
-            model = model.merge_and_unload()
-        with _atomic_directory(directory) as tmp:
+
+        def save(tmp: Path) -> None:
             model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+
+        if is_peft and adapter_directory is not None:
+            write_directory(Path(adapter_directory), save)
+        if is_peft and merge_lora:
+            model = model.merge_and_unload()
+        write_directory(Path(directory), save)
     barrier(f"save {Path(directory).name}", timeout_s)
 
 
-@contextlib.contextmanager
-def _atomic_directory(final: str | Path):
-    """Yield ``<final>.tmp`` to write into; on success it replaces ``final``."""
-    final = Path(final)
+def write_directory_atomically(final: Path, write: Callable[[Path], None]) -> None:
+    """``write(<final>.tmp)``, then rename it to ``final``; on a failure the partial ``.tmp`` is
+    removed and an existing ``final`` is untouched."""
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    yield tmp
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     replace_directory(tmp, final)
 
 

@@ -19,6 +19,10 @@ SIGKILL after a grace period (30 s by default for both). What preftune does with
    exits with the same code (a partly written ``checkpoint-N.tmp`` is never resumed from). A signal
    before the first step (setup: loading, scoring references) exits at once: nothing new to save.
 
+``preftune iterate`` watches the whole run (``watch(..., command="iterate")``; a round's training
+nests in it): its sampling stops after the batch in progress (:func:`signalled`, local) and every
+rank meets :func:`at_stage_end` after each stage, which raises :class:`Preempted` on all of them.
+
 SIGINT (Ctrl-C) keeps its behaviour: KeyboardInterrupt, exit 130 (see :mod:`preftune.cli`).
 """
 
@@ -68,9 +72,13 @@ class Watch:
         grace_s: float,
         resumes_itself: bool,
         stage: Callable[[], str] = lambda: "setup",
+        command: str = "train",
+        kept: Callable[[], str] | None = None,
     ):
         self.output_dir = Path(output_dir)
         self.stage = stage  # the trainer's stage: "setup", "resume from ...", "step N", ...
+        self.command = command  # the line starts "preftune <command>:"
+        self.kept = kept  # what a stop at this moment leaves to resume from (default: the checkpoints)
         self.grace_s = float(grace_s)
         self.resumes_itself = resumes_itself  # resume: auto / true: the same command continues it
         self.signum: int | None = None
@@ -115,6 +123,8 @@ class Watch:
         return "rerun with resume=true to continue (with resume: auto the same command does)"
 
     def _remaining(self) -> str:
+        if self.kept is not None:
+            return f"{self.kept()}; {self.how_to_continue()}"
         kept = RunDir(self.output_dir).checkpoints()
         if not kept:
             return f"no complete checkpoint in {self.output_dir} (the run starts over)"
@@ -131,9 +141,8 @@ class Watch:
                 continue
             name = _signal_name(self.signum)
             if self.phase == "setup" and self._before_first_step():
-                self._exit(
-                    f"preempted ({name}) before the first step: nothing new to save; {self._remaining()}"
-                )
+                when = "before the first step" if self.command == "train" else "during setup"
+                self._exit(f"preempted ({name}) {when}: nothing new to save; {self._remaining()}")
             elif self.seconds_since_signal() >= self.grace_s:
                 self._exit(
                     f"preempted ({name}): the step and its checkpoint did not finish within "
@@ -152,8 +161,8 @@ class Watch:
         from . import runlock
 
         if _is_main_process():
-            print(f"preftune train: {line}", file=sys.stderr, flush=True)
-        runlock.release(self.output_dir)
+            print(f"preftune {self.command}: {line}", file=sys.stderr, flush=True)
+        runlock.release_all()  # os._exit runs no atexit handler: an iterate run holds its round's too
         sys.stdout.flush()
         os._exit(EXIT_PREEMPTED)
 
@@ -162,14 +171,21 @@ _active: Watch | None = None
 
 
 @contextlib.contextmanager
-def watch(cfg, stage: Callable[[], str] = lambda: "setup") -> Iterator[Watch | None]:
+def watch(
+    cfg,
+    stage: Callable[[], str] = lambda: "setup",
+    command: str = "train",
+    kept: Callable[[], str] | None = None,
+) -> Iterator[Watch | None]:
     """Handle SIGTERM / SIGUSR1 for the duration of one training run (``cfg``: its TrainConfig;
-    ``stage``: what the trainer is doing, so that a signal before its first step exits at once)."""
+    ``stage``: what the trainer is doing, so that a signal before its first step exits at once) or
+    of a ``preftune iterate`` run (``command="iterate"``; ``kept()``: what its files keep)."""
     global _active
-    if _active is not None:  # nested (a run inside a run): the outer one handles signals
+    if _active is not None:  # nested (a round's training inside iterate): the outer one handles signals
         yield _active
         return
-    w = Watch(cfg.output_dir, cfg.preemption_grace_s, cfg.resume in (True, "auto"), stage)
+    resumes = cfg.resume in (True, "auto")
+    w = Watch(cfg.output_dir, cfg.preemption_grace_s, resumes, stage, command, kept)
     if not w.install():
         yield None
         return
@@ -179,6 +195,12 @@ def watch(cfg, stage: Callable[[], str] = lambda: "setup") -> Iterator[Watch | N
     finally:
         _active = None
         w.uninstall()
+
+
+def signalled() -> bool:
+    """Whether this process got a preemption signal (local, no collective): a loop that writes as it
+    goes (iterate's sampling) stops after the item in progress."""
+    return _active is not None and _active.signal_at is not None
 
 
 def requested(device=None) -> bool:
@@ -220,4 +242,18 @@ def at_step_end(trainer, done: int, total: int, optimizer, scheduler) -> None:
         f"preempted at step {done} ({name}): {path.name} written in {time.monotonic() - started:.1f} s "
         f"({w.seconds_since_signal():.1f} s after the signal, preemption_grace_s={w.grace_s:g}); "
         f"{w.how_to_continue()} ({path})"
+    )
+
+
+def at_stage_end(kept: Callable[[], str], device=None) -> None:
+    """Called by every rank of ``preftune iterate`` between its stages (after the sampled batches,
+    the judging, the pairs, a round's evaluation): on a signal (any rank's) raise :class:`Preempted`
+    on every rank; ``kept()`` says what stays on disk ("in round 2 sampling: 3 of 5 batches ...")."""
+    w = _active
+    if w is None or not requested(device):
+        return
+    name = _signal_name(w.signum) if w.signal_at is not None else "another process's signal"
+    raise Preempted(
+        f"preempted {kept()} ({name}; {w.seconds_since_signal():.1f} s after the signal, "
+        f"preemption_grace_s={w.grace_s:g}); {w.how_to_continue()}"
     )

@@ -10,7 +10,10 @@ is stale:
   node of a shared filesystem takes its dead predecessor's lock over once that is so);
 - it was taken on this host by a pid that no longer runs (``kill -9``), or whose process started at
   another time than the one recorded, or before the last reboot (the pid number was reused, e.g. by a
-  restarted container).
+  restarted container);
+- it was taken by an earlier run of this SLURM job (the same ``SLURM_JOB_ID``, a lower
+  ``SLURM_RESTART_COUNT``): SLURM starts a requeued job only once the previous run has ended, so its
+  lock is taken over at once, on whichever node the job lands.
 
 A stale lock is taken over with a warning. The lock is re-entrant within one process (a script that
 trains, then resumes, in the same directory), released when training ends or fails, and at exit at
@@ -74,9 +77,27 @@ def boot_id() -> str | None:
         return None
 
 
+def slurm_job() -> dict | None:
+    """This process's SLURM job and how often it was requeued (None outside SLURM)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    except ValueError:
+        restart = 0
+    return {"id": job, "restart": restart}
+
+
 def _me() -> dict:
     pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "boot_id": boot_id(), "proc_start": process_start(pid)}
+    return {
+        "pid": pid,
+        "host": socket.gethostname(),
+        "boot_id": boot_id(),
+        "proc_start": process_start(pid),
+        "slurm_job": slurm_job(),
+    }
 
 
 # --------------------------------------------------------------------------------------- reading
@@ -114,6 +135,17 @@ def stale_reason(path: Path, info: dict | None) -> str | None:
     age = heartbeat_age(path)
     if age > STALE_AFTER_S:
         return f"its heartbeat is {age:.0f} s old (stale after {STALE_AFTER_S:g} s)"
+    held, mine = (info or {}).get("slurm_job"), slurm_job()
+    if isinstance(held, dict) and mine and str(held.get("id")) == mine["id"]:
+        try:
+            before = int(held.get("restart", 0))
+        except (TypeError, ValueError):
+            before = None
+        if before is not None and before < mine["restart"]:
+            return (
+                f"it was taken by SLURM job {mine['id']} before it was requeued (SLURM_RESTART_COUNT "
+                f"{before}, now {mine['restart']}), so that run has ended"
+            )
     if not info or info.get("host") != socket.gethostname():
         return None
     try:
@@ -236,6 +268,7 @@ def _start_heartbeat() -> None:
 
 
 @atexit.register
-def _release_all() -> None:
+def release_all() -> None:
+    """Give back every lock this process holds (at exit; before ``os._exit``, which skips atexit)."""
     for path in list(_held):
         release(path.parent)

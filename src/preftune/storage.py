@@ -82,3 +82,34 @@ def raise_if_storage(path: str | Path, error: BaseException, *, removed: str | P
         return
     gone = f"; the partial {Path(removed).name} was removed" if removed is not None else ""
     raise StorageError(f"could not write {path}: {reason} ({free_space(path)}{gone})") from error
+
+
+def intact_hint(output_dir: str | Path | None) -> str:
+    """Which checkpoint of ``output_dir`` a failed write left intact, and how to continue from it."""
+    from .rundir import RunDir
+
+    kept = RunDir(output_dir).checkpoints() if output_dir is not None else []
+    if not kept:
+        return "no complete checkpoint to continue from; free some space and rerun"
+    return f"{kept[-1]} is intact: free some space and rerun with resume=true (or resume: auto) to continue"
+
+
+def with_intact_hint(error: StorageError, output_dir: str | Path | None) -> StorageError:
+    """``error`` with :func:`intact_hint` added (unless it names the intact checkpoint already)."""
+    if "intact" in str(error):
+        return error
+    hinted = StorageError(f"{error}; {intact_hint(output_dir)}")
+    hinted.__cause__ = error
+    return hinted
+
+
+def one_line(error: BaseException, output_dir: str | Path | None) -> str | None:
+    """The one-line explanation of a storage failure raised outside the wrapped writes (an OSError
+    whose errno is the disk's, anywhere), or None when ``error`` is no storage failure."""
+    if isinstance(error, StorageError):
+        return str(with_intact_hint(error, output_dir))
+    reason = storage_reason(error)
+    if reason is None:
+        return None
+    where = getattr(error, "filename", None) or output_dir or Path.cwd()
+    return f"could not write {where}: {reason} ({free_space(where)}); {intact_hint(output_dir)}"

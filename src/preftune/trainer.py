@@ -30,6 +30,7 @@ from .checkpointing import (
     load_sharded_checkpoint,
     save_checkpoint,
     save_sharded_checkpoint,
+    write_atomically,
 )
 from .config import ConfigError, TrainConfig, load_config
 from .errors import TrainingError
@@ -51,6 +52,7 @@ from .step import (
     micro_batch,
     micro_batch_loss,
 )
+from .storage import StorageError, one_line, with_intact_hint
 
 __all__ = ["RunResult", "Trainer", "TrainingError", "train"]
 
@@ -288,7 +290,10 @@ class Trainer:
             last.update(held_out)
         self._checkpoint(total, optimizer, scheduler)
         self.stage = "final save"
-        final = self._save_final(scorer)
+        try:
+            final = self._save_final(scorer)
+        except StorageError as e:  # a full disk: the one line names the intact checkpoint
+            raise with_intact_hint(e, run.output_dir) from e.__cause__
         if acc.is_main_process:  # README.md of final/ and final-adapter/ (preftune.model_card)
             written = final_directories(run.output_dir, cfg, acc.num_processes)
             remove_stale_finals(run.output_dir, written, log)  # e.g. a merged final/ of an earlier end
@@ -343,6 +348,7 @@ class Trainer:
                 merge_lora=True,
                 adapter_directory=run.run_dir.final_adapter if lora else None,
                 timeout_s=cfg.dist_timeout_s,
+                write_directory=write_atomically,  # a full disk: one StorageError, .tmp removed
             )
             return final
         if acc.is_main_process:
@@ -506,6 +512,20 @@ class Trainer:
         return run.references.batch(split, list(range(rows)), run.sides).logps
 
 
+def explain(error: BaseException, output_dir: str | Path | None) -> tuple[str, int] | None:
+    """The one line (and exit code) of an error that explains itself: the trainer's own errors and
+    a full disk anywhere (naming ``output_dir``'s intact checkpoint); None for the others (a bug:
+    its traceback is printed)."""
+    line = one_line(error, output_dir)  # a StorageError, or ENOSPC & co. raised anywhere
+    if line is not None:
+        return line, 1
+    if isinstance(error, TrainingError):
+        return " ".join(str(error).split()), getattr(error, "exit_code", 1)
+    if isinstance(error, ConfigError):
+        return " ".join(str(error).split()), 2
+    return None
+
+
 @contextmanager
 def _intact_hint(output_dir: Path, *, resume: bool):
     """A checkpoint that failed to save: its error names the newest intact one (and, ``resume``,
@@ -534,7 +554,10 @@ def train(config: TrainConfig | str | os.PathLike | dict, overrides: list[str] |
     try:
         # several processes: a failing rank exits at once naming its rank and stage; the others end at
         # their next collective or barrier (dist_timeout_s) instead of hanging
-        with preemption.watch(cfg, stage), distributed.exit_on_error(stage):
+        with (
+            preemption.watch(cfg, stage),
+            distributed.exit_on_error(stage, explain=lambda e: explain(e, cfg.output_dir)),
+        ):
             cfg = autoresume.resolve(cfg)  # resume: auto -> true (this run is there) or false
             trainer = Trainer(cfg)
             return trainer.fit()

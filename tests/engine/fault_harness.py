@@ -22,6 +22,7 @@ POINTS = {
     "mid-checkpoint": ("preftune.statefile", "save_state", "before"),  # a checkpoint half-written
     "before-rename": ("preftune.checkpointing", "write_manifest", "after"),  # complete, not renamed
     "final-save": ("preftune.final_model", "write_atomically", "before"),  # the final model being written
+    "sample-batch": ("preftune.generation", "sample_batch", "before"),  # iterate: a batch being sampled
 }
 
 

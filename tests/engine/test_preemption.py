@@ -201,3 +201,62 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_and_resume_auto_finish
     assert f"resuming from checkpoint-{step}" in logs
     assert_same_weights(final_weights(out), final_weights(reference))
     assert_each_step_once(out, STEPS, eval_steps=(0, STEPS))
+
+
+# ------------------------------------------------------------------------------- accelerate launch
+
+
+def accelerate_launch(processes: int, script: list[str], port: int) -> list[str]:
+    """``accelerate launch`` on this CPU machine: ``--multi_gpu`` picks its torchrun launcher (two
+    processes over gloo; the accelerate process is torchrun's agent), ``--cpu`` its simple launcher
+    (one child process)."""
+    mode = ["--multi_gpu"] if processes > 1 else ["--cpu"]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port), *script,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=[pytest.mark.distributed, pytest.mark.slow])])
+def test_sigterm_to_accelerate_launch_exits_75_and_the_same_command_finishes(setup, processes):
+    """SIGTERM reaches ``accelerate launch`` (the process a scheduler signals): with two processes its
+    torchrun agent forwards it to both, with one its simple launcher sends its child SIGTERM (and
+    SIGKILL 5 s later, the grace accelerate grants); the workers stop after one step, checkpoint
+    it, exit 75, accelerate itself exits 143 (128 + SIGTERM), and the same command resumes to the
+    uninterrupted run's weights."""
+    from .conftest import free_port, launch_processes, process_logs
+    from .test_fsdp_trainer import assert_same_weights, final_weights
+
+    root, cfg, reference = setup
+    per_rank = {1: {}, 2: {"batch_size": 2, "parallelism": "ddp", "precision": "fp32"}}[processes]
+    config, out = write_config(root, {**cfg, **per_rank}, f"accelerate-{processes}")
+    codes_dir = root / f"accelerate-codes-{processes}"
+    shutil.rmtree(codes_dir, ignore_errors=True)
+    codes_dir.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    name = f"accelerate-preempt-{processes}"
+    script = [str(HARNESS), "sigterm-launcher:after-update", "3", "train", str(config)]
+    codes, _ = launch_processes(
+        [(accelerate_launch(processes, script, free_port()), {**env, "FAULT_EXIT_DIR": str(codes_dir)})],
+        root,
+        name,
+        timeout=300,
+    )
+    logs = process_logs(root, name, 1, tail=20000)
+    assert codes == [143], logs
+    assert {p.name: p.read_text() for p in codes_dir.iterdir()} == {
+        f"rank-{r}": str(EXIT_PREEMPTED) for r in range(processes)
+    }, logs
+    preempted = [line for line in logs.splitlines() if "preftune train: preempted at step" in line]
+    assert len(preempted) == 1, logs  # the main process only
+    step = int(re.search(r"preempted at step (\d+) \(SIGTERM\)", preempted[0]).group(1))
+    assert 3 <= step < STEPS and (out / f"checkpoint-{step}").is_dir() and not (out / "final").exists()
+    assert not list(out.glob("*.tmp")) and not (out / ".lock").exists()
+
+    again = accelerate_launch(processes, ["-m", "preftune", "train", str(config)], free_port())
+    codes, _ = launch_processes([(again, env)], root, f"{name}-resume", timeout=300)
+    logs = process_logs(root, f"{name}-resume", 1, tail=20000)
+    assert codes == [0], logs
+    assert f"resuming from checkpoint-{step}" in logs
+    assert_same_weights(final_weights(out), final_weights(reference))

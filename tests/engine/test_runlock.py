@@ -134,3 +134,31 @@ def test_a_job_requeued_on_another_node_takes_its_dead_predecessors_lock_over(ba
     assert cli.main(["train", cfg]) == 0
     assert f"taking over the lock of {out} left by pid 4242 on node-7" in capsys.readouterr().out
     assert not (out / ".lock").exists() and (out / "final").is_dir()
+
+
+def test_a_requeued_slurm_job_takes_its_earlier_runs_fresh_lock_over_at_once(tmp_path, monkeypatch):
+    """SLURM starts a requeued job (same SLURM_JOB_ID, SLURM_RESTART_COUNT + 1) only after its earlier
+    run has ended: that run's lock, on another node and only 3 s old, is taken over at once; another
+    job's lock, or one of this same run (another process of the job), is still refused."""
+    monkeypatch.setenv("SLURM_JOB_ID", "81723")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    plant(tmp_path, age_s=3, slurm_job={"id": "81723", "restart": 1})
+    warned = []
+    path = runlock.acquire(tmp_path, warn=warned.append)
+    try:
+        (message,) = warned
+        assert "left by pid 4242 on node-7 since " in message, message
+        assert (
+            "it was taken by SLURM job 81723 before it was requeued (SLURM_RESTART_COUNT 1, now 2)" in message
+        )
+        assert json.loads(path.read_text())["slurm_job"] == {"id": "81723", "restart": 2}
+    finally:
+        runlock.release(tmp_path)
+    for other in ({"id": "81724", "restart": 0}, {"id": "81723", "restart": 2}, None):
+        plant(tmp_path, age_s=3, slurm_job=other)
+        with pytest.raises(runlock.RunDirLockedError, match="in use by pid 4242 on node-7"):
+            runlock.acquire(tmp_path)
+    monkeypatch.delenv("SLURM_JOB_ID")  # outside SLURM, the job a lock names does not matter
+    plant(tmp_path, age_s=3, slurm_job={"id": "81723", "restart": 0})
+    with pytest.raises(runlock.RunDirLockedError):
+        runlock.acquire(tmp_path)

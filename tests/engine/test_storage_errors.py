@@ -134,3 +134,82 @@ def test_dcp_failures_and_plain_errors_are_told_apart():
     assert storage_reason(OSError(errno.EDQUOT, "Disk quota exceeded")) == "Disk quota exceeded"
     assert storage_reason(ValueError("a bug")) is None
     assert storage_reason(PermissionError(errno.EACCES, "Permission denied")) is None  # not the disk
+
+
+# A worker of the 2-process FSDP run below: the final model's weights (written by rank 0 through
+# transformers, which holds its own reference to safetensors' writer) meet a full disk half-way.
+FULL_AT_FINAL = """
+import sys
+import transformers.modeling_utils as mu
+from safetensors import SafetensorError
+
+real = mu.safe_save_file
+
+def full_disk(tensors, filename, *args, **kwargs):
+    if "final.tmp" in str(filename):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise SafetensorError({full!r})
+    return real(tensors, filename, *args, **kwargs)
+
+mu.safe_save_file = full_disk
+from preftune.cli import main
+
+sys.exit(main(["train", sys.argv[1]]))
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("parallelism", ["fsdp", "ddp"])
+def test_a_full_disk_while_two_processes_write_the_final_model_is_one_line(
+    base_config, tmp_path, parallelism
+):
+    """2 processes (gloo); rank 0 writes ``final/`` (FSDP: gathered from the shards) and the write
+    fails with safetensors' "No space left on device": the one-line storage error naming ``final``
+    and the free space, exit 1 on rank 0 and no traceback from it, the partial ``final.tmp`` removed,
+    the last checkpoint intact (its manifest verifies) and resumed from to the end once there is space."""
+    import sys
+
+    import yaml
+
+    from preftune.checkpointing import verify_checkpoint
+
+    from .conftest import free_port, launch_processes, process_logs, rank_env
+
+    out = tmp_path / "run"
+    per_rank = {"fsdp": {"batch_size": 1, "grad_accum": 2}, "ddp": {"batch_size": 2}}[parallelism]
+    cfg = base_config(
+        output_dir=str(out), parallelism=parallelism, precision="fp32", max_steps=3, save_steps=2,
+        dist_timeout_s=60, **per_rank,
+    )  # fmt: skip
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    script = FULL_AT_FINAL.format(full=FULL)
+    port = free_port()
+    commands = [
+        ([sys.executable, "-c", script, str(path)], rank_env(r, 2, port, ACCELERATE_USE_CPU="1"))
+        for r in range(2)
+    ]
+    codes, _ = launch_processes(commands, tmp_path, "full", timeout=300)
+    rank0 = (tmp_path / "full-0.log").read_text()
+    logs = process_logs(tmp_path, "full", 2, tail=20000)
+    assert codes[0] == 1 and codes[1] != 0, logs
+    (line,) = [x for x in rank0.splitlines() if "final save failed" in x]
+    assert line.startswith(f"[preftune] rank 0: final save failed: could not write {out / 'final'}: "), line
+    assert "No space left on device (" in line and " free on the filesystem of " in line, line
+    assert "the partial final.tmp was removed" in line, line
+    assert f"{out / 'checkpoint-3'} is intact: free some space and rerun with resume=true" in line, line
+    assert "Traceback" not in rank0 and "SafetensorError(" not in rank0, rank0[-3000:]
+    assert not (out / "final.tmp").exists() and not (out / "final").exists()
+    assert verify_checkpoint(out / "checkpoint-3") is None
+    if parallelism == "fsdp":
+        assert (out / "checkpoint-3" / ".metadata").is_file()  # the sharded (DCP) checkpoint
+
+    again = [
+        ([sys.executable, "-m", "preftune", "train", str(path), "resume=true"], env) for _, env in commands
+    ]
+    port = free_port()
+    again = [(argv, {**env, "MASTER_PORT": str(port)}) for argv, env in again]
+    codes, _ = launch_processes(again, tmp_path, "resumed", timeout=300)
+    assert codes == [0, 0], process_logs(tmp_path, "resumed", 2)
+    assert (out / "final" / "model.safetensors").stat().st_size > 1000

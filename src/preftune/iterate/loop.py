@@ -13,7 +13,14 @@ evaluate, each stage a function whose output is a file under ``output_dir/round-
 
 A rerun with ``resume=true`` skips every stage whose file exists: a finished round is never redone,
 sampling draws only the batches missing, training resumes from its newest checkpoint. ``round-0/``
-holds the held-out answers of the starting model. ``final/`` is the last round's model.
+holds the held-out answers of the starting model. ``final/`` is the last round's model. With
+``resume: auto`` the same command starts a fresh directory and continues this run's (its
+``iterate.yaml`` agrees on every key that defines the run), and refuses another run's.
+
+SIGTERM / SIGUSR1 (a scheduler's preemption, :mod:`preftune.preemption`) stop the run at the next
+boundary: after the sampled batch in progress (it is written), after the judging or the pairs, after
+the training step in progress (checkpointed), after a round's evaluation; every rank stops there, the
+lock is released and the process exits 75; the same command (``resume: auto`` or ``true``) goes on.
 
 This module runs the rounds; the checks before any model loads are :mod:`.checks`, the stages
 :mod:`.stages` (sample, judge, pairs, held-out evaluation) and :mod:`.training`, the files and the
@@ -29,9 +36,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import distributed, runlock
+import yaml
+
+from .. import autoresume, distributed, preemption, runlock
 from ..config import ConfigError, TrainConfig, save_config
 from .checks import Plan, check_rounds, load_iterate_config
+from .prompts import round_slice
 from .record import (
     CONFIG_FILE,
     ROUNDS_FILE,
@@ -45,7 +55,8 @@ from .record import (
     write_json,
     write_rounds,
 )
-from .stages import evaluate_stage, judge_stage, pairs_stage, sample_stage
+from .sampling import done_batches
+from .stages import _device, evaluate_stage, judge_stage, pairs_stage, sample_stage
 from .training import train_stage
 
 
@@ -57,9 +68,40 @@ class IterateResult:
     already_finished: bool = False
 
 
+def _earlier(out: Path) -> list[Path]:
+    return sorted(out.glob("round-*")) + [p for p in (out / ROUNDS_FILE, out / "final") if p.exists()]
+
+
+def _check_auto(cfg: TrainConfig) -> None:
+    """``resume: auto`` continues only this run: an ``iterate.yaml`` that differs on a key that defines
+    the run, or outputs without one, are refused (one line, nothing touched)."""
+    out = Path(cfg.output_dir)
+    earlier = _earlier(out) if out.is_dir() else []
+    if cfg.resume != autoresume.AUTO or not earlier:
+        return
+    refuse = (
+        "pass resume=true to continue it anyway, overwrite_output_dir=true (with resume=false) or "
+        "another output_dir"
+    )
+    try:
+        saved = yaml.safe_load((out / CONFIG_FILE).read_text()) if (out / CONFIG_FILE).is_file() else None
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise ConfigError(
+            f"resume: auto: {out} holds iterate outputs but no readable {CONFIG_FILE}; {refuse}"
+        )
+    diff = autoresume.differences(cfg, saved)
+    if diff:
+        shown = "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
+        raise ConfigError(
+            f"resume: auto: {out} holds another iterate run (config differs: {shown}); {refuse}"
+        )
+
+
 def _prepare_output_dir(cfg: TrainConfig) -> None:
     out = Path(cfg.output_dir)
-    earlier = sorted(out.glob("round-*")) + [p for p in (out / ROUNDS_FILE, out / "final") if p.exists()]
+    earlier = _earlier(out)
     if earlier and not cfg.resume:
         if not cfg.overwrite_output_dir:
             names = ", ".join(p.name for p in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
@@ -94,6 +136,7 @@ def iterate(config, overrides: list[str] | None = None) -> IterateResult:
     """Run (or continue, with ``resume=true``) the rounds of ``config``; see the module docstring."""
     cfg = config if isinstance(config, TrainConfig) else load_iterate_config(config, overrides)
     plan = check_rounds(cfg)  # every config / data / judge error before any model loads
+    _check_auto(cfg)
     if cfg.data.train:
         say(f"data.train ({cfg.data.train}) is not used: each round trains on its own round-N/pairs.jsonl")
     distributed.init_process_group(cfg.dist_timeout_s)
@@ -108,9 +151,17 @@ def iterate(config, overrides: list[str] | None = None) -> IterateResult:
         return IterateResult(out, out / "final", rounds_rows(out), already_finished=True)
     stage = ["setup"]
     main = distributed.rank() == 0
+
+    def kept() -> str:  # what a preemption at this moment leaves to continue from
+        return f"the finished stages and sampled batches are kept in {out}"
+
     try:
-        # several processes: a failing rank exits at once naming its rank and stage, as in training
-        with distributed.exit_on_error(lambda: f"iterate {stage[0]}"):
+        # several processes: a failing rank exits at once naming its rank and stage, as in training;
+        # a preemption signal stops every rank at the next stage boundary (preftune.preemption)
+        with (
+            preemption.watch(cfg, lambda: stage[0], command="iterate", kept=kept),
+            distributed.exit_on_error(lambda: f"iterate {stage[0]}", explain=_explain),
+        ):
             if main:
                 out.mkdir(parents=True, exist_ok=True)
                 try:
@@ -124,40 +175,71 @@ def iterate(config, overrides: list[str] | None = None) -> IterateResult:
             runlock.release(out)
 
 
+def _explain(error: BaseException) -> tuple[str, int] | None:
+    from ..trainer import explain
+
+    return explain(error, None)  # as the CLI words it for iterate
+
+
+def _boundary(cfg: TrainConfig, name: str, kept) -> None:
+    """Every rank: wait for the others at the end of stage ``name``, then stop there on a preemption
+    signal (any rank's); ``kept`` (a string or a callable) says what stays on disk."""
+    distributed.barrier(f"iterate: {name}", cfg.dist_timeout_s)
+    preemption.at_stage_end(kept if callable(kept) else lambda: kept, _device())
+
+
+def _sampling_kept(cfg: TrainConfig, plan: Plan, r: int) -> str:
+    rd = round_dir(cfg.output_dir, r)
+    n = len(round_slice(plan.prompts, r, cfg.rounds.prompts_per_round))
+    batches = (n + cfg.rounds.batch_size - 1) // cfg.rounds.batch_size
+    drawn = len(done_batches(rd))
+    return f"in round {r} sampling: {drawn} of {batches} batches drawn, kept in {rd}/samples.part-*.jsonl"
+
+
 def _rounds(cfg: TrainConfig, plan: Plan, stage: list[str]) -> IterateResult:
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
     out = Path(cfg.output_dir)
     count = cfg.rounds.count
+    stage[0] = "start"
     distributed.barrier("iterate: start", cfg.dist_timeout_s)
     verifier = cfg.rounds.judge.kind == "verifier"
-    if main and plan.eval_prompts and not (round_dir(out, 0) / "round.json").is_file():
-        say(f"round 0: answering {len(plan.eval_prompts)} held-out prompts with {cfg.model}")
-        row = {"round": 0, "model": str(cfg.model), **evaluate_stage(cfg, plan, 0)}
-        write_json(round_dir(out, 0) / "round.json", row)
-        write_rounds(out)
+    if plan.eval_prompts and not (round_dir(out, 0) / "round.json").is_file():
+        stage[0] = "round 0 evaluation"
+        if main:
+            say(f"round 0: answering {len(plan.eval_prompts)} held-out prompts with {cfg.model}")
+            row = {"round": 0, "model": str(cfg.model), **evaluate_stage(cfg, plan, 0)}
+            write_json(round_dir(out, 0) / "round.json", row)
+            write_rounds(out)
+        _boundary(cfg, "round 0 evaluation", f"after round 0's evaluation ({round_dir(out, 0)} written)")
     for r in range(1, count + 1):
         rd = round_dir(out, r)
         if (rd / "round.json").is_file():
             continue
         started = time.time()
-        stage[0] = f"round {r}"
         if not (rd / "samples.jsonl").is_file():
-            sample_stage(cfg, plan, r, rank, world)
-            distributed.barrier(f"iterate: round {r} sampling", cfg.dist_timeout_s)
+            stage[0] = f"round {r} sampling"
+            sample_stage(cfg, plan, r, rank, world)  # stops after its batch in progress on a signal
+            _boundary(cfg, f"round {r} sampling", lambda r=r: _sampling_kept(cfg, plan, r))
+            stage[0] = f"round {r} judging"
             if main:
                 judge_stage(cfg, plan, r)
-            distributed.barrier(f"iterate: round {r} judging", cfg.dist_timeout_s)
+            _boundary(
+                cfg, f"round {r} judging", f"after round {r}'s judging ({rd / 'samples.jsonl'} written)"
+            )
         records = read_jsonl(rd / "samples.jsonl")
+        stage[0] = f"round {r} pairs"
         if main and not (rd / "pairs.jsonl").is_file():
             pairs_stage(cfg, r, records)
-        distributed.barrier(f"iterate: round {r} pairs", cfg.dist_timeout_s)
+        _boundary(cfg, f"round {r} pairs", f"after round {r}'s pairs ({rd / 'pairs.jsonl'} written)")
         stats = json.loads((rd / "pairs.json").read_text())
+        stage[0] = f"round {r} training"
         if (rd / "trained.json").is_file():
             trained = json.loads((rd / "trained.json").read_text())
         else:
-            trained = train_stage(cfg, r, stats["pairs"])
-        distributed.barrier(f"iterate: round {r} training", cfg.dist_timeout_s)
+            trained = train_stage(cfg, r, stats["pairs"])  # a signal: checkpoint after the step, exit 75
+        _boundary(cfg, f"round {r} training", f"after round {r}'s training ({rd / 'trained.json'} written)")
+        stage[0] = f"round {r} evaluation"
         if main:
             row = {
                 "round": r,
@@ -172,7 +254,8 @@ def _rounds(cfg: TrainConfig, plan: Plan, stage: list[str]) -> IterateResult:
             write_json(rd / "round.json", row)
             rows = write_rounds(out)
             say(f"round {r} of {count} done:\n{rounds_table(rows)}")
-        distributed.barrier(f"iterate: round {r} evaluation", cfg.dist_timeout_s)
+        _boundary(cfg, f"round {r} evaluation", f"after round {r} ({rd / 'round.json'} written)")
+    stage[0] = "end"
     final = Path(model_of(cfg, count))
     if main:
         if final.is_dir() and final.resolve() != Path(cfg.model).resolve():

@@ -53,11 +53,13 @@ def sample_round(
     progress: bool = False,
     on_batch=None,
     done: dict | None = None,
+    stop=None,
 ) -> int:
     """Draw this rank's missing batches of the round; returns how many batches it drew.
 
     ``done`` (default: read now) are the batches already drawn; under several processes every rank
-    must deal from the same ``done``, read before any rank writes (then a barrier)."""
+    must deal from the same ``done``, read before any rank writes (then a barrier). ``stop()``, asked
+    before each batch: True ends the loop there (a preemption signal; the batches written stay)."""
     from ..generation import sample_batch
     from ..progress import bar as progress_bar
 
@@ -71,9 +73,12 @@ def sample_round(
     bar = progress_bar(total=total, desc=f"round {round_index} samples", unit="sample", enabled=progress)
     part = round_dir / PART.format(rank=rank)
     _drop_torn_tail(part)
+    drawn = 0
     try:
         with open(part, "a") as f:
             for b in mine:
+                if stop is not None and stop():
+                    break
                 generator = torch.Generator(device=device).manual_seed(
                     batch_seed(rounds.seed, round_index, b)
                 )
@@ -93,11 +98,12 @@ def sample_round(
                 f.write(json.dumps({"batch": b, "samples": texts}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+                drawn += 1
                 if on_batch is not None:
                     on_batch(b)
     finally:
         bar.close()
-    return len(mine)
+    return drawn
 
 
 def _drop_torn_tail(part: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .. import distributed
+from .. import distributed, preemption
 from ..config import TrainConfig
 from .checks import Plan, stop_pattern
 from .judges import make_judge
@@ -40,7 +40,8 @@ def load_model(cfg: TrainConfig, name: str):
 
 
 def sample_stage(cfg: TrainConfig, plan: Plan, round_index: int, rank: int = 0, world: int = 1) -> bool:
-    """Draw this rank's missing batches of the round (all ranks); True if all are now drawn."""
+    """Draw this rank's missing batches of the round (all ranks); True if all are now drawn. On a
+    preemption signal this rank stops after the batch in progress (``preemption.signalled``)."""
     rounds = cfg.rounds
     rd = round_dir(cfg.output_dir, round_index)
     rd.mkdir(parents=True, exist_ok=True)
@@ -67,6 +68,7 @@ def sample_stage(cfg: TrainConfig, plan: Plan, round_index: int, rank: int = 0, 
                 stop_when=stop_pattern(rounds),
                 progress=cfg.progress and rank == 0,
                 done=done,
+                stop=preemption.signalled,  # SIGTERM: the batch in progress is the last one drawn
             )
         finally:
             del model
