@@ -1,9 +1,10 @@
 """Sampling k completions per prompt: preftune's ``generation.sample_batch`` against
 ``model.generate(do_sample=True, num_return_sequences=k)`` on the same prompts, in one process.
 
-preftune prefills each prompt once and expands its KV cache to its k rows, and rows that have
-stopped leave the batch every ``LOOK_EVERY`` tokens; ``model.generate`` prefills k copies of every
-prompt and carries every row to the longest one's end. Both sample with temperature 1, top-p 1 (no
+preftune prefills each prompt once and expands its KV cache to its k rows, writes each new token
+into a preallocated cache, and drops the rows that have stopped from the batch
+(``preftune.decoding``); ``model.generate`` prefills k copies of every prompt, concatenates its
+whole cache each step and carries every row to the longest one's end. Both sample with temperature 1, top-p 1 (no
 top-k), the same batches (``--batch-size`` prompts, each with k rows) and the same stopping rule. The
 two alternate, ``--repeats`` times each, so a busy machine slows both; the ratio is
 median(generate) / median(preftune). The texts must be identical at temperature 0 (greedy: k copies

@@ -9,8 +9,9 @@ as one ``model.generate`` call over the whole batch.
 
 :func:`generate` is greedy. :func:`sample_batch` draws ``k`` samples per prompt (temperature,
 top-p) from a seeded ``torch.Generator``: each prompt is prefilled once and its KV cache expanded
-to its ``k`` rows (not ``k`` prefills), then the rows decode as greedy rows do, leaving the batch
-as they stop. The same prompts, ``k``, settings and generator seed give the same samples; at
+to its ``k`` rows (not ``k`` prefills), then :mod:`preftune.decoding`'s loop writes every row one
+token per forward pass into a preallocated cache, rows leaving the batch as they stop. The same
+prompts, ``k``, settings and generator seed give the same samples, whenever rows leave; at
 temperature 0 every sample is the greedy text.
 Answers are checked by one of :data:`MATCH_MODES`:
 
@@ -275,25 +276,20 @@ def _text_stops(tokenizer, pattern: re.Pattern, start: int):
 
 class _Sampler:
     """A logits processor that draws each row's next token (temperature, top-p) from ``generator``
-    and leaves only that token possible, so that generate's greedy pick takes it. At temperature 0
-    the draw is the argmax: the greedy token."""
+    (:func:`preftune.decoding.draw`) and leaves only that token possible, so that generate's
+    greedy pick takes it: sampling through ``model.generate`` for caches that the decoding loop
+    does not take. At temperature 0 the draw is the argmax: the greedy token."""
 
     def __init__(self, temperature: float, top_p: float, generator: torch.Generator):
         self.temperature, self.top_p, self.generator = temperature, top_p, generator
 
     def draw(self, scores: torch.Tensor) -> torch.Tensor:
-        scores = scores.float()
-        if self.temperature <= 0:
-            return scores.argmax(-1)
-        logits = scores / self.temperature
-        if self.top_p < 1.0:
-            order = logits.argsort(-1, descending=True)
-            probs = logits.gather(-1, order).softmax(-1)
-            before = probs.cumsum(-1) - probs  # probability of the tokens ranked above each one
-            drop = before >= self.top_p  # the nucleus: the top tokens reaching top_p (at least one)
-            logits = logits.scatter(-1, order, logits.gather(-1, order).masked_fill(drop, float("-inf")))
-        probs = logits.softmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        from .decoding import draw
+
+        u = None
+        if self.temperature > 0:
+            u = torch.rand(len(scores), generator=self.generator, dtype=torch.float64, device=scores.device)
+        return draw(scores, u, self.temperature, self.top_p)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         chosen = self.draw(scores)
@@ -345,9 +341,10 @@ def sample_batch(
     """``k`` sampled completions of each prompt (text, or chat messages), as ``[prompt][sample]``.
 
     One forward pass prefills the prompts; each prompt's KV cache is then expanded to its ``k``
-    rows and its first token drawn from the prefill's last logits; from there the rows decode as
-    :func:`generate`'s do (rows leave the batch as they stop), each next token drawn from
-    ``generator`` (on the model's device). Rows are in prompt order, samples of a prompt adjacent.
+    rows and its first token drawn from the prefill's last logits; from there the rows decode one
+    token per step (:func:`preftune.decoding.decode_samples`; rows leave the batch as they stop),
+    each next token drawn with a uniform number per row and step from ``generator`` (on the model's
+    device). Rows are in prompt order, samples of a prompt adjacent.
     ``on_done(1)`` is called as each sample ends."""
     if not prompts:
         return []
@@ -360,41 +357,86 @@ def sample_batch(
         ids, mask = enc["input_ids"], enc["attention_mask"]
         start = ids.shape[1]
         static = getattr(model.generation_config, "cache_implementation", None) not in (None, "dynamic")
-        cache = None  # generate's name for the prefilled cache, and the cache
         if static or max_new_tokens < 1:  # a static cache cannot be expanded: k rows per prompt, one call
             ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-        else:
-            position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-            last_only = _accepts(model, "logits_to_keep")  # the prefill's last logits, not [B, T, V]
-            out = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids,
-                use_cache=True,
-                **({"logits_to_keep": 1} if last_only else {}),
+            texts = _decode(
+                model,
+                tokenizer,
+                ids,
+                mask,
+                start,
+                max_new_tokens,
+                stop_when,
+                processor=sampler,
+                on_done=on_done,
             )
-            name = "cache" if "cache" in out.keys() else "past_key_values"
-            out[name].batch_repeat_interleave(k)  # each prompt's keys and values, once per sample
-            cache = (name, out[name])
-            first = sampler.draw(out.logits[:, -1, :].repeat_interleave(k, 0))
-            ids = torch.cat([ids.repeat_interleave(k, 0), first[:, None]], dim=1)
-            mask = torch.cat([mask.repeat_interleave(k, 0), mask.new_ones(len(first), 1)], dim=1)
-            del out
-        texts = _decode(
-            model,
-            tokenizer,
-            ids,
-            mask,
-            start,
-            max_new_tokens,
-            stop_when,
-            cache=cache,
-            processor=sampler,
-            on_done=on_done,
-        )
+        else:
+            with torch.inference_mode():
+                texts = _sample_prefilled(
+                    model, tokenizer, ids, mask, k, sampler, max_new_tokens, stop_when, on_done
+                )
     finally:
         model.train(was_training)
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def _sample_prefilled(model, tokenizer, ids, mask, k, sampler, max_new_tokens, stop_when, on_done):
+    """One prefill of the prompts, then their k samples each: by :mod:`preftune.decoding`'s loop
+    (preallocated cache) where every cache layer is full attention, else by :func:`_decode`
+    continuing the expanded cache (sliding-window layers), else (state-space or linear-attention
+    states, which do not expand) by :func:`_decode` over k copies of each prompt."""
+    from .decoding import decode_samples, fast_path_cache
+
+    start = ids.shape[1]
+    position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    last_only = _accepts(model, "logits_to_keep")  # the prefill's last logits, not [B, T, V]
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **({"logits_to_keep": 1} if last_only else {}),
+    )
+    name = "cache" if "cache" in out.keys() else "past_key_values"
+    cache = out[name]
+    if fast_path_cache(cache):
+        return decode_samples(
+            model,
+            tokenizer,
+            out,
+            cache,
+            mask,
+            k=k,
+            generator=sampler.generator,
+            temperature=sampler.temperature,
+            top_p=sampler.top_p,
+            max_new_tokens=max_new_tokens,
+            stop_when=stop_when,
+            on_done=on_done,
+        )
+    if not _can_drop_rows(cache):  # state-space or linear-attention states: k rows per prompt
+        del out, cache
+        ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+        return _decode(
+            model, tokenizer, ids, mask, start, max_new_tokens, stop_when, processor=sampler, on_done=on_done
+        )
+    cache.batch_repeat_interleave(k)  # each prompt's keys and values, once per sample
+    first = sampler.draw(out.logits[:, -1, :].repeat_interleave(k, 0))
+    ids = torch.cat([ids.repeat_interleave(k, 0), first[:, None]], dim=1)
+    mask = torch.cat([mask.repeat_interleave(k, 0), mask.new_ones(len(first), 1)], dim=1)
+    del out
+    return _decode(
+        model,
+        tokenizer,
+        ids,
+        mask,
+        start,
+        max_new_tokens,
+        stop_when,
+        cache=(name, cache),
+        processor=sampler,
+        on_done=on_done,
+    )
 
 
 def exact_match(model, tokenizer, items: list[dict], **kwargs) -> tuple[float, list[dict]]:

@@ -283,7 +283,8 @@ def test_two_processes_sample_and_train_like_one(tiny_model_dir, files, tmp_path
     import yaml
 
     judge = JUDGES["verifier"](files)
-    one = iterate_config(tiny_model_dir, files, tmp_path / "one", judge, eval_prompts=None)
+    # seed 13: both rounds give at least one global batch (4) of pairs, so both rounds train
+    one = iterate_config(tiny_model_dir, files, tmp_path / "one", judge, eval_prompts=None, seed=13)
     one.update(batch_size=4, learning_rate=1e-2)
     loop.iterate(one)
     two = {**one, "batch_size": 2, "output_dir": str(tmp_path / "two" / "run")}

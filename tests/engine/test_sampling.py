@@ -67,3 +67,104 @@ def test_progress_ticks_per_prompt(model_and_tokenizer, monkeypatch):
     enc = generation.prompt_encodings(tok, PROMPTS)
     generation._greedy_batch(model, tok, enc, 6, None, on_done=ticks.append)
     assert sum(ticks) == len(PROMPTS)
+
+
+def test_samples_do_not_depend_on_when_rows_leave_the_batch(model_and_tokenizer, monkeypatch):
+    """Each row draws from its own uniform of each step, so dropping the rows done at once, or
+    never, gives the same samples; and dropping them shrinks the batch."""
+    from preftune import decoding
+
+    model, tok = model_and_tokenizer
+    stop = __import__("re").compile("a")  # rows stop at different steps
+    runs, rows = {}, {}
+    for name, rule in {"now": lambda d, w, s: d > 0, "never": lambda d, w, s: False}.items():
+        monkeypatch.setattr(decoding, "_worth_compacting", rule)
+        seen = []
+        hook = model.register_forward_pre_hook(
+            lambda m, a, kw, seen=seen: seen.append(kw["input_ids"].shape[0]), with_kwargs=True
+        )
+        try:
+            runs[name] = sample_batch(
+                model,
+                tok,
+                PROMPTS,
+                k=4,
+                generator=torch.Generator().manual_seed(3),
+                max_new_tokens=12,
+                stop_when=stop,
+            )
+        finally:
+            hook.remove()
+        rows[name] = seen
+    assert runs["now"] == runs["never"]
+    assert min(rows["now"]) < 16 and set(rows["never"][1:]) == {16}  # rows left the batch, or did not
+    assert any(len(tok(t, add_special_tokens=False).input_ids) < 12 for g in runs["now"] for t in g)
+
+
+@pytest.mark.parametrize("architecture", ["qwen3", "gemma3_text", "falcon_h1"])
+def test_every_cache_kind_samples_greedy_at_temperature_zero_and_seeded(architecture):
+    """Full-attention caches take the preallocated loop; sliding-window (gemma3) and state-space
+    (falcon_h1) layers decode through generate: both give the greedy text at temperature 0 and the
+    same samples for the same seed."""
+    from preftune import decoding
+
+    from .test_architectures import build
+
+    tok = tiny_tokenizer(vocab_size=300, chat_template=None)
+    model = build(
+        architecture, vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )
+    prompts = ["def f(x):", "The sum of two numbers", "import os"]
+    cache = model(**tok(prompts[:1], return_tensors="pt"), use_cache=True)
+    fast = decoding.fast_path_cache(cache["cache"] if "cache" in cache.keys() else cache["past_key_values"])
+    assert fast == (architecture == "qwen3")
+    greedy = generate(model, tok, prompts, max_new_tokens=8)
+    g = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    assert sample_batch(model, tok, prompts, k=2, generator=g(0), temperature=0, max_new_tokens=8) == [
+        [t] * 2 for t in greedy
+    ]
+    a = sample_batch(model, tok, prompts, k=3, generator=g(5), max_new_tokens=8)
+    assert a == sample_batch(model, tok, prompts, k=3, generator=g(5), max_new_tokens=8)
+    assert a != sample_batch(model, tok, prompts, k=3, generator=g(6), max_new_tokens=8)
+
+
+def test_the_nucleus_among_candidates_is_the_nucleus_of_the_whole_vocabulary(monkeypatch):
+    """top_p < 1 looks among the NUCLEUS_CANDIDATES most probable tokens first; a row whose
+    candidates fall short of top_p sorts its whole vocabulary: the same token for the same uniform."""
+    from preftune import decoding
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 50, generator=g) * torch.tensor([[0.1], [3.0], [0.5], [8.0], [1.0], [0.2]])
+    u = torch.rand(200, 6, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(decoding, "NUCLEUS_CANDIDATES", 10**6)
+    whole = torch.stack([decoding.draw(logits, x, 1.3, 0.7) for x in u])
+    monkeypatch.setattr(decoding, "NUCLEUS_CANDIDATES", 4)
+    assert torch.equal(torch.stack([decoding.draw(logits, x, 1.3, 0.7) for x in u]), whole)
+    probs = (logits / 1.3).softmax(-1)
+    for row in range(6):  # every drawn token is in the row's nucleus, and the nucleus is reached
+        order = probs[row].argsort(descending=True)
+        before = probs[row][order].cumsum(0) - probs[row][order]
+        nucleus = set(order[before < 0.7].tolist())
+        assert set(whole[:, row].tolist()) <= nucleus
+    assert len(set(whole[:, 0].tolist())) > 4  # a flat row's nucleus is wider than the candidates
+
+
+def test_inverse_cdf_draws_only_tokens_of_positive_weight_in_proportion():
+    from preftune import decoding
+
+    g = torch.Generator().manual_seed(1)
+    for width in (3, 255, 256, 700):
+        w = torch.rand(8, width, generator=g) ** 3
+        w[:, ::2] = 0
+        u = torch.rand(8, generator=g, dtype=torch.float64)
+        cdf = w.double().cumsum(-1)
+        direct = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+        assert torch.equal(decoding._inverse_cdf(w, u), direct)
+    w = torch.tensor([[0.0, 1.0, 0.0, 2.0, 0.0]])
+    ends = [decoding._inverse_cdf(w, torch.tensor([x], dtype=torch.float64)).item() for x in (0.0, 1 - 1e-16)]
+    assert ends == [1, 3]  # never the zero-weight tokens at either end
+    w = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).expand(100_000, 4)
+    freq = torch.bincount(
+        decoding._inverse_cdf(w, torch.rand(100_000, generator=g, dtype=torch.float64)), minlength=4
+    )
+    assert torch.allclose(freq / 100_000, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.01)
