@@ -84,7 +84,7 @@ class Study:
 FULL = Study(
     rounds=3,
     seeds=(0, 1),
-    prompts_per_round=64,
+    prompts_per_round=96,
     k=4,
     test_rows=64,
     val_rows=64,
@@ -92,7 +92,7 @@ FULL = Study(
     learning_rate=2e-4,
     beta=0.1,
     nll_grid=(1.0, 3.0),
-    temperature_grid=(0.7, 1.0),
+    temperature_grid=(0.3, 0.6),
     max_new_tokens=96,
     bootstrap=2000,
     quick=False,
