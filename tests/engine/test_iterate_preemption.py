@@ -25,7 +25,7 @@ from preftune import cli, runlock
 from preftune.iterate import loop
 from preftune.preemption import EXIT_PREEMPTED
 
-from .test_fault_injection import HARNESS
+from .faults import HARNESS
 from .test_iterate import JUDGES, files, iterate_config, read_jsonl, weights  # noqa: F401 (fixture)
 
 BATCHES = 3  # per round: 6 prompts, rounds.batch_size 2
