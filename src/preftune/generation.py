@@ -355,20 +355,10 @@ def sample_batch(
     try:
         enc = prompt_encodings(tokenizer, prompts, chat_template, device)
         ids, mask = enc["input_ids"], enc["attention_mask"]
-        start = ids.shape[1]
         static = getattr(model.generation_config, "cache_implementation", None) not in (None, "dynamic")
         if static or max_new_tokens < 1:  # a static cache cannot be expanded: k rows per prompt, one call
-            ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-            texts = _decode(
-                model,
-                tokenizer,
-                ids,
-                mask,
-                start,
-                max_new_tokens,
-                stop_when,
-                processor=sampler,
-                on_done=on_done,
+            texts = _sample_copies(
+                model, tokenizer, ids, mask, k, sampler, max_new_tokens, stop_when, on_done
             )
         else:
             with torch.inference_mode():
@@ -378,6 +368,16 @@ def sample_batch(
     finally:
         model.train(was_training)
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
+def _sample_copies(model, tokenizer, ids, mask, k, sampler, max_new_tokens, stop_when, on_done):
+    """The k samples of each prompt from k copies of it, prefilled together: for caches that cannot
+    be expanded after one prefill (static caches, state-space or linear-attention states)."""
+    start = ids.shape[1]
+    ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+    return _decode(
+        model, tokenizer, ids, mask, start, max_new_tokens, stop_when, processor=sampler, on_done=on_done
+    )
 
 
 def _sample_prefilled(model, tokenizer, ids, mask, k, sampler, max_new_tokens, stop_when, on_done):
@@ -416,10 +416,7 @@ def _sample_prefilled(model, tokenizer, ids, mask, k, sampler, max_new_tokens, s
         )
     if not _can_drop_rows(cache):  # state-space or linear-attention states: k rows per prompt
         del out, cache
-        ids, mask = ids.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-        return _decode(
-            model, tokenizer, ids, mask, start, max_new_tokens, stop_when, processor=sampler, on_done=on_done
-        )
+        return _sample_copies(model, tokenizer, ids, mask, k, sampler, max_new_tokens, stop_when, on_done)
     cache.batch_repeat_interleave(k)  # each prompt's keys and values, once per sample
     first = sampler.draw(out.logits[:, -1, :].repeat_interleave(k, 0))
     ids = torch.cat([ids.repeat_interleave(k, 0), first[:, None]], dim=1)
