@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import yaml
 from safetensors.torch import load_file
 
 from preftune.trainer import train
@@ -32,15 +34,24 @@ def start_harness(fault: str, n: int, config: Path, *overrides: str, env=None, *
     )
 
 
-def run_harness(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+def run_harness(args: list[str], timeout: float = 300, env=None) -> subprocess.CompletedProcess:
     """fault_harness.py with ``args`` (FAULT N COMMAND ...), to the end; its output as text."""
     return subprocess.run(
         [sys.executable, str(HARNESS), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=harness_env(),
+        env=harness_env(**(env or {})),
     )
+
+
+def write_config(root: Path, cfg: dict, name: str, **extra) -> tuple[Path, Path]:
+    """``root/NAME.yaml``: ``cfg`` (and ``extra``) with output_dir ``root/NAME``, removed if present."""
+    out = root / name
+    shutil.rmtree(out, ignore_errors=True)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**cfg, "output_dir": str(out), **extra}))
+    return path, out
 
 
 def checkpointed_run(root: Path, model_dir, pair_files, steps: int, **extra) -> tuple[dict, Path]:

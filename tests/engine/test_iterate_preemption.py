@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from preftune import cli, runlock
 from preftune.iterate import loop
 from preftune.preemption import EXIT_PREEMPTED
 
-from .faults import HARNESS
+from .faults import HARNESS, run_harness, write_config
 from .test_iterate import JUDGES, files, iterate_config, read_jsonl, weights  # noqa: F401 (fixture)
 
 BATCHES = 3  # per round: 6 prompts, rounds.batch_size 2
@@ -41,19 +40,8 @@ def reference(tiny_model_dir, files, tmp_path_factory):  # noqa: F811
     return root, cfg, result.output_dir
 
 
-def write_config(root: Path, cfg: dict, name: str, **extra) -> tuple[Path, Path]:
-    out = root / name
-    shutil.rmtree(out, ignore_errors=True)
-    path = root / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({**cfg, "output_dir": str(out), **extra}))
-    return path, out
-
-
 def harness(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, str(HARNESS), *args], capture_output=True, text=True, timeout=timeout, env=env
-    )
+    return run_harness(list(args), timeout=timeout, env={"HF_HUB_OFFLINE": "1"})
 
 
 def preempted_line(stderr: str) -> str:

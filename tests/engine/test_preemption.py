@@ -14,15 +14,20 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
 from preftune import cli
 from preftune.preemption import EXIT_PREEMPTED
 
-from .faults import HARNESS, assert_each_step_once, assert_same_run, checkpointed_run, run_harness
+from .faults import (
+    HARNESS,
+    assert_each_step_once,
+    assert_same_run,
+    checkpointed_run,
+    run_harness,
+    write_config,
+)
 
 STEPS = 6
 
@@ -37,14 +42,6 @@ def setup(tiny_model_dir, pair_files, tmp_path_factory):
 
 def lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("preftune train:")]
-
-
-def write_config(root: Path, cfg: dict, name: str, **extra) -> tuple[Path, Path]:
-    out = root / name
-    shutil.rmtree(out, ignore_errors=True)
-    config = root / f"{name}.yaml"
-    config.write_text(yaml.safe_dump({**cfg, "output_dir": str(out), **extra}))
-    return config, out
 
 
 def test_sigterm_checkpoints_the_step_reached_and_the_same_command_finishes_it(setup):
