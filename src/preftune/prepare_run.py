@@ -188,7 +188,9 @@ def _prepare_run(cfg: TrainConfig, accelerator, training: bool) -> PreparedRun:
     # the newest intact checkpoint (damaged ones are skipped, saying why) before any model loads
     resume_from = select_resume_checkpoint(output_dir, say) if cfg.resume else None
     set_seed(cfg.seed)
-    model, _, _ = load_policy(cfg, acc.device)  # its tokenizer is the one the data was tokenized with
+    model, _, _ = load_policy(
+        cfg, acc.device, tokenizer
+    )  # the tokenizer the data was tokenized with, loaded once
 
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(acc.mixed_precision)
     run = PreparedRun(

@@ -201,6 +201,26 @@ def test_the_tokenizer_is_written_once_per_run_and_every_model_folder_finds_one(
     assert metrics["eval_n"] > 0 and "eval_loss" in metrics
 
 
+def test_the_setup_reads_the_policy_tokenizer_once(config, tied_model_dir, monkeypatch):
+    """prepare_run tokenizes the data with the policy's tokenizer before any weights load, then loads
+    the policy with that same tokenizer: the tokenizer files are parsed once, not twice."""
+    from preftune import prepare_run as prepare_module
+    from preftune.models import loading
+
+    calls = []
+    real = loading.load_tokenizer
+
+    def counting(model_dir):
+        calls.append(Path(model_dir).resolve())
+        return real(model_dir)
+
+    monkeypatch.setattr(loading, "load_tokenizer", counting)
+    monkeypatch.setattr(prepare_module, "load_tokenizer", counting)
+    run = prepare_module.prepare_run(trainer_module.load_config(config("once", max_steps=1)))
+    assert calls.count(Path(tied_model_dir).resolve()) == 1, calls
+    assert run.tokenizer.get_vocab() == real(tied_model_dir).get_vocab()
+
+
 def test_lora_final_adapter_keeps_its_tokenizer(config, tied_model_dir):
     from transformers import AutoTokenizer
 

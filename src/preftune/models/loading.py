@@ -73,13 +73,15 @@ def load_causal_lm(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     cache_dir: str | Path | None = None,
+    tokenizer=None,
 ):
     """Return `(model, tokenizer)` for a preset name or a local checkpoint directory.
 
     dtype: None means float32 (the precision presets are stored in and CPU training uses); pass
     "bfloat16" for GPU training, or "auto" to keep the dtype the checkpoint was saved in.
     device: where to move the model; None leaves it on the CPU.
-    The tokenizer always has a pad token (its eos token when it had none).
+    The tokenizer always has a pad token (its eos token when it had none); ``tokenizer``, one
+    already loaded from this directory with :func:`load_tokenizer`, is used instead of a second load.
     The model's scoring is probed once here (:func:`preftune.scoring_probe.probe_scoring`): where preftune's
     chunked head would not reproduce the model's own logits, or shared-prompt rows would not reproduce
     plain rows, the model is marked so that scoring never silently gives other numbers.
@@ -94,7 +96,8 @@ def load_causal_lm(
     if device is not None:
         model = model.to(device)
     probe_scoring(model)
-    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(path)
     if getattr(model.generation_config, "pad_token_id", None) is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -185,15 +188,16 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def load_policy(cfg: TrainConfig, device) -> tuple[nn.Module, object, Path]:
-    """(model, tokenizer, directory) of ``cfg.model``: dtype, activation checkpointing and LoRA applied."""
+def load_policy(cfg: TrainConfig, device, tokenizer=None) -> tuple[nn.Module, object, Path]:
+    """(model, tokenizer, directory) of ``cfg.model``: dtype, activation checkpointing and LoRA applied;
+    ``tokenizer``: the policy's, already loaded (:func:`load_causal_lm`)."""
     if not cfg.model:
         raise ConfigError(
             "`model` is required: a local HF directory or a preset name (e.g. smollm2-135m-instruct)"
         )
     path = resolve_causal_lm(cfg.model, "model")
     model, tokenizer = load_causal_lm(
-        str(path), dtype=config_dtype(cfg.model_dtype) or torch.float32, device=device
+        str(path), dtype=config_dtype(cfg.model_dtype) or torch.float32, device=device, tokenizer=tokenizer
     )
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
