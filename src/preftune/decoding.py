@@ -32,6 +32,14 @@ NUCLEUS_CANDIDATES = 256
 CDF_BLOCK = 256
 
 
+def forward_accepts(model, argument: str) -> bool:
+    """Whether the (base) model's forward takes ``argument``."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return argument in inspect.signature(base.forward).parameters
+
+
 def draw(logits: torch.Tensor, u: torch.Tensor | None, temperature: float, top_p: float) -> torch.Tensor:
     """Each row's next token: the argmax at temperature 0, else the token at which the row's
     cumulative probability (softmax of ``logits / temperature``, kept to the nucleus of ``top_p``:
@@ -163,8 +171,6 @@ def decode_samples(
 ) -> list[str]:
     """The ``k`` samples of each prompt of a prefilled batch (``out``: the prefill's output with
     ``cache`` its cache, ``mask`` its attention mask), rows in prompt order, samples adjacent."""
-    from .generation import _accepts
-
     eos = tokenizer.eos_token_id
     device = mask.device
     n = mask.shape[0] * k
@@ -172,7 +178,7 @@ def decode_samples(
     cache.layers = [
         Layer(layer.keys, layer.values, k, mask.shape[1] + max_new_tokens) for layer in cache.layers
     ]
-    argument = "cache" if _accepts(model, "cache") else "past_key_values"
+    argument = "cache" if forward_accepts(model, "cache") else "past_key_values"
 
     def uniforms():  # one number per row of the batch, every row, each step
         if temperature <= 0:

@@ -297,14 +297,6 @@ class _Sampler:
         return out.scatter(-1, chosen[:, None], 0.0)
 
 
-def _accepts(model, argument: str) -> bool:
-    """Whether the (base) model's forward takes ``argument``."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return argument in inspect.signature(base.forward).parameters
-
-
 def prompt_encodings(tokenizer, prompts: list, chat_template: str | None = None, device=None):
     """The left-padded batch of ``prompts`` as generation sees them (chat messages rendered with the
     generation prompt; special tokens added as in training)."""
@@ -385,11 +377,11 @@ def _sample_prefilled(model, tokenizer, ids, mask, k, sampler, max_new_tokens, s
     (preallocated cache) where every cache layer is full attention, else by :func:`_decode`
     continuing the expanded cache (sliding-window layers), else (state-space or linear-attention
     states, which do not expand) by :func:`_decode` over k copies of each prompt."""
-    from .decoding import decode_samples, fast_path_cache
+    from .decoding import decode_samples, fast_path_cache, forward_accepts
 
     start = ids.shape[1]
     position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    last_only = _accepts(model, "logits_to_keep")  # the prefill's last logits, not [B, T, V]
+    last_only = forward_accepts(model, "logits_to_keep")  # the prefill's last logits, not [B, T, V]
     out = model(
         input_ids=ids,
         attention_mask=mask,
