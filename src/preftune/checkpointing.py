@@ -21,6 +21,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -508,3 +509,38 @@ def load_dcp_state(
         )
         _check_loaded(path, root, result)
     return {f.name: json.loads(f.read_text()) for f in sorted(path.glob("*.json"))}
+
+
+def batch_choices(global_batch, processes: int, shown: int = 4) -> str:
+    """What to set to resume at ``global_batch`` pairs per step on ``processes`` processes: the
+    ``batch_size``/``grad_accum`` pairs whose product is ``global_batch / processes`` (largest batch
+    first), or the process counts that divide it."""
+    if not isinstance(global_batch, int) or global_batch < 1:
+        return "the checkpoint does not say its global batch"
+    if global_batch % processes:
+        counts = [n for n in range(1, global_batch + 1) if global_batch % n == 0][:shown]
+        return (
+            f"{global_batch} pairs cannot be split over {processes} processes: resume on "
+            f"{', '.join(map(str, counts))}{' ...' if len(counts) == shown else ''} process(es)"
+        )
+    per = global_batch // processes
+    pairs = [(b, per // b) for b in range(per, 0, -1) if per % b == 0]
+    listed = ", ".join(f"batch_size={b} grad_accum={g}" for b, g in pairs[:shown])
+    return f"on {processes} process(es) resume with {listed}{' ...' if len(pairs) > shown else ''}"
+
+
+@contextmanager
+def naming_intact_checkpoint(output_dir: Path, *, resume: bool):
+    """A checkpoint that failed to save: its error names the newest intact one (and, ``resume``,
+    how to continue from it)."""
+    try:
+        yield
+    except TrainingError as e:
+        kept = find_checkpoints(output_dir)
+        if not kept:
+            hint = "no earlier checkpoint exists"
+        elif resume:
+            hint = f"{kept[-1]} is intact: rerun with resume=true to continue from it"
+        else:
+            hint = f"{kept[-1]} is intact"
+        raise TrainingError(f"{e}; {hint}") from e

@@ -29,7 +29,15 @@ from .reference_identity import initial_policy_index
 from .report import METRIC_MEANINGS
 from .rundir import CHECKPOINT_MODEL, RunDir, dir_bytes, human_bytes
 from .trainer import Trainer
-from .yardsticks import LOSS, METHOD, family, group_by_yardstick, run_yardsticks, yardstick_note
+from .yardsticks import (
+    LOSS,
+    METHOD,
+    InitialScores,
+    family,
+    group_by_yardstick,
+    run_yardsticks,
+    yardstick_note,
+)
 
 # Prompts generated at once (`preftune eval --batch-size`'s default, and generation_eval's).
 GENERATION_BATCH_SIZE = 16
@@ -224,7 +232,7 @@ def evaluate_run(
     if prepared.references is not None:  # the run's own config says which reference is the initial policy
         cfg = load_config(run.config)
         trainer.initial_reference = initial_policy_index(cfg.model, cfg.references, cfg.data.chat_template)
-    trainer.initial_scores_file = run.held_out_initial  # else its step-0 scores (same data only)
+    trainer.initial_scores = InitialScores(run.held_out_initial)  # else its step-0 scores (same data only)
     metrics = trainer.evaluate(split="eval")
     shutil.rmtree(run.eval_scratch, ignore_errors=True)
     return (metrics, trainer) if keep_trainer else metrics

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -343,3 +344,43 @@ def method_diagnostics(metrics_path: Path) -> list[str]:
     if warning:
         lines.append(f"warning: {warning}")
     return lines
+
+
+class MetricsWindow:
+    """The training metrics of the steps since the last logged row: each step's loss, the mean of
+    its micro-batches' loss metrics and its gradient norm; tokens and time for the throughput."""
+
+    def __init__(self):
+        self.values: dict[str, list[float]] = {}
+        self.step_metrics: dict[str, list[float]] = {}
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def add_micro_batch(self, metrics: dict, tokens: int) -> None:
+        self.tokens += tokens
+        for key, value in metrics.items():
+            self.step_metrics.setdefault(key, []).append(float(value))
+
+    def end_step(self, loss: float, grad_norm) -> None:
+        self.values.setdefault("loss", []).append(loss)
+        for key, values in self.step_metrics.items():
+            self.values.setdefault(key, []).append(sum(values) / len(values))
+        if grad_norm is not None:
+            self.values.setdefault("grad_norm", []).append(float(grad_norm))
+        self.step_metrics = {}
+
+    def row(self, acc, *, epoch: float, learning_rate, skipped: int) -> dict[str, float]:
+        """The metrics.jsonl row of these steps (averaged over processes); starts the next window."""
+        elapsed = time.perf_counter() - self.start
+        row = {key: sum(values) / len(values) for key, values in self.values.items()}
+        if acc.num_processes > 1:
+            row = mean_over_processes(row)
+        row.update(
+            epoch=epoch,
+            learning_rate=learning_rate,
+            tokens_per_second=self.tokens * acc.num_processes / max(elapsed, 1e-9),
+            peak_memory_mb=peak_memory_mb(acc.device),
+        )
+        if skipped:
+            row["nonfinite_skipped_steps"] = skipped
+        self.values, self.tokens, self.start = {}, 0, time.perf_counter()
+        return row

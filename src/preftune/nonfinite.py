@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 
 from .errors import TrainingError
+from .metrics import log
+from .rundir import RunDir
 
 
 class NonFiniteError(TrainingError):
@@ -63,3 +65,20 @@ def hint(cfg, last_checkpoint: str | None) -> str:
         else "no checkpoint was written"
     )
     return f"try: {', '.join(tips)}; {where}"
+
+
+def skip_or_stop(cfg, part: str, step: int, optimizer, scheduler, output_dir, accelerator=None):
+    """A NaN/Inf ``part`` (the loss, or a gradient) at ``step``: raise :class:`NonFiniteError`
+    (``on_nonfinite: stop``, naming the intact checkpoint of ``output_dir``) or drop the update and
+    advance the schedule (``skip_step``); returns (grad norm None, the learning rate of the step)."""
+    if cfg.on_nonfinite == "stop":
+        kept = RunDir(output_dir).checkpoints()
+        raise NonFiniteError(
+            f"step {step}: the {part} is not finite (NaN/Inf); stopped before the optimizer step, "
+            f"nothing of it was saved; {hint(cfg, str(kept[-1]) if kept else None)}"
+        )
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()  # the schedule follows the step count, skipped or not
+    log(f"step {step}: the {part} is not finite; on_nonfinite=skip_step dropped this update", accelerator)
+    return None, lr

@@ -8,14 +8,15 @@ mixed precision, DDP); one micro-batch is :mod:`preftune.step`'s (built by ``mic
 by ``micro_batch_loss``).
 
 The components live in their own modules and never import this one: prepare_run (the setup),
-step (one micro-batch and the update), checkpointing, metrics and rundir (the run directory's files).
+step (one micro-batch and the update), checkpointing (and what a resume needs), metrics (the logged
+rows), nonfinite (a NaN step), yardsticks (what ``eval_initial/*`` compares with) and rundir (the
+run directory's files).
 """
 
 from __future__ import annotations
 
 import os
-import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,10 +25,11 @@ import torch
 from . import autoresume, distributed, preemption, runlock
 from .checkpointing import (
     SHARDED,
+    batch_choices,
     check_checkpoint_format,
-    find_checkpoints,
     load_checkpoint,
     load_sharded_checkpoint,
+    naming_intact_checkpoint,
     save_checkpoint,
     save_sharded_checkpoint,
     write_atomically,
@@ -35,9 +37,9 @@ from .checkpointing import (
 from .config import ConfigError, TrainConfig, load_config
 from .errors import TrainingError
 from .final_model import final_directories, record_final_step, remove_stale_finals, save_final
-from .metrics import HeldOutMetrics, MetricsLog, log, mean_over_processes, peak_memory_mb
+from .metrics import HeldOutMetrics, MetricsLog, MetricsWindow, log
 from .model_card import write_model_cards
-from .nonfinite import NonFiniteError, nonfinite_part, weights_finite
+from .nonfinite import NonFiniteError, nonfinite_part, skip_or_stop, weights_finite
 from .nonfinite import hint as nonfinite_hint
 from .prepare_run import PreparedRun, prepare_run
 from .progress import bar as progress_bar
@@ -53,6 +55,7 @@ from .step import (
     micro_batch_loss,
 )
 from .storage import StorageError, one_line, with_intact_hint
+from .yardsticks import InitialScores
 
 __all__ = ["RunResult", "Trainer", "TrainingError", "train"]
 
@@ -64,64 +67,6 @@ class RunResult:
     metrics_path: Path
     steps: int
     last_metrics: dict[str, float] = field(default_factory=dict)
-
-
-def batch_choices(global_batch, processes: int, shown: int = 4) -> str:
-    """What to set to resume at ``global_batch`` pairs per step on ``processes`` processes: the
-    ``batch_size``/``grad_accum`` pairs whose product is ``global_batch / processes`` (largest batch
-    first), or the process counts that divide it."""
-    if not isinstance(global_batch, int) or global_batch < 1:
-        return "the checkpoint does not say its global batch"
-    if global_batch % processes:
-        counts = [n for n in range(1, global_batch + 1) if global_batch % n == 0][:shown]
-        return (
-            f"{global_batch} pairs cannot be split over {processes} processes: resume on "
-            f"{', '.join(map(str, counts))}{' ...' if len(counts) == shown else ''} process(es)"
-        )
-    per = global_batch // processes
-    pairs = [(b, per // b) for b in range(per, 0, -1) if per % b == 0]
-    listed = ", ".join(f"batch_size={b} grad_accum={g}" for b, g in pairs[:shown])
-    return f"on {processes} process(es) resume with {listed}{' ...' if len(pairs) > shown else ''}"
-
-
-class MetricsWindow:
-    """The training metrics of the steps since the last logged row: each step's loss, the mean of
-    its micro-batches' loss metrics and its gradient norm; tokens and time for the throughput."""
-
-    def __init__(self):
-        self.values: dict[str, list[float]] = {}
-        self.step_metrics: dict[str, list[float]] = {}
-        self.tokens, self.start = 0, time.perf_counter()
-
-    def add_micro_batch(self, metrics: dict, tokens: int) -> None:
-        self.tokens += tokens
-        for key, value in metrics.items():
-            self.step_metrics.setdefault(key, []).append(float(value))
-
-    def end_step(self, loss: float, grad_norm) -> None:
-        self.values.setdefault("loss", []).append(loss)
-        for key, values in self.step_metrics.items():
-            self.values.setdefault(key, []).append(sum(values) / len(values))
-        if grad_norm is not None:
-            self.values.setdefault("grad_norm", []).append(float(grad_norm))
-        self.step_metrics = {}
-
-    def row(self, acc, *, epoch: float, learning_rate, skipped: int) -> dict[str, float]:
-        """The metrics.jsonl row of these steps (averaged over processes); starts the next window."""
-        elapsed = time.perf_counter() - self.start
-        row = {key: sum(values) / len(values) for key, values in self.values.items()}
-        if acc.num_processes > 1:
-            row = mean_over_processes(row)
-        row.update(
-            epoch=epoch,
-            learning_rate=learning_rate,
-            tokens_per_second=self.tokens * acc.num_processes / max(elapsed, 1e-9),
-            peak_memory_mb=peak_memory_mb(acc.device),
-        )
-        if skipped:
-            row["nonfinite_skipped_steps"] = skipped
-        self.values, self.tokens, self.start = {}, 0, time.perf_counter()
-        return row
 
 
 class Trainer:
@@ -139,8 +84,7 @@ class Trainer:
         self.initial_reference: int | None = None
         if self.run.references is not None:
             self.initial_reference = initial_policy_index(cfg.model, cfg.references, cfg.data.chat_template)
-        self.initial_scores_file: Path = self.run.run_dir.held_out_initial
-        self._initial: tuple[str, dict[str, torch.Tensor]] | None = None  # (split, step-0 log-probs)
+        self.initial_scores = InitialScores(self.run.run_dir.held_out_initial)
 
     # -- one micro-batch ---------------------------------------------------------------------------
 
@@ -256,7 +200,7 @@ class Trainer:
             bad = nonfinite_part(losses, params, acc)  # before the update: a NaN step must not land
             if bad:
                 skipped += 1
-                grad_norm, lr = self._nonfinite(bad, step + 1, optimizer, scheduler)
+                grad_norm, lr = skip_or_stop(cfg, bad, step + 1, optimizer, scheduler, run.output_dir, acc)
             else:
                 clip = (
                     distributed.clip_grad_norm_ if run.fsdp else acc.clip_grad_norm_
@@ -358,24 +302,6 @@ class Trainer:
             return run.run_dir.final_adapter
         return final
 
-    def _nonfinite(self, part: str, step: int, optimizer, scheduler):
-        """A NaN/Inf loss or gradient at ``step``: stop (raise) or drop the update (skip_step)."""
-        run = self.run
-        if run.cfg.on_nonfinite == "stop":
-            kept = find_checkpoints(run.output_dir)
-            raise NonFiniteError(
-                f"step {step}: the {part} is not finite (NaN/Inf); stopped before the optimizer step, "
-                f"nothing of it was saved; {nonfinite_hint(run.cfg, str(kept[-1]) if kept else None)}"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()  # the schedule follows the step count, skipped or not
-        log(
-            f"step {step}: the {part} is not finite; on_nonfinite=skip_step dropped this update",
-            run.accelerator,
-        )
-        return None, lr
-
     # -- checkpoints ---------------------------------------------------------------------------------
 
     def _checkpoint(self, step: int, optimizer, scheduler) -> None:
@@ -396,7 +322,7 @@ class Trainer:
         }
         if cfg.parallelism == SHARDED:  # every rank writes its shards (collective)
             root = run.scorer if run.fsdp else run.accelerator.unwrap_model(self._fit_scorer)
-            with _intact_hint(run.output_dir, resume=False):
+            with naming_intact_checkpoint(run.output_dir, resume=False):
                 save_sharded_checkpoint(
                     run.output_dir,
                     step,
@@ -408,7 +334,7 @@ class Trainer:
                     cfg.dist_timeout_s,
                 )
         elif run.accelerator.is_main_process:
-            with _intact_hint(run.output_dir, resume=True):
+            with naming_intact_checkpoint(run.output_dir, resume=True):
                 save_checkpoint(
                     run.output_dir,
                     step,
@@ -427,7 +353,7 @@ class Trainer:
         """Held-out metrics with TRL's ``eval_`` names (see :class:`preftune.metrics.HeldOutMetrics`).
 
         ``initial``: the policy is still the initial one (the step-0 evaluation). When no reference is
-        the initial policy, its log-probs are then kept (memory and :attr:`initial_scores_file`) as
+        the initial policy, its log-probs are then kept (:attr:`initial_scores`) as
         the yardstick of the later evaluations' ``eval_initial/*``."""
         run = self.run
         cfg = run.cfg
@@ -443,7 +369,9 @@ class Trainer:
         k = self.initial_reference
         paired = not run.unpaired
         collect = initial and k is None and paired
-        known = self._initial_scores(split, rows) if k is None and paired and not collect else None
+        data = cfg.data
+        source = str(data.eval if split == "eval" else data.train)
+        known = self.initial_scores.get(split, source, rows) if k is None and paired and not collect else None
         kept: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": []}
         progress = cfg.progress and run.accelerator.is_local_main_process
         starts = range(0, rows, cfg.batch_size)
@@ -463,45 +391,9 @@ class Trainer:
             metrics.add(result.output, policy, yardstick)
         scorer.train(was_training)
         if collect:
-            self._keep_initial_scores(split, {side: torch.cat(v) for side, v in kept.items()})
+            logps = {side: torch.cat(v) for side, v in kept.items()}
+            self.initial_scores.keep(split, source, logps, write=run.accelerator.is_main_process)
         return {**metrics.result(), "eval_n": rows}
-
-    def _split_source(self, split: str) -> str:
-        data = self.run.cfg.data
-        return str(data.eval if split == "eval" else data.train)
-
-    def _keep_initial_scores(self, split: str, logps: dict[str, torch.Tensor]) -> None:
-        import json
-
-        self._initial = (split, logps)
-        if not self.run.accelerator.is_main_process:
-            return
-        record = {
-            "source": self._split_source(split),
-            "n": len(logps["chosen"]),
-            **{side: values.tolist() for side, values in logps.items()},
-        }
-        tmp = self.initial_scores_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.initial_scores_file)
-
-    def _initial_scores(self, split: str, rows: int) -> dict[str, torch.Tensor] | None:
-        """The step-0 log-probs of ``split`` (this run's, or :attr:`initial_scores_file` when they are
-        of the same data and rows); None when unknown (then ``eval_initial/*`` is left out)."""
-        import json
-
-        kept = self._initial
-        if kept is not None and kept[0] == split and len(kept[1]["chosen"]) == rows:
-            return kept[1]
-        try:
-            record = json.loads(self.initial_scores_file.read_text())
-        except (OSError, ValueError):
-            return None
-        if record.get("source") != self._split_source(split) or record.get("n") != rows:
-            return None
-        logps = {side: torch.tensor(record[side], dtype=torch.float32) for side in ("chosen", "rejected")}
-        self._initial = (split, logps)
-        return logps
 
     def reference_logps(self, split: str) -> dict[str, torch.Tensor]:
         """Every example's reference log-probs of ``split``, per side [K, N] (reference 0 first)."""
@@ -524,23 +416,6 @@ def explain(error: BaseException, output_dir: str | Path | None) -> tuple[str, i
     if isinstance(error, ConfigError):
         return " ".join(str(error).split()), 2
     return None
-
-
-@contextmanager
-def _intact_hint(output_dir: Path, *, resume: bool):
-    """A checkpoint that failed to save: its error names the newest intact one (and, ``resume``,
-    how to continue from it)."""
-    try:
-        yield
-    except TrainingError as e:
-        kept = find_checkpoints(output_dir)
-        if not kept:
-            hint = "no earlier checkpoint exists"
-        elif resume:
-            hint = f"{kept[-1]} is intact: rerun with resume=true to continue from it"
-        else:
-            hint = f"{kept[-1]} is intact"
-        raise TrainingError(f"{e}; {hint}") from e
 
 
 def train(config: TrainConfig | str | os.PathLike | dict, overrides: list[str] | None = None) -> RunResult:

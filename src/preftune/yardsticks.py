@@ -132,3 +132,48 @@ def yardstick_note(sticks: dict[str, str]) -> str | None:
         "policy, so before training they need not be ln 2 and 0.5; eval_initial/* (against the initial "
         "policy) compares across methods"
     )
+
+
+class InitialScores:
+    """The initial policy's log-probs of one held-out split, per side: the yardstick of
+    ``eval_initial/*`` when no reference is the initial policy. Measured at the step-0 evaluation and
+    kept in memory and in ``path`` (``held_out_initial.json``, with the data source and row count
+    they are of), so a resumed run or ``preftune eval`` on the same data compares with the same
+    numbers."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._kept: tuple[str, str, dict] | None = None  # (split, source, log-probs per side)
+
+    def keep(self, split: str, source: str, logps: dict, *, write: bool) -> None:
+        """Keep ``logps`` (``write``: also in :attr:`path`, replaced atomically; the main process)."""
+        import json
+        import os
+
+        self._kept = (split, source, logps)
+        if not write:
+            return
+        record = {"source": source, "n": len(logps["chosen"]), **{s: v.tolist() for s, v in logps.items()}}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.path)
+
+    def get(self, split: str, source: str, rows: int) -> dict | None:
+        """The kept log-probs of ``split`` (from memory, or :attr:`path` when they are of the same
+        source and rows); None when unknown (then ``eval_initial/*`` is left out)."""
+        import json
+
+        import torch
+
+        kept = self._kept
+        if kept is not None and kept[:2] == (split, source) and len(kept[2]["chosen"]) == rows:
+            return kept[2]
+        try:
+            record = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if record.get("source") != source or record.get("n") != rows:
+            return None
+        logps = {side: torch.tensor(record[side], dtype=torch.float32) for side in ("chosen", "rejected")}
+        self._kept = (split, source, logps)
+        return logps

@@ -366,8 +366,7 @@ def test_one_interface_writes_and_restores_both_formats(tmp_path, tiny_model_dir
 
 
 def test_a_resume_at_another_global_batch_says_what_would_work(base_config, tmp_path):
-    from preftune.checkpointing import TrainingError
-    from preftune.trainer import batch_choices
+    from preftune.checkpointing import TrainingError, batch_choices
 
     common = dict(save_steps=2, output_dir=str(tmp_path / "run"))
     train(base_config(max_steps=2, **common))  # checkpoint-2 at global batch 4 (4 x 1 x 1 process)
