@@ -65,6 +65,7 @@ SWEEP_ARM = "dpo_nll"
 @dataclass(frozen=True)
 class Study:
     rounds: int
+    sweep_rounds: int  # rounds of each validation sweep run (the choice is made after the last)
     seeds: tuple[int, ...]
     prompts_per_round: int
     k: int
@@ -83,6 +84,7 @@ class Study:
 
 FULL = Study(
     rounds=3,
+    sweep_rounds=1,
     seeds=(0, 1),
     prompts_per_round=96,
     k=4,
@@ -99,6 +101,7 @@ FULL = Study(
 )
 QUICK = Study(
     rounds=2,
+    sweep_rounds=1,
     seeds=(0,),
     prompts_per_round=4,
     k=2,
@@ -182,7 +185,7 @@ def run_config(
         "progress": False,
         "report_to": [],
         "rounds": {
-            "count": study.rounds,
+            "count": study.sweep_rounds if split == "validation" else study.rounds,
             "prompts": str(out / "data" / "prompts.jsonl"),
             "prompts_per_round": study.prompts_per_round,
             "samples_per_prompt": study.k,
@@ -255,7 +258,7 @@ def one_run(study: Study, out: Path, run: dict, policy: str, splits: dict) -> di
         "temperature": run["temperature"],
         "split": split,
         "split_rows": splits[split],
-        "exact_match": per_round_scores(result.output_dir, study.rounds),
+        "exact_match": per_round_scores(result.output_dir, cfg["rounds"]["count"]),
         "rounds": result.rounds,
         "seconds": round(time.perf_counter() - started, 1),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -288,7 +291,7 @@ def selected(records: list[dict], study: Study) -> tuple[float, float] | None:
     grid = [(lam, t) for lam in study.nll_grid for t in study.temperature_grid]
     if any(g not in sweep for g in grid):
         return None
-    final = str(study.rounds)
+    final = str(study.sweep_rounds)
 
     def score(g):
         em = sweep[g]["exact_match"][final]
@@ -442,6 +445,7 @@ def write_results(out: Path, study: Study) -> Path:
     main = [r for r in records if r["kind"] == "main"]
     sweep = [r for r in records if r["kind"] == "sweep"]
     final = str(study.rounds)
+    swept = str(study.sweep_rounds)
     lines = [
         "# Iterative (on-policy) preference optimization on the bundled arithmetic problems",
         "",
@@ -454,13 +458,14 @@ def write_results(out: Path, study: Study) -> Path:
         "",
         "## Selection on the validation split",
         "",
-        f"Arm `{SWEEP_ARM}`, seed {study.seeds[0]}, validation exact match after round {study.rounds}:",
+        f"Arm `{SWEEP_ARM}`, seed {study.seeds[0]}, validation exact match after round {study.sweep_rounds} "
+        "(each setting runs that many rounds, within the wall-time budget):",
         "",
         "| λ (NLL) | temperature | validation exact match |",
         "|---|---|---|",
     ]
     for r in sorted(sweep, key=lambda r: (r["sft_weight"], r["temperature"])):
-        em = r["exact_match"][final]
+        em = r["exact_match"][swept]
         lines.append(f"| {r['sft_weight']:g} | {r['temperature']:g} | {sum(em) / len(em):.3f} |")
     chosen = selected(records, study)
     lines += [
