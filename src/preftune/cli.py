@@ -163,8 +163,8 @@ def _quiet_third_party_warnings() -> None:
 
 
 def _output_dir(command: str, rest: list[str]) -> Path | None:
-    """The run directory a ``train``/``precompute`` command line names (None if it cannot tell)."""
-    if command not in ("train", "precompute") or not rest:
+    """The run directory a ``train``/``precompute``/``iterate`` command line names (None if it cannot tell)."""
+    if command not in ("train", "precompute", "iterate") or not rest:
         return None
     try:
         from .config import load_config
@@ -275,15 +275,17 @@ def main(argv: list[str] | None = None) -> int:
             if os.environ.get("RANK", "0") == "0":
                 print(f"preftune {command}: {_one_line(e)}", file=sys.stderr)
             return e.exit_code
-        from .storage import StorageError, one_line
+        from .storage import StorageError, one_line, stages_hint
 
+        out = _output_dir(command, rest)
+        hint = stages_hint(out) if command == "iterate" else None  # iterate keeps stages, not checkpoints
         if isinstance(e, StorageError):  # naming the intact checkpoint
-            print(f"preftune {command}: error: {one_line(e, _output_dir(command, rest))}", file=sys.stderr)
+            print(f"preftune {command}: error: {one_line(e, out, hint)}", file=sys.stderr)
             return 1
         if isinstance(e, TrainingError):
             print(f"preftune {command}: error: {_one_line(e)}", file=sys.stderr)
             return getattr(e, "exit_code", 1)
-        line = one_line(e, _output_dir(command, rest))  # ENOSPC & co. raised anywhere else: still one line
+        line = one_line(e, out, hint)  # ENOSPC & co. raised anywhere else: still one line
         if line is not None:
             print(f"preftune {command}: error: {line}", file=sys.stderr)
             return 1

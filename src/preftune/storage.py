@@ -94,22 +94,35 @@ def intact_hint(output_dir: str | Path | None) -> str:
     return f"{kept[-1]} is intact: free some space and rerun with resume=true (or resume: auto) to continue"
 
 
-def with_intact_hint(error: StorageError, output_dir: str | Path | None) -> StorageError:
-    """``error`` with :func:`intact_hint` added (unless it names the intact checkpoint already)."""
-    if "intact" in str(error):
+def stages_hint(output_dir: str | Path | None) -> str:
+    """How ``preftune iterate`` continues after a failed write: it keeps every finished stage (no
+    checkpoint to name; a round's training names its own)."""
+    where = f" in {output_dir}" if output_dir is not None else ""
+    return (
+        f"free some space and rerun with resume=true: the finished stages{where} are kept and the run "
+        "continues at the stage it reached"
+    )
+
+
+def with_intact_hint(
+    error: StorageError, output_dir: str | Path | None, hint: str | None = None
+) -> StorageError:
+    """``error`` with ``hint`` (default :func:`intact_hint`) added, unless it names what is intact already."""
+    if "intact" in str(error) or "finished stages" in str(error):
         return error
-    hinted = StorageError(f"{error}; {intact_hint(output_dir)}")
+    hinted = StorageError(f"{error}; {hint or intact_hint(output_dir)}")
     hinted.__cause__ = error
     return hinted
 
 
-def one_line(error: BaseException, output_dir: str | Path | None) -> str | None:
+def one_line(error: BaseException, output_dir: str | Path | None, hint: str | None = None) -> str | None:
     """The one-line explanation of a storage failure raised outside the wrapped writes (an OSError
-    whose errno is the disk's, anywhere), or None when ``error`` is no storage failure."""
+    whose errno is the disk's, anywhere), or None when ``error`` is no storage failure. ``hint`` says
+    how to continue (default: :func:`intact_hint`, the intact checkpoint of ``output_dir``)."""
     if isinstance(error, StorageError):
-        return str(with_intact_hint(error, output_dir))
+        return str(with_intact_hint(error, output_dir, hint))
     reason = storage_reason(error)
     if reason is None:
         return None
     where = getattr(error, "filename", None) or output_dir or Path.cwd()
-    return f"could not write {where}: {reason} ({free_space(where)}); {intact_hint(output_dir)}"
+    return f"could not write {where}: {reason} ({free_space(where)}); {hint or intact_hint(output_dir)}"

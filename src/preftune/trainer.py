@@ -404,11 +404,13 @@ class Trainer:
         return run.references.batch(split, list(range(rows)), run.sides).logps
 
 
-def explain(error: BaseException, output_dir: str | Path | None) -> tuple[str, int] | None:
+def explain(
+    error: BaseException, output_dir: str | Path | None, hint: str | None = None
+) -> tuple[str, int] | None:
     """The one line (and exit code) of an error that explains itself: the trainer's own errors and
-    a full disk anywhere (naming ``output_dir``'s intact checkpoint); None for the others (a bug:
-    its traceback is printed)."""
-    line = one_line(error, output_dir)  # a StorageError, or ENOSPC & co. raised anywhere
+    a full disk anywhere (naming ``output_dir``'s intact checkpoint, or saying ``hint``); None for
+    the others (a bug: its traceback is printed)."""
+    line = one_line(error, output_dir, hint)  # a StorageError, or ENOSPC & co. raised anywhere
     if line is not None:
         return line, 1
     if isinstance(error, TrainingError):

@@ -408,3 +408,38 @@ def test_vllm_engine_without_vllm_is_one_line(tiny_model_dir, files, tmp_path):
     cfg = iterate_config(tiny_model_dir, files, tmp_path, JUDGES["python"](files), engine="vllm")
     with pytest.raises(ConfigError, match=r"^rounds.engine: vllm is not installed: pip install vllm"):
         loop.load_iterate_config(cfg)
+
+
+def test_a_full_disk_while_sampling_is_one_line_and_resume_continues(
+    tiny_model_dir, files, tmp_path, monkeypatch, capsys
+):
+    import errno
+    import os
+
+    import yaml
+
+    from preftune.cli import main
+
+    cfg = iterate_config(tiny_model_dir, files, tmp_path, JUDGES["verifier"](files))
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    real, calls = os.fsync, []
+
+    def full_disk(fd):  # the 5th batch written: round 2's second (round 1 has 3)
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr("preftune.iterate.sampling.os.fsync", full_disk)
+    assert main(["iterate", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("preftune iterate: error: "), err
+    assert "No space left on device" in err and "free on the filesystem" in err, err
+    # iterate keeps stages, not checkpoints: the hint says resume=true continues at the stage reached
+    assert "rerun with resume=true: the finished stages in" in err and str(tmp_path / "run") in err, err
+    assert "no complete checkpoint" not in err, err
+    monkeypatch.setattr("preftune.iterate.sampling.os.fsync", real)
+    assert (tmp_path / "run" / "round-1" / "round.json").is_file()
+    assert main(["iterate", str(path), "resume=true"]) == 0
+    assert (tmp_path / "run" / "round-2" / "round.json").is_file()

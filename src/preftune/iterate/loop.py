@@ -160,7 +160,7 @@ def iterate(config, overrides: list[str] | None = None) -> IterateResult:
         # a preemption signal stops every rank at the next stage boundary (preftune.preemption)
         with (
             preemption.watch(cfg, lambda: stage[0], command="iterate", kept=kept),
-            distributed.exit_on_error(lambda: f"iterate {stage[0]}", explain=_explain),
+            distributed.exit_on_error(lambda: f"iterate {stage[0]}", explain=lambda e: _explain(e, out)),
         ):
             if main:
                 out.mkdir(parents=True, exist_ok=True)
@@ -175,10 +175,11 @@ def iterate(config, overrides: list[str] | None = None) -> IterateResult:
             runlock.release(out)
 
 
-def _explain(error: BaseException) -> tuple[str, int] | None:
+def _explain(error: BaseException, out: Path) -> tuple[str, int] | None:
+    from ..storage import stages_hint
     from ..trainer import explain
 
-    return explain(error, None)  # as the CLI words it for iterate
+    return explain(error, None, stages_hint(out))  # as the CLI words it for iterate
 
 
 def _boundary(cfg: TrainConfig, name: str, kept) -> None:
