@@ -414,32 +414,31 @@ def test_a_full_disk_while_sampling_is_one_line_and_resume_continues(
     tiny_model_dir, files, tmp_path, monkeypatch, capsys
 ):
     import errno
-    import os
 
     import yaml
 
+    import preftune.iterate.sampling as sampling
     from preftune.cli import main
 
     cfg = iterate_config(tiny_model_dir, files, tmp_path, JUDGES["verifier"](files))
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    real, calls = os.fsync, []
 
-    def full_disk(fd):  # the 5th batch written: round 2's second (round 1 has 3)
-        calls.append(1)
-        if len(calls) == 5:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd)
+    def full_disk(file, mode="r", *args, **kwargs):  # round 2's samples cannot be written
+        if "round-2" in str(file) and "a" in mode:
+            raise OSError(errno.ENOSPC, "No space left on device", str(file))
+        return open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr("preftune.iterate.sampling.os.fsync", full_disk)
+    monkeypatch.setattr(sampling, "open", full_disk, raising=False)
     assert main(["iterate", str(path)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("preftune iterate: error: "), err
-    assert "No space left on device" in err and "free on the filesystem" in err, err
+    part = tmp_path / "run" / "round-2" / "samples.part-0.jsonl"
+    assert f"could not write {part}: No space left on device" in err and "free on the filesystem" in err, err
     # iterate keeps stages, not checkpoints: the hint says resume=true continues at the stage reached
     assert "rerun with resume=true: the finished stages in" in err and str(tmp_path / "run") in err, err
     assert "no complete checkpoint" not in err, err
-    monkeypatch.setattr("preftune.iterate.sampling.os.fsync", real)
+    monkeypatch.delattr(sampling, "open")  # the disk has room again
     assert (tmp_path / "run" / "round-1" / "round.json").is_file()
     assert main(["iterate", str(path), "resume=true"]) == 0
     assert (tmp_path / "run" / "round-2" / "round.json").is_file()
