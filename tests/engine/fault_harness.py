@@ -23,6 +23,7 @@ POINTS = {
     "before-rename": ("preftune.checkpointing", "write_manifest", "after"),  # complete, not renamed
     "final-save": ("preftune.final_model", "write_atomically", "before"),  # the final model being written
     "sample-batch": ("preftune.generation", "sample_batch", "before"),  # iterate: a batch being sampled
+    "judge-chunk": ("preftune.iterate.judges", "Verifier.score", "before"),  # iterate: samples being judged
 }
 
 

@@ -93,6 +93,38 @@ def test_sigterm_while_sampling_keeps_the_batches_and_the_same_command_finishes(
     assert not (out / ".lock").exists()
 
 
+def test_sigterm_while_judging_keeps_the_chunks_judged_and_the_same_command_finishes(reference, monkeypatch):
+    """SIGTERM while round 2's second chunk of samples is judged: that chunk's scores are written,
+    no further chunk is judged, exit 75 naming what is kept; the same command judges round 2's last
+    chunk only and ends with the uninterrupted run's samples, scores and final weights."""
+    from preftune.iterate.judges import Verifier
+
+    root, cfg, whole = reference
+    config, out = write_config(root, cfg, "judging")
+    # Verifier.score calls: round 0's evaluation, round 1's 3 chunks, round 1's evaluation, then round 2
+    done = harness("sigterm:judge-chunk", str(1 + BATCHES + 1 + 2), "iterate", str(config))
+    assert done.returncode == EXIT_PREEMPTED, done.stderr[-3000:]
+    line = preempted_line(done.stderr)
+    round2 = out / "round-2"
+    assert line.startswith(
+        f"preftune iterate: preempted in round 2 judging: 2 of {BATCHES} chunks judged, kept in "
+        f"{round2 / 'judged.part.jsonl'}"
+    ), line
+    parts = [json.loads(x) for x in (round2 / "judged.part.jsonl").read_text().splitlines()]
+    assert [p["chunk"] for p in parts] == [0, 1]
+    expected = read_jsonl(whole / "round-2" / "samples.jsonl")
+    assert [s for p in parts for s in p["scores"]] == [r["score"] for r in expected[: 2 * 2 * 3]]
+    assert not (round2 / "samples.jsonl").exists() and not (out / ".lock").exists()
+
+    real, judged = Verifier.score, []
+    monkeypatch.setattr(Verifier, "score", lambda self, *a: judged.append(len(a[1])) or real(self, *a))
+    assert cli.main(["iterate", str(config)]) == 0  # the same command: resume: auto
+    assert judged[0] == 2 * 3  # round 2's last chunk (2 prompts x 3 samples), then its evaluation
+    assert len(judged) == 2
+    assert read_jsonl(round2 / "samples.jsonl") == expected and not (round2 / "judged.part.jsonl").exists()
+    assert_same_as(out, whole)
+
+
 def test_sigterm_during_a_rounds_training_checkpoints_the_step(reference):
     """SIGTERM during round 1's first optimizer step: checkpoint-1 of round-1/train is written, exit
     75; the same command resumes that training and ends as the uninterrupted run."""

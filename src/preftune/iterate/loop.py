@@ -3,6 +3,7 @@ evaluate, each stage a function whose output is a file under ``output_dir/round-
 
 =======================  ===========================================================================
 ``samples.part-R.jsonl``  sampled batches as they land (the resume point of sampling)
+``judged.part.jsonl``     the judge's scores, a sampled batch at a time (the resume point of judging)
 ``samples.jsonl``         every sample with its score and the judge's details (sampling finished)
 ``pairs.jsonl``           the round's training data in preftune's format (+ ``pairs.json``: counts)
 ``train/``                the round's ``preftune train`` run (metrics, checkpoints, ``final/``)
@@ -12,13 +13,13 @@ evaluate, each stage a function whose output is a file under ``output_dir/round-
 =======================  ===========================================================================
 
 A rerun with ``resume=true`` skips every stage whose file exists: a finished round is never redone,
-sampling draws only the batches missing, training resumes from its newest checkpoint. ``round-0/``
-holds the held-out answers of the starting model. ``final/`` is the last round's model. With
+sampling draws and judging scores only the batches missing, training resumes from its newest
+checkpoint. ``round-0/`` holds the held-out answers of the starting model. ``final/`` is the last round's model. With
 ``resume: auto`` the same command starts a fresh directory and continues this run's (its
 ``iterate.yaml`` agrees on every key that defines the run), and refuses another run's.
 
 SIGTERM / SIGUSR1 (a scheduler's preemption, :mod:`preftune.preemption`) stop the run at the next
-boundary: after the sampled batch in progress (it is written), after the judging or the pairs, after
+boundary: after the sampled batch or the judged chunk in progress (it is written), after the pairs, after
 the training step in progress (checkpointed), after a round's evaluation; every rank stops there, the
 lock is released and the process exits 75; the same command (``resume: auto`` or ``true``) goes on.
 
@@ -44,6 +45,7 @@ from .checks import Plan, check_rounds, load_iterate_config
 from .prompts import round_slice
 from .record import (
     CONFIG_FILE,
+    JUDGED,
     ROUNDS_FILE,
     model_of,
     read_jsonl,
@@ -56,7 +58,7 @@ from .record import (
     write_rounds,
 )
 from .sampling import done_batches
-from .stages import _device, evaluate_stage, judge_stage, pairs_stage, sample_stage
+from .stages import _device, evaluate_stage, judge_stage, judged_chunks, pairs_stage, sample_stage
 from .training import train_stage
 
 
@@ -197,6 +199,16 @@ def _sampling_kept(cfg: TrainConfig, plan: Plan, r: int) -> str:
     return f"in round {r} sampling: {drawn} of {batches} batches drawn, kept in {rd}/samples.part-*.jsonl"
 
 
+def _judging_kept(cfg: TrainConfig, plan: Plan, r: int) -> str:
+    rd = round_dir(cfg.output_dir, r)
+    if (rd / "samples.jsonl").is_file():
+        return f"after round {r}'s judging ({rd / 'samples.jsonl'} written)"
+    n = len(round_slice(plan.prompts, r, cfg.rounds.prompts_per_round))
+    chunks = (n + cfg.rounds.batch_size - 1) // cfg.rounds.batch_size  # one per sampled batch
+    judged = len(judged_chunks(rd / JUDGED))
+    return f"in round {r} judging: {judged} of {chunks} chunks judged, kept in {rd / JUDGED}"
+
+
 def _rounds(cfg: TrainConfig, plan: Plan, stage: list[str]) -> IterateResult:
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
@@ -224,10 +236,8 @@ def _rounds(cfg: TrainConfig, plan: Plan, stage: list[str]) -> IterateResult:
             _boundary(cfg, f"round {r} sampling", lambda r=r: _sampling_kept(cfg, plan, r))
             stage[0] = f"round {r} judging"
             if main:
-                judge_stage(cfg, plan, r)
-            _boundary(
-                cfg, f"round {r} judging", f"after round {r}'s judging ({rd / 'samples.jsonl'} written)"
-            )
+                judge_stage(cfg, plan, r)  # stops after its chunk in progress on a signal
+            _boundary(cfg, f"round {r} judging", lambda r=r: _judging_kept(cfg, plan, r))
         records = read_jsonl(rd / "samples.jsonl")
         stage[0] = f"round {r} pairs"
         if main and not (rd / "pairs.jsonl").is_file():

@@ -14,6 +14,7 @@ from ..config import TrainConfig
 
 ROUNDS_FILE = "rounds.jsonl"
 CONFIG_FILE = "iterate.yaml"
+JUDGED = "judged.part.jsonl"  # round-N/: the scores of the chunks judged so far (the resume point)
 
 
 def say(msg: str) -> None:

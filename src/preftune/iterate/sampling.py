@@ -72,7 +72,7 @@ def sample_round(
     total = sum(len(prompts[b * size : (b + 1) * size]) for b in mine) * k
     bar = progress_bar(total=total, desc=f"round {round_index} samples", unit="sample", enabled=progress)
     part = round_dir / PART.format(rank=rank)
-    _drop_torn_tail(part)
+    drop_torn_tail(part)
     drawn = 0
     try:
         with open(part, "a") as f:
@@ -106,7 +106,7 @@ def sample_round(
     return drawn
 
 
-def _drop_torn_tail(part: Path) -> None:
+def drop_torn_tail(part: Path) -> None:
     """Cut a last line that a kill left unfinished, so that the next batch starts a line of its own."""
     if not part.is_file():
         return

@@ -1,13 +1,16 @@
 """The stages of one round that sample, judge and pair, and the held-out evaluation after it; each
 reads the round's inputs and writes its output under ``round-N/`` (:mod:`.record`):
-``samples.part-R.jsonl`` then ``samples.jsonl`` (:func:`sample_stage`, :func:`judge_stage`),
+``samples.part-R.jsonl`` then ``judged.part.jsonl`` and ``samples.jsonl`` (:func:`sample_stage`,
+:func:`judge_stage`),
 ``pairs.jsonl`` and ``pairs.json`` (:func:`pairs_stage`), ``eval.jsonl`` (:func:`evaluate_stage`).
 Training the round is :mod:`.training`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 from .. import distributed, preemption
 from ..config import TrainConfig
@@ -15,8 +18,8 @@ from .checks import Plan, stop_pattern
 from .judges import make_judge
 from .pairs import build_pairs
 from .prompts import round_slice
-from .record import grouped, model_of, round_dir, say, write_json, write_jsonl
-from .sampling import done_batches, merged_samples, sample_round
+from .record import JUDGED, grouped, model_of, round_dir, say, write_json, write_jsonl
+from .sampling import done_batches, drop_torn_tail, merged_samples, sample_round
 
 
 def _device():
@@ -75,8 +78,11 @@ def sample_stage(cfg: TrainConfig, plan: Plan, round_index: int, rank: int = 0, 
     return merged_samples(rd, len(prompts), rounds.batch_size) is not None
 
 
-def judge_stage(cfg: TrainConfig, plan: Plan, round_index: int) -> list[dict]:
-    """Score every sample of the round; writes and returns ``samples.jsonl``'s rows (main process)."""
+def judge_stage(cfg: TrainConfig, plan: Plan, round_index: int) -> list[dict] | None:
+    """Score every sample of the round (main process), one sampled batch's samples at a time: each
+    chunk's scores are appended to ``judged.part.jsonl`` as they land (the resume point: a rerun
+    judges only the chunks missing), then ``samples.jsonl`` is written and its rows returned. On a
+    preemption signal it stops after the chunk in progress and returns None."""
     rounds = cfg.rounds
     rd = round_dir(cfg.output_dir, round_index)
     indices = round_slice(plan.prompts, round_index, rounds.prompts_per_round)
@@ -85,15 +91,33 @@ def judge_stage(cfg: TrainConfig, plan: Plan, round_index: int) -> list[dict]:
         raise RuntimeError(f"round {round_index}: sampling is not finished in {rd}")
     column = cfg.data.columns.prompt
     flat = [(i, j, t) for i, group in zip(indices, texts) for j, t in enumerate(group)]
-    judge = make_judge(rounds.judge, device=_device())
-    try:
-        scores, details = judge.score(
-            [plan.prompts[i][column] for i, _, _ in flat],
-            [t for _, _, t in flat],
-            [plan.prompts[i] for i, _, _ in flat],
-        )
-    finally:
-        judge.close()
+    size = rounds.batch_size * rounds.samples_per_prompt  # a chunk: the samples of one sampled batch
+    chunks = range((len(flat) + size - 1) // size)
+    part = rd / JUDGED
+    drop_torn_tail(part)
+    done = judged_chunks(part)
+    missing = [c for c in chunks if c not in done]
+    if missing:
+        judge = make_judge(rounds.judge, device=_device())
+        try:
+            with open(part, "a") as f:
+                for c in missing:
+                    if preemption.signalled():  # SIGTERM: the chunk in progress was the last one judged
+                        return None
+                    chunk = flat[c * size : (c + 1) * size]
+                    scores, details = judge.score(
+                        [plan.prompts[i][column] for i, _, _ in chunk],
+                        [t for _, _, t in chunk],
+                        [plan.prompts[i] for i, _, _ in chunk],
+                    )
+                    f.write(json.dumps({"chunk": c, "scores": scores, "details": details}) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                    done[c] = {"scores": scores, "details": details}
+        finally:
+            judge.close()
+    scores = [s for c in chunks for s in done[c]["scores"]]
+    details = [d for c in chunks for d in done[c]["details"]]
     records = [
         {
             "prompt_index": i,
@@ -107,7 +131,21 @@ def judge_stage(cfg: TrainConfig, plan: Plan, round_index: int) -> list[dict]:
         for (i, j, text), score, detail in zip(flat, scores, details)
     ]
     write_jsonl(rd / "samples.jsonl", records)
+    part.unlink(missing_ok=True)  # everything it held is in samples.jsonl
     return records
+
+
+def judged_chunks(part: Path) -> dict[int, dict]:
+    """The chunks of a round already judged ({chunk: {"scores", "details"}}; a torn line is ignored)."""
+    done: dict[int, dict] = {}
+    if part.is_file():
+        for line in part.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill: that chunk is judged again
+            done[int(record["chunk"])] = {"scores": record["scores"], "details": record["details"]}
+    return done
 
 
 def pairs_stage(cfg: TrainConfig, round_index: int, records: list[dict]) -> dict:
