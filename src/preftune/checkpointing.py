@@ -460,7 +460,8 @@ def save_dcp_state(
     else:
         model_sd, optim_sd = get_state_dict(root, optimizer, options=options)
         state = {"model": _trainable_only(path, root, model_sd), "optimizer": optim_sd}
-    dcp.save(state, checkpoint_id=str(tmp))
+    with _single_process_said():
+        dcp.save(state, checkpoint_id=str(tmp))
     if rank() == 0:
         for name, value in (json_files or {}).items():
             (tmp / name).write_text(json.dumps(value, indent=1))
@@ -471,6 +472,23 @@ def save_dcp_state(
         replace_directory(tmp, path)
     barrier(f"checkpoint {path.name}: renamed", timeout_s)
     return path
+
+
+@contextmanager
+def _single_process_said():
+    """DCP on one process without a process group (``parallelism: sharded`` alone): torch warns
+    "assuming the intent is to save/load in a single process" at every save and load, even when
+    told so; that is the intent here, so the warning is not shown."""
+    import warnings
+
+    import torch.distributed as dist
+
+    with warnings.catch_warnings():
+        if not (dist.is_available() and dist.is_initialized()):
+            warnings.filterwarnings(
+                "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+            )
+        yield
 
 
 def load_dcp_state(
@@ -494,12 +512,14 @@ def load_dcp_state(
     if optimizer is None:
         # only what trains: a checkpoint written before the tied head was dropped still loads
         state = {"model": _trainable_only(path, root, get_model_state_dict(root, options=options))}
-        dcp.load(state, checkpoint_id=str(path))
+        with _single_process_said():
+            dcp.load(state, checkpoint_id=str(path))
         _check_loaded(path, root, set_model_state_dict(root, state["model"], options=options))
     else:
         model_sd, optim_sd = get_state_dict(root, optimizer, options=options)
         state = {"model": _trainable_only(path, root, model_sd), "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
+        with _single_process_said():
+            dcp.load(state, checkpoint_id=str(path))
         result = set_state_dict(
             root,
             optimizer,
