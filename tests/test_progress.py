@@ -27,6 +27,19 @@ def test_a_bar_on_a_file_prints_plain_lines_without_carriage_returns():
     assert len(lines) <= 3  # the start, the end: updates within PLAIN_INTERVAL_S print nothing
 
 
+def test_a_bar_on_a_file_does_not_print_its_last_line_twice(monkeypatch):
+    """close() redraws the last report; when that report was already printed (its update came after
+    PLAIN_INTERVAL_S), a log file got "4/4 (100%)" twice."""
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_S", 0.0)
+    out = io.StringIO()
+    bar = progress.bar(total=4, desc="reference 0 (policy) eval", unit="seq", stream=out)
+    bar.update(2)
+    bar.update(2)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split(" seq ")[1][:6] for line in lines] == ["(0%), ", "(50%),", "(100%)"]
+
+
 def test_a_bar_on_a_terminal_redraws_in_place_and_an_off_bar_is_silent():
     tty = Terminal()
     with progress.bar(total=2, desc="generate", stream=tty) as bar:
