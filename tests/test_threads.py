@@ -47,6 +47,7 @@ def test_an_oversubscribed_machine_gets_one_line_saying_how_to_set_fewer(four_cp
     note = T.choose_threads(None, {}, busy=2.2, others=0).note
     assert note.startswith("the machine is oversubscribed (about 2 other runnable tasks for the 4 CPUs")
     assert "4 intra-op threads" in note and "threads=2" in note and "OMP_NUM_THREADS=2" in note
+    assert "preftune demo --threads 2" in note  # the demo has no config file: its own option
     assert "\n" not in note
     assert T.choose_threads(None, {}, busy=0.3, others=0).note is None  # noise: not busy
     with_other = T.choose_threads(None, {}, busy=0, others=1).note
