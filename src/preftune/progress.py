@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -33,6 +34,11 @@ def interactive(stream: TextIO | None = None) -> bool:
         return False
 
 
+# tqdm moves the cursor (ESC[A, up) around a nested bar that does not stay (leave=False, the held-out
+# evaluation inside the training bar): meaningless in a file, where it printed a line "^[[A"
+_CURSOR_MOVES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 class _Lines:
     """A file for tqdm that turns each redraw (``\\r`` + status + padding) into one plain line."""
 
@@ -41,7 +47,7 @@ class _Lines:
         self.last = ""
 
     def write(self, text: str) -> None:
-        line = text.replace("\r", "").strip()
+        line = _CURSOR_MOVES.sub("", text).replace("\r", "").strip()
         if line and line != self.last:  # close() redraws the last report: in a file, a second copy
             self.stream.write(line + "\n")
             self.last = line
