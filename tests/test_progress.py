@@ -54,6 +54,16 @@ def test_a_nested_bar_that_does_not_stay_leaves_no_cursor_moves_in_a_file():
     assert all(line.startswith(("train dpo: ", "evaluate (8 pairs): ")) for line in text.splitlines())
 
 
+def test_a_bar_on_a_file_carries_its_postfix():
+    """The training loss rides on the bar (set_postfix); a log file showed the count alone."""
+    out = io.StringIO()
+    bar = progress.bar(total=2, desc="train dpo", unit="step", stream=out)
+    bar.set_postfix(loss="0.6931", refresh=False)
+    bar.update(2)
+    bar.close()
+    assert out.getvalue().splitlines()[-1].endswith("00:00 left, loss=0.6931")
+
+
 def test_a_bar_on_a_terminal_redraws_in_place_and_an_off_bar_is_silent():
     tty = Terminal()
     with progress.bar(total=2, desc="generate", stream=tty) as bar:

@@ -21,8 +21,11 @@ from typing import Any, TextIO
 
 # How often a bar reports on a non-terminal stderr: a 20-minute run writes ~40 lines, not 20 000.
 PLAIN_INTERVAL_S = 30.0
-PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {elapsed} elapsed, {remaining} left"
-PLAIN_FORMAT_NO_TOTAL = "{desc}: {n_fmt} {unit}, {elapsed} elapsed"
+# {postfix}: what the bar carries besides the count (the training loss, ", loss=0.6931"), as on a terminal
+PLAIN_FORMAT = (
+    "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {elapsed} elapsed, {remaining} left{postfix}"
+)
+PLAIN_FORMAT_NO_TOTAL = "{desc}: {n_fmt} {unit}, {elapsed} elapsed{postfix}"
 
 
 def interactive(stream: TextIO | None = None) -> bool:

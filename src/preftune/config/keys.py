@@ -370,7 +370,8 @@ class TrainConfig:
     progress: bool = _f(
         True,
         "Show progress bars: redrawn in place on a terminal, a plain line every 30 s when stderr is "
-        "not one (a log file). Off also hides the libraries' own bars (transformers' Loading weights).",
+        "not one (a log file), with the training loss on both. Off also hides the libraries' own bars "
+        "(transformers' Loading weights).",
     )
     threads: int | None = _f(
         None,
