@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_prompts(path: Path) -> list[dict]:
+    """The ``--prompts`` file's {"prompt", "answer"} lines; a problem names the file, line and field
+    as a bad data row does."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found (set by --prompts); check the path")
     items = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -291,9 +295,16 @@ def _read_prompts(path: Path) -> list[dict]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(item, dict) or "prompt" not in item or "answer" not in item:
-            raise ConfigError(f"{path}:{number}: needs the fields 'prompt' and 'answer'")
+            raise ConfigError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+        if not isinstance(item, dict):
+            raise ConfigError(f'{path}, line {number}: not a JSON object; expected {{"prompt", "answer"}}')
+        for field in ("prompt", "answer"):
+            if field not in item:
+                found = ", ".join(repr(key) for key in item) or "none"
+                raise ConfigError(
+                    f"{path}, line {number}, field {field!r}: missing (each line needs 'prompt' and "
+                    f"'answer'; fields found: {found})"
+                )
         items.append(item)
     return items
 
