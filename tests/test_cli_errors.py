@@ -150,3 +150,18 @@ def test_eval_prompts_file_problems_name_the_file_line_and_field(tmp_path):
         _read_prompts(qa)
     qa.write_text('{"prompt": "Capital of Peru?", "answer": "Lima"}\n')
     assert _read_prompts(qa) == [{"prompt": "Capital of Peru?", "answer": "Lima"}]
+
+
+def test_empty_answers_get_a_line_saying_why_they_may_be_empty():
+    """A chat model given plain-text prompts answered "" before and after training: the table showed
+    0 → 0 with nothing to say why."""
+    from preftune.held_out import empty_answers_note
+
+    plain = [{"prompt": "Capital of Peru?", "answer": "Lima"}] * 2
+    chat = [{"prompt": [{"role": "user", "content": "Capital of Peru?"}], "answer": "Lima"}] * 2
+    empty, full = {"output": " "}, {"output": "The capital of Peru is Lima."}
+    note = empty_answers_note([empty, full], [empty, empty], plain)
+    assert note.startswith("1 of 2 answers are empty (2 of the initial model's)")
+    assert "as chat messages" in note
+    assert "chat messages" not in empty_answers_note([empty, full], None, chat)
+    assert empty_answers_note([full, full], [full, full], plain) is None

@@ -480,9 +480,30 @@ def main(argv: list[str]) -> int:
             + (" (its answers reused from the cache)" if before["cached"] else ""),
         )
         files.append(("initial model's generations", run.root / saved.record["before"]["generations"]))
+        empty = empty_answers_note(details, before["details"], items)
+        if empty:
+            notes += (empty,)
     before_values = {k: v for k, v in before["metrics"].items() if k != "eval_prompts_n"} if before else None
     print(results_table(title, metrics, files, run.root, notes, before=before_values))
     return 0
+
+
+def empty_answers_note(details: list[dict], before: list[dict] | None, items: list[dict]) -> str | None:
+    """A line when answers came back empty (the model wrote its end-of-sequence token first), which
+    otherwise reads as a plain 0 → 0: a chat model given plain-text prompts often does that."""
+    counts = [sum(not str(d.get("output", "")).strip() for d in rows) for rows in (details, before or [])]
+    if not any(counts):
+        return None
+    text = f"{counts[0]} of {len(details)} answers are empty"
+    if before is not None:
+        text += f" ({counts[1]} of the initial model's)"
+    text += ": the model ended its reply at once"
+    if any(isinstance(item["prompt"], str) for item in items):
+        text += (
+            "; plain-text prompts to a chat model often do that: give them as chat messages, "
+            '{"prompt": [{"role": "user", "content": "..."}], "answer": ...}'
+        )
+    return text
 
 
 def _cache_root(cfg: TrainConfig) -> Path:
