@@ -131,3 +131,37 @@ def test_method_spelling_is_canonicalised():
 def test_a_config_error_is_also_a_value_error_naming_the_key():
     with pytest.raises(ConfigError, match=r"^rpo\.tau must be more than 0, got 0"):
         load_config({"rpo": {"tau": 0}})
+
+
+def test_eval_prompts_file_problems_name_the_file_line_and_field(tmp_path):
+    """`preftune eval --prompts`: a missing file was a bare "[Errno 2] ..." and a row without its answer
+    "FILE:4: needs the fields 'prompt' and 'answer'", unlike the data errors (file, line, field)."""
+    from preftune.held_out import _read_prompts
+
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(ConfigError, match=r"nope.jsonl: file not found \(set by --prompts\)"):
+        _read_prompts(missing)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"prompt": "Capital of Peru?", "answer": "Lima"}\n\n{"prompt": "Capital of Chile?"}\n')
+    with pytest.raises(ConfigError, match=r"qa.jsonl, line 3, field 'answer': missing .*found: 'prompt'"):
+        _read_prompts(qa)
+    qa.write_text('["Capital of Peru?", "Lima"]\n')
+    with pytest.raises(ConfigError, match=r"qa.jsonl, line 1: not a JSON object"):
+        _read_prompts(qa)
+    qa.write_text('{"prompt": "Capital of Peru?", "answer": "Lima"}\n')
+    assert _read_prompts(qa) == [{"prompt": "Capital of Peru?", "answer": "Lima"}]
+
+
+def test_empty_answers_get_a_line_saying_why_they_may_be_empty():
+    """A chat model given plain-text prompts answered "" before and after training: the table showed
+    0 → 0 with nothing to say why."""
+    from preftune.held_out import empty_answers_note
+
+    plain = [{"prompt": "Capital of Peru?", "answer": "Lima"}] * 2
+    chat = [{"prompt": [{"role": "user", "content": "Capital of Peru?"}], "answer": "Lima"}] * 2
+    empty, full = {"output": " "}, {"output": "The capital of Peru is Lima."}
+    note = empty_answers_note([empty, full], [empty, empty], plain)
+    assert note.startswith("1 of 2 answers are empty (2 of the initial model's)")
+    assert "as chat messages" in note
+    assert "chat messages" not in empty_answers_note([empty, full], None, chat)
+    assert empty_answers_note([full, full], [full, full], plain) is None

@@ -105,3 +105,18 @@ def test_eval_rows_are_the_step_0_and_last_evaluations(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     first, last = _eval_rows(path)
     assert first["step"] == 0 and last["eval_initial/rewards/accuracies"] == 0.75
+
+
+def test_demo_takes_threads_as_the_oversubscription_line_says(tmp_path, monkeypatch):
+    """The busy-machine line names `preftune demo --threads N`: the demo has no config file to set it in."""
+    from preftune import demo
+    from preftune.config import load_config
+
+    assert load_config(demo_config("dpo", QUICK, tmp_path, tmp_path, threads=1)).threads == 1
+    assert load_config(demo_config("dpo", QUICK, tmp_path, tmp_path)).threads is None
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda *args, **kwargs: calls.append(kwargs))
+    assert demo.main(["--quick", "--threads", "1"]) == 0
+    assert calls[0]["threads"] == 1 and calls[0]["quick"]
+    with pytest.raises(SystemExit):
+        demo.main(["--threads", "0"])

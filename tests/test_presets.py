@@ -6,9 +6,11 @@ BPE vocabulary, one F32 layer and one Q8_0 tensor), through the same code as the
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -216,6 +218,32 @@ def test_changed_source_triggers_a_rebuild(tiny_preset):
     os.utime(preset.source.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     ensure_preset(TINY, converter=converter)
     assert converter.calls == 2
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [False, True], ids=["log-file", "terminal"])
+def test_conversion_hides_the_libraries_bars_in_a_log_file(tiny_preset, monkeypatch, terminal):
+    """transformers' dequantize/load/write bars redraw with carriage returns: in a log file (stderr not a
+    terminal) they would make one line of thousands of characters, so they are off during the conversion
+    there (preftune's own step lines stay), shown on a terminal, and set back afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    seen = []
+
+    def converter(*args, **kwargs):
+        seen.append(hf_logging.is_progress_bar_enabled())
+        return convert_gguf_checkpoint(*args, **kwargs)
+
+    stderr = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    ensure_preset(TINY, converter=converter)
+    assert seen == [terminal]
+    assert hf_logging.is_progress_bar_enabled()
+    assert "step 4/4" in stderr.getvalue()
 
 
 def test_failed_conversion_leaves_nothing_behind(tiny_preset):

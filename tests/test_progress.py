@@ -27,6 +27,43 @@ def test_a_bar_on_a_file_prints_plain_lines_without_carriage_returns():
     assert len(lines) <= 3  # the start, the end: updates within PLAIN_INTERVAL_S print nothing
 
 
+def test_a_bar_on_a_file_does_not_print_its_last_line_twice(monkeypatch):
+    """close() redraws the last report; when that report was already printed (its update came after
+    PLAIN_INTERVAL_S), a log file got "4/4 (100%)" twice."""
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL_S", 0.0)
+    out = io.StringIO()
+    bar = progress.bar(total=4, desc="reference 0 (policy) eval", unit="seq", stream=out)
+    bar.update(2)
+    bar.update(2)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split(" seq ")[1][:6] for line in lines] == ["(0%), ", "(50%),", "(100%)"]
+
+
+def test_a_nested_bar_that_does_not_stay_leaves_no_cursor_moves_in_a_file():
+    """The held-out evaluation's bar (leave=False) inside the training bar: tqdm moves the cursor up
+    when it closes, which a log file showed as a line "^[[A"."""
+    out = io.StringIO()
+    outer = progress.bar(total=2, desc="train dpo", unit="step", stream=out)
+    for _ in progress.bar(range(2), desc="evaluate (8 pairs)", stream=out, leave=False):
+        pass
+    outer.update(2)
+    outer.close()
+    text = out.getvalue()
+    assert "\x1b" not in text
+    assert all(line.startswith(("train dpo: ", "evaluate (8 pairs): ")) for line in text.splitlines())
+
+
+def test_a_bar_on_a_file_carries_its_postfix():
+    """The training loss rides on the bar (set_postfix); a log file showed the count alone."""
+    out = io.StringIO()
+    bar = progress.bar(total=2, desc="train dpo", unit="step", stream=out)
+    bar.set_postfix(loss="0.6931", refresh=False)
+    bar.update(2)
+    bar.close()
+    assert out.getvalue().splitlines()[-1].endswith("00:00 left, loss=0.6931")
+
+
 def test_a_bar_on_a_terminal_redraws_in_place_and_an_off_bar_is_silent():
     tty = Terminal()
     with progress.bar(total=2, desc="generate", stream=tty) as bar:

@@ -47,6 +47,7 @@ def test_an_oversubscribed_machine_gets_one_line_saying_how_to_set_fewer(four_cp
     note = T.choose_threads(None, {}, busy=2.2, others=0).note
     assert note.startswith("the machine is oversubscribed (about 2 other runnable tasks for the 4 CPUs")
     assert "4 intra-op threads" in note and "threads=2" in note and "OMP_NUM_THREADS=2" in note
+    assert "preftune demo --threads 2" in note  # the demo has no config file: its own option
     assert "\n" not in note
     assert T.choose_threads(None, {}, busy=0.3, others=0).note is None  # noise: not busy
     with_other = T.choose_threads(None, {}, busy=0, others=1).note
@@ -138,3 +139,36 @@ def test_training_applies_the_threads_key_and_says_when_the_machine_is_busy(
     assert torch.get_num_threads() == 2
     out = capsys.readouterr().out
     assert out.count("[preftune] the machine is oversubscribed") == 1 and "threads=1" in out
+
+
+def test_a_run_refused_for_its_data_does_not_also_say_the_machine_is_busy(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """A bad row stops the command with one line naming file, line and field; the busy-machine line
+    used to come first, about a run that never started."""
+    import json
+
+    from preftune.data import DataError
+    from preftune.trainer import train
+
+    (tmp_path / "train.jsonl").write_text(
+        json.dumps({"prompt": "2+2?", "chosen": " 4.", "rejected": " "}) + "\n"
+    )
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(T, "busy_cpus", lambda: 4.0)
+    monkeypatch.setattr(T, "other_preftune_processes", lambda: 0)
+    monkeypatch.setattr(T, "_said", set())  # as in a fresh process
+    config = {
+        "model": str(tiny_model_dir),
+        "data": {"train": str(tmp_path / "train.jsonl")},
+        "cache_dir": str(tmp_path / "cache"),
+        "output_dir": str(tmp_path / "run"),
+        "progress": False,
+        "report_to": [],
+    }
+    with pytest.raises(DataError, match="line 1, field 'rejected'"):
+        train(config)
+    captured = capsys.readouterr()
+    assert "oversubscribed" not in captured.out + captured.err
+    assert not (tmp_path / "run").exists()

@@ -55,6 +55,7 @@ def demo_config(
     data_dir: Path,
     seed: int = 0,
     sft_weight: float = DEMO_SFT_WEIGHT,
+    threads: int | None = None,
 ) -> dict:
     references = ["policy", SECOND_REFERENCE] if method in ("mrpo", "mdpo") else ["policy"]
     return {
@@ -74,6 +75,7 @@ def demo_config(
         "logging_steps": 1,
         "eval_steps": 0,  # evaluations before training and at the end: each is a pass over the held-out pairs
         "seed": seed,
+        "threads": threads,  # null: automatic; an oversubscribed machine's line names --threads
         "output_dir": str(output_dir),
         "overwrite_output_dir": True,
     }
@@ -112,6 +114,7 @@ def run_demo(
     output_dir: str | None = None,
     seed: int = 0,
     sft_weight: float = DEMO_SFT_WEIGHT,
+    threads: int | None = None,
 ) -> Path:
     from .config import load_config
     from .generation import exact_match
@@ -133,7 +136,7 @@ def run_demo(
     if method in ("mrpo", "mdpo"):
         resolve_model(SECOND_REFERENCE)
     test_items = write_subsets(run.data, size)
-    cfg = load_config(demo_config(method, size, out, run.data, seed, sft_weight))
+    cfg = load_config(demo_config(method, size, out, run.data, seed, sft_weight, threads))
     trainer = Trainer(cfg)  # loads data and precomputes the references (cached for the next run)
 
     log("measuring the initial policy on the held-out problems")
@@ -281,10 +284,24 @@ def main(argv: list[str]) -> int:
         help="run directory (default runs/demo-<method>[-sft<λ>][-quick], e.g. runs/demo-dpo-sft3)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of data order and adapter initialisation")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="intra-op CPU threads (the `threads` config key; default: automatic). On a busy machine "
+        "fewer are faster (e.g. --threads 1); the run says so when it sees the machine oversubscribed",
+    )
     args = parser.parse_args(argv)
     if args.sft_weight < 0:
         parser.error("--sft-weight must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
     run_demo(
-        args.method, quick=args.quick, output_dir=args.output_dir, seed=args.seed, sft_weight=args.sft_weight
+        args.method,
+        quick=args.quick,
+        output_dir=args.output_dir,
+        seed=args.seed,
+        sft_weight=args.sft_weight,
+        threads=args.threads,
     )
     return 0

@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _read_prompts(path: Path) -> list[dict]:
+    """The ``--prompts`` file's {"prompt", "answer"} lines; a problem names the file, line and field
+    as a bad data row does."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found (set by --prompts); check the path")
     items = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -291,9 +295,16 @@ def _read_prompts(path: Path) -> list[dict]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(item, dict) or "prompt" not in item or "answer" not in item:
-            raise ConfigError(f"{path}:{number}: needs the fields 'prompt' and 'answer'")
+            raise ConfigError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+        if not isinstance(item, dict):
+            raise ConfigError(f'{path}, line {number}: not a JSON object; expected {{"prompt", "answer"}}')
+        for field in ("prompt", "answer"):
+            if field not in item:
+                found = ", ".join(repr(key) for key in item) or "none"
+                raise ConfigError(
+                    f"{path}, line {number}, field {field!r}: missing (each line needs 'prompt' and "
+                    f"'answer'; fields found: {found})"
+                )
         items.append(item)
     return items
 
@@ -469,9 +480,30 @@ def main(argv: list[str]) -> int:
             + (" (its answers reused from the cache)" if before["cached"] else ""),
         )
         files.append(("initial model's generations", run.root / saved.record["before"]["generations"]))
+        empty = empty_answers_note(details, before["details"], items)
+        if empty:
+            notes += (empty,)
     before_values = {k: v for k, v in before["metrics"].items() if k != "eval_prompts_n"} if before else None
     print(results_table(title, metrics, files, run.root, notes, before=before_values))
     return 0
+
+
+def empty_answers_note(details: list[dict], before: list[dict] | None, items: list[dict]) -> str | None:
+    """A line when answers came back empty (the model wrote its end-of-sequence token first), which
+    otherwise reads as a plain 0 → 0: a chat model given plain-text prompts often does that."""
+    counts = [sum(not str(d.get("output", "")).strip() for d in rows) for rows in (details, before or [])]
+    if not any(counts):
+        return None
+    text = f"{counts[0]} of {len(details)} answers are empty"
+    if before is not None:
+        text += f" ({counts[1]} of the initial model's)"
+    text += ": the model ended its reply at once"
+    if any(isinstance(item["prompt"], str) for item in items):
+        text += (
+            "; plain-text prompts to a chat model often do that: give them as chat messages, "
+            '{"prompt": [{"role": "user", "content": "..."}], "answer": ...}'
+        )
+    return text
 
 
 def _cache_root(cfg: TrainConfig) -> Path:

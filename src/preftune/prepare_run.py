@@ -134,7 +134,6 @@ def prepare_run(cfg: TrainConfig, accelerator=None, *, training: bool = True) ->
 def _prepare_run(cfg: TrainConfig, accelerator, training: bool) -> PreparedRun:
     from accelerate import Accelerator
 
-    configure_threads(cfg.threads, log=log)  # intra-op threads from the CPUs this process may use
     spec = resolve_method(cfg.method)
     sides = UNPAIRED_SIDES if spec.unpaired else PAIRED_SIDES
     if "mismatched" in spec.needs:  # KTO's reference point: mismatched items, scored last
@@ -161,6 +160,9 @@ def _prepare_run(cfg: TrainConfig, accelerator, training: bool) -> PreparedRun:
     adapter = LossAdapter.from_config(cfg)  # refuses what the method cannot do, before anything is scored
     if spec.needs_entropy and (cfg.reference_free or cfg.reference_mode != "precompute"):
         raise ConfigError(MALLOWS_NEEDS_PRECOMPUTE)
+    # intra-op threads from the CPUs this process may use; after the checks, so that a command refused
+    # for its input says only why, not also how busy the machine is
+    configure_threads(cfg.threads, log=log)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     # the data tokenized with the policy's tokenizer (no weights yet): too-long rows are refused here
     tokenizer = load_tokenizer(policy_path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -20,8 +21,11 @@ from typing import Any, TextIO
 
 # How often a bar reports on a non-terminal stderr: a 20-minute run writes ~40 lines, not 20 000.
 PLAIN_INTERVAL_S = 30.0
-PLAIN_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {elapsed} elapsed, {remaining} left"
-PLAIN_FORMAT_NO_TOTAL = "{desc}: {n_fmt} {unit}, {elapsed} elapsed"
+# {postfix}: what the bar carries besides the count (the training loss, ", loss=0.6931"), as on a terminal
+PLAIN_FORMAT = (
+    "{desc}: {n_fmt}/{total_fmt} {unit} ({percentage:.0f}%), {elapsed} elapsed, {remaining} left{postfix}"
+)
+PLAIN_FORMAT_NO_TOTAL = "{desc}: {n_fmt} {unit}, {elapsed} elapsed{postfix}"
 
 
 def interactive(stream: TextIO | None = None) -> bool:
@@ -33,16 +37,23 @@ def interactive(stream: TextIO | None = None) -> bool:
         return False
 
 
+# tqdm moves the cursor (ESC[A, up) around a nested bar that does not stay (leave=False, the held-out
+# evaluation inside the training bar): meaningless in a file, where it printed a line "^[[A"
+_CURSOR_MOVES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 class _Lines:
     """A file for tqdm that turns each redraw (``\\r`` + status + padding) into one plain line."""
 
     def __init__(self, stream: TextIO):
         self.stream = stream
+        self.last = ""
 
     def write(self, text: str) -> None:
-        line = text.replace("\r", "").strip()
-        if line:
+        line = _CURSOR_MOVES.sub("", text).replace("\r", "").strip()
+        if line and line != self.last:  # close() redraws the last report: in a file, a second copy
             self.stream.write(line + "\n")
+            self.last = line
 
     def flush(self) -> None:
         self.stream.flush()

@@ -151,8 +151,8 @@ def choose_threads(
             fewer = max(1, min(threads - 1, (cpus - min(elsewhere, cpus - 1)) // ranks))
             note = (
                 f"{head}{threads} intra-op threads{per} share the CPUs with them and may run several "
-                f"times slower; set fewer with the `threads` config key (e.g. threads={fewer}) or "
-                f"OMP_NUM_THREADS={fewer}"
+                f"times slower; set fewer with the `threads` config key (e.g. threads={fewer}; "
+                f"`preftune demo --threads {fewer}`) or OMP_NUM_THREADS={fewer}"
             )
         else:
             note = (

@@ -209,8 +209,8 @@ class Trainer:
 
             loss = acc.reduce(torch.stack(losses).mean().to(acc.device), reduction="mean").item()
             window.end_step(loss, grad_norm)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # shown by the update: one line per report
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
             done = step + 1
             if done % cfg.logging_steps == 0 or done == total:
                 last = window.row(acc, epoch=done / per_epoch, learning_rate=lr, skipped=skipped)

@@ -99,8 +99,11 @@ def test_eval_rejects_a_bad_prompts_file_before_scoring(base_config, tmp_path, c
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "run"), "--prompts", str(bad)]) == 2
     err = capsys.readouterr().err
-    assert "prompts.jsonl:2" in err and "'answer'" in err and len(err.strip().splitlines()) == 1
+    assert "prompts.jsonl, line 2, field 'answer'" in err and len(err.strip().splitlines()) == 1
     assert not list((tmp_path / "run").glob("eval-*.json"))
+    assert main(["eval", str(tmp_path / "run"), "--prompts", str(tmp_path / "nope.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.jsonl: file not found (set by --prompts)" in err and len(err.strip().splitlines()) == 1
     # held-out data is read as the eval split: its errors name data.eval, not data.train
     assert main(["eval", str(tmp_path / "run"), "--data", str(tmp_path / "missing.jsonl")]) == 2
     err = capsys.readouterr().err

@@ -27,7 +27,7 @@ def test_progress_into_a_file_is_plain_lines(base_config, capfd):
     captured = capfd.readouterr()
     assert "\r" not in captured.err + captured.out
     assert "Loading weights" not in captured.err  # transformers' bar redraws in place: off
-    assert re.search(r"^train dpo: 2/2 step \(100%\)", captured.err, flags=re.M)
+    assert re.search(r"^train dpo: 2/2 step \(100%\), .* left, loss=\d\.\d{4}$", captured.err, flags=re.M)
 
 
 def test_rpo_embeddings_and_mallows_dispersion_each_say_one_line(base_config, capsys):

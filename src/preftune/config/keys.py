@@ -246,7 +246,12 @@ class TrainConfig:
     )
     batch_size: int = _f(8, "Pairs per micro-batch per process.", range=AT_LEAST_ONE)
     grad_accum: int = _f(1, "Micro-batches accumulated per optimiser step.", range=AT_LEAST_ONE)
-    learning_rate: float = _f(1e-6, "Peak learning rate of AdamW.", range=POSITIVE)
+    learning_rate: float = _f(
+        1e-6,
+        "Peak learning rate of AdamW. The default is TRL's DPOConfig's, sized for full fine-tuning; "
+        "LoRA adapters usually want far more (`preftune demo` trains its LoRA at 2e-4).",
+        range=POSITIVE,
+    )
     weight_decay: float = _f(0.0, "AdamW weight decay.", range=NON_NEGATIVE)
     adam_betas: list[float] = _f(
         help="AdamW betas (two numbers).", factory=lambda: [0.9, 0.999], range=Range(ge=0, lt=1)
@@ -370,7 +375,8 @@ class TrainConfig:
     progress: bool = _f(
         True,
         "Show progress bars: redrawn in place on a terminal, a plain line every 30 s when stderr is "
-        "not one (a log file). Off also hides the libraries' own bars (transformers' Loading weights).",
+        "not one (a log file), with the training loss on both. Off also hides the libraries' own bars "
+        "(transformers' Loading weights).",
     )
     threads: int | None = _f(
         None,

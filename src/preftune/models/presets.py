@@ -38,6 +38,7 @@ from typing import Protocol
 
 from preftune.extras import MissingDependency
 
+from ..progress import library_bars
 from ..rundir import dir_bytes
 
 MANIFEST_NAME = "preftune-manifest.json"
@@ -369,12 +370,15 @@ def _build(
     try:
         _say("step 1/4: locating the GGUF file")
         gguf_path = preset.source.materialize(scratch)
-        info = converter(
-            gguf_path,
-            staging,
-            expect_chat_template=preset.has_chat_template,
-            progress=_say,
-        )
+        # transformers' own bars (dequantizing, loading, writing shards) redraw with carriage returns:
+        # in a log file they make one line of thousands of characters; the step lines say enough there
+        with library_bars(True):
+            info = converter(
+                gguf_path,
+                staging,
+                expect_chat_template=preset.has_chat_template,
+                progress=_say,
+            )
         shutil.rmtree(scratch, ignore_errors=True)
         vocab_size = info.get("vocab_size")
         if preset.vocab_size is not None and vocab_size != preset.vocab_size:
