@@ -14,14 +14,15 @@ evaluate, each stage a function whose output is a file under ``output_dir/round-
 
 A rerun with ``resume=true`` skips every stage whose file exists: a finished round is never redone,
 sampling draws and judging scores only the batches missing, training resumes from its newest
-checkpoint. ``round-0/`` holds the held-out answers of the starting model. ``final/`` is the last round's model. With
-``resume: auto`` the same command starts a fresh directory and continues this run's (its
-``iterate.yaml`` agrees on every key that defines the run), and refuses another run's.
+checkpoint. ``round-0/`` holds the held-out answers of the starting model. ``final/`` is the last
+round's model. With ``resume: auto`` the same command starts a fresh directory and continues this
+run's (its ``iterate.yaml`` agrees on every key that defines the run), and refuses another run's.
 
 SIGTERM / SIGUSR1 (a scheduler's preemption, :mod:`preftune.preemption`) stop the run at the next
-boundary: after the sampled batch or the judged chunk in progress (it is written), after the pairs, after
-the training step in progress (checkpointed), after a round's evaluation; every rank stops there, the
-lock is released and the process exits 75; the same command (``resume: auto`` or ``true``) goes on.
+boundary: after the sampled batch or the judged chunk in progress (it is written), after the pairs,
+after the training step in progress (checkpointed), after a round's evaluation; every rank stops
+there, the lock is released and the process exits 75; the same command (``resume: auto`` or
+``true``) goes on.
 
 This module runs the rounds; the checks before any model loads are :mod:`.checks`, the stages
 :mod:`.stages` (sample, judge, pairs, held-out evaluation) and :mod:`.training`, the files and the

@@ -1,8 +1,8 @@
 """The stages of one round that sample, judge and pair, and the held-out evaluation after it; each
 reads the round's inputs and writes its output under ``round-N/`` (:mod:`.record`):
 ``samples.part-R.jsonl`` then ``judged.part.jsonl`` and ``samples.jsonl`` (:func:`sample_stage`,
-:func:`judge_stage`),
-``pairs.jsonl`` and ``pairs.json`` (:func:`pairs_stage`), ``eval.jsonl`` (:func:`evaluate_stage`).
+:func:`judge_stage`), ``pairs.jsonl`` and ``pairs.json`` (:func:`pairs_stage`), ``eval.jsonl``
+(:func:`evaluate_stage`).
 Training the round is :mod:`.training`.
 """
 
