@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import TrainingError
 from .models.presets import MANIFEST_NAME, default_cache_dir  # one definition of the cache root
 
 CACHE_FORMAT = 1  # bump when the meaning of cached numbers changes
@@ -50,6 +52,9 @@ def hash_texts(texts: Iterable[str]) -> str:
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json", ".model")
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 def model_fingerprint(path: str | os.PathLike) -> str:
     """sha256 over a model directory's weight and config files (content, not names or times).
 
@@ -67,8 +72,12 @@ def model_fingerprint(path: str | os.PathLike) -> str:
         raise FileNotFoundError(f"{path}: no model files found (expected *.safetensors and config.json)")
     stat_key = hash_texts(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
     memo = default_cache_dir() / "fingerprints" / f"{stat_key}.txt"
-    if memo.is_file():
-        return memo.read_text().strip()
+    try:
+        memoised = memo.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        memoised = ""
+    if _SHA256_HEX.fullmatch(memoised):  # anything else (a damaged file) is hashed again
+        return memoised
     h = hashlib.sha256()
     for p in files:
         h.update(str(p.relative_to(path)).encode())
@@ -76,10 +85,10 @@ def model_fingerprint(path: str | os.PathLike) -> str:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
     digest = h.hexdigest()
-    try:
+    try:  # atomically: another process hashing the same model must never read a half-written memo
         memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(digest)
-    except OSError:
+        _write_atomically(memo, lambda tmp: tmp.write_text(digest))
+    except (OSError, TrainingError):  # a full disk says so as a StorageError (a TrainingError)
         pass  # memoising is an optimisation only
     return digest
 
@@ -233,10 +242,17 @@ class TensorCache:
                 return None
         return tensors
 
-    def load_agreed(self, key: str, rows: dict[str, int] | None = None) -> dict[str, torch.Tensor] | None:
+    def load_agreed(
+        self, key: str, rows: dict[str, int] | None = None, *, what: str = ""
+    ) -> dict[str, torch.Tensor] | None:
         """:meth:`load`, decided once for all processes: under torch.distributed the main process
-        verifies the entry and tells the others (a broadcast), so every rank takes the same branch
-        and runs the same collectives afterwards."""
+        verifies the entry and tells the others, so every rank takes the same branch and runs the
+        same collectives afterwards.
+
+        The same exchange checks that every rank computed the same ``key``: processes that see
+        different inputs (model files, data, settings) would otherwise write and read different
+        entries; they get a :class:`~preftune.distributed.DistributedError` naming ``what`` instead.
+        """
         from . import distributed
 
         if not distributed.is_distributed():
@@ -244,9 +260,15 @@ class TensorCache:
         import torch.distributed as dist
 
         entry = self.load(key, rows) if distributed.rank() == 0 else None
-        hit = [entry is not None]
-        dist.broadcast_object_list(hit, src=0)
-        if hit[0] and entry is None:  # rank 0 checked the checksum a moment ago
+        seen: list = [None] * distributed.world_size()
+        dist.all_gather_object(seen, (key, entry is not None))
+        differ = [r for r, (k, _) in enumerate(seen) if k != seen[0][0]]
+        if differ:
+            raise distributed.DistributedError(
+                f"{what or self.root.name}: rank(s) {differ} computed the cache key {seen[differ[0]][0]}, "
+                f"rank 0 {seen[0][0]}; every process must see the same inputs (model files, data, settings)"
+            )
+        if seen[0][1] and entry is None:  # rank 0 checked the checksum a moment ago
             entry = self.load(key, rows, verify=False)
             if entry is None:
                 raise RuntimeError(f"rank {distributed.rank()}: cannot read the cache entry {self.path(key)}")

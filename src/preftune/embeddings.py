@@ -64,7 +64,7 @@ def embed_prompts(
     cache = TensorCache(cache_root, "embeddings")
     key = make_key(role="embeddings", texts=hash_texts(texts), embedder=model_fingerprint(path))
     rows = {"embeddings": len(texts)}
-    entry = cache.load_agreed(key, rows)
+    entry = cache.load_agreed(key, rows, what=what)
     if entry is not None:
         say(f"{what}: cached embeddings reused ({cache.path(key).name})")
         return entry["embeddings"]

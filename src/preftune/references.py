@@ -294,7 +294,7 @@ def precompute_references(
             n_rows = len(view.tokenized[split])
             quantities = ("logps", "entropy", "tokens", *(("tail",) if tails else ()))
             rows = {f"{s}_{q}": n_rows for s in sides for q in quantities}
-            entry = cache.load_agreed(key, rows)
+            entry = cache.load_agreed(key, rows, what=f"reference {k} ({view.path}) {split}")
             if entry is None:
                 if model is None:
                     model = (

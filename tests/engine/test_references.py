@@ -54,6 +54,19 @@ def test_model_fingerprint_follows_content_not_location(tiny_model_dir, tmp_path
     assert model_fingerprint(copy) != model_fingerprint(tiny_model_dir)
 
 
+def test_a_damaged_fingerprint_memo_is_hashed_again(tiny_model_dir, tmp_path, monkeypatch):
+    """Two processes hashing one model at once: the reader of a half-written memo got an empty digest
+    (another cache key than its peer's). The memo is written atomically and checked when read."""
+    monkeypatch.setenv("PREFTUNE_CACHE", str(tmp_path / "cache"))
+    digest = model_fingerprint(tiny_model_dir)
+    memos = list((tmp_path / "cache" / "fingerprints").iterdir())
+    assert [m.read_text() for m in memos] == [digest]  # one memo, whole, no temporary file left
+    for damaged in ("", digest[:20], "not a digest\n"):
+        memos[0].write_text(damaged)
+        assert model_fingerprint(tiny_model_dir) == digest, repr(damaged)
+    assert memos[0].read_text() == digest  # rewritten whole
+
+
 # ------------------------------------------------------------------------------------------- references
 
 

@@ -55,6 +55,8 @@ def worker(workdir: Path) -> None:
 
     init_process_group(timeout_s=TIMEOUT_S, backend="gloo")
     setup = json.loads((workdir / "setup.json").read_text())
+    if setup.get("diverge"):
+        return diverging_worker(workdir, setup)
     scored = []
     real = references.score_dataset
 
@@ -74,6 +76,23 @@ def worker(workdir: Path) -> None:
     sentence_transformers.SentenceTransformer = no_model
     refs, emb = _score(setup, workdir / "cache-2proc")
     (workdir / f"rank{rank()}.json").write_text(json.dumps({"scored": sum(scored), "emb": list(emb.shape)}))
+    end_process_group()
+
+
+def diverging_worker(workdir: Path, setup: dict) -> None:
+    """Rank 1 sees other reference weights than rank 0 (as a node with a stale copy would): every
+    rank must stop with the same clear error instead of writing and reading different entries."""
+    from preftune import references
+    from preftune.distributed import DistributedError, end_process_group, rank
+
+    if rank() == 1:
+        references.model_fingerprint = lambda path: "0" * 64
+    try:
+        _score(setup, workdir / "cache-2proc")
+        outcome = "no error"
+    except DistributedError as error:
+        outcome = str(error)
+    (workdir / f"rank{rank()}.json").write_text(json.dumps({"error": outcome}))
     end_process_group()
 
 
@@ -151,6 +170,29 @@ def test_two_processes_write_the_cache_entries_one_process_writes(
     # each rank scored its own share only (9 and 8 pairs, two sides, two references)
     assert [r["scored"] for r in ranks] == [9 * 2 * 2, 8 * 2 * 2], ranks
     assert all(r["emb"] == list(one_emb.shape) for r in ranks)
+
+
+@pytest.mark.distributed
+def test_ranks_that_see_different_models_stop_with_one_clear_error(tmp_path, tiny_model_dir, pair_files):
+    from transformers import AutoTokenizer
+
+    from preftune.data import load_examples
+    from preftune.data.store import build_token_store
+
+    loaded = load_examples(pair_files[0], max_rows=5)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    store = str(build_token_store(loaded, tok, tmp_path / "store", max_length=64).directory)
+    setup = {"models": [str(tiny_model_dir)], "stores": [store], "diverge": True}
+    (tmp_path / "setup.json").write_text(json.dumps(setup))
+
+    codes = _launch(tmp_path, timeout=120)
+    logs = "\n".join((tmp_path / f"rank{r}.log").read_text()[-3000:] for r in range(2))
+    assert codes == [0, 0], logs
+    errors = [json.loads((tmp_path / f"rank{r}.json").read_text())["error"] for r in range(2)]
+    assert errors[0] == errors[1], errors  # both ranks stop at the same point, with the same words
+    assert f"reference 0 ({tiny_model_dir}) train: rank(s) [1] computed the cache key" in errors[0]
+    assert "every process must see the same inputs" in errors[0]
+    assert not list((tmp_path / "cache-2proc").rglob("*.safetensors"))  # nothing scored, nothing written
 
 
 if __name__ == "__main__":
