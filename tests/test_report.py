@@ -377,7 +377,8 @@ def test_a_loss_of_two_terms_is_titled_by_both_and_plots_them_apart(tmp_path):
     run = load_run(make_sft_run(tmp_path, "sft"))
     fig = make_figures([run])["loss.png"]
     total_ax, terms_ax = fig.axes
-    assert total_ax.get_title() == "Loss = sigmoid + 3·NLL — dpo β=0.1"
+    assert run.label == "dpo β=0.1 + 3·NLL"  # not the label of the same run without the NLL term
+    assert total_ax.get_title() == "Loss = sigmoid + 3·NLL — dpo β=0.1 + 3·NLL"
     assert legend_labels(fig)[-2:] == ["sigmoid", "3·NLL"]
     # each term as it enters the loss: raw points of the weighted term, and the two add up to the loss
     raw = {
@@ -390,7 +391,7 @@ def test_a_loss_of_two_terms_is_titled_by_both_and_plots_them_apart(tmp_path):
     # a one-term run (λ = 0: nll_loss is not a term) keeps one panel and the plain title
     plain = load_run(make_sft_run(tmp_path, "plain", sft_weight=0.0))
     (ax,) = make_figures([plain])["loss.png"].axes
-    assert ax.get_title() == "Loss — dpo β=0.1"
+    assert ax.get_title() == "Loss — dpo β=0.1" and plain.label == "dpo β=0.1"
     plot_runs([run.path], tmp_path / "png")
     assert_valid_png(tmp_path / "png" / "loss.png")
 

@@ -247,7 +247,13 @@ def _default_label(run_dir: Path, config: dict[str, Any]) -> str:
     method, beta = method_of(config), beta_of(config)
     if method is None:
         return run_dir.name or str(run_dir)
-    return f"{method} β={format_value(beta)}" if beta is not None else method
+    label = f"{method} β={format_value(beta)}" if beta is not None else method
+    # the NLL term on the chosen side (sft_weight) is part of the method: DPO and DPO + NLL runs
+    # compared side by side must not share a legend entry
+    sft = _config_value(config, "sft_weight")
+    if isinstance(sft, (int, float)) and not isinstance(sft, bool) and sft > 0:
+        label += f" + {format_value(sft)}·NLL"
+    return label
 
 
 def load_run(run_dir: str | Path, *, label: str | None = None) -> Run:
