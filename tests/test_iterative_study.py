@@ -34,6 +34,7 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
         rounds = study.sweep_rounds if r["kind"] == "sweep" else study.rounds
         assert sorted(r["exact_match"]) == [str(i) for i in range(rounds + 1)]
         assert r["seconds"] > 0 and r["machine"]["cpus"] and r["finished"]
+        assert r["machine"]["torch_threads"] == 1  # --quick's one thread, not preftune's automatic count
     # the untrained answers are the same for every run of a split
     assert len({json.dumps(r["exact_match"]["0"]) for r in sweep}) == 1
     text = (out / "RESULTS.md").read_text()

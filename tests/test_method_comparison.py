@@ -36,6 +36,8 @@ def _check_study(out: Path, study, arms: list[str]) -> list[dict]:
     expected = {(a, reg, s) for a in arms for reg in study.regimes for s in study.seeds[reg]}
     assert {(r["arm"], r["regime"], r["seed"]) for r in main} == expected
     assert all(np.isfinite(r["train"]["final_loss"]) and r["train"]["steps"] >= 1 for r in main)
+    # quick studies train with one thread (the runner's choice reaches preftune, which does not override it)
+    assert {r["machine"]["torch_threads"] for r in records} == {1}
     # the SAME held-out test rows for every arm; never trained on
     rows = {tuple(r["per_row"]["rows"]) for r in main}
     assert rows == {tuple(splits["test"])}

@@ -160,6 +160,12 @@ def resolve_policy(study: Study, out: Path) -> str:
 # -- one run --------------------------------------------------------------------------------------------
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run_config(
     study: Study, arm: Arm, policy: str, out: Path, run_dir: Path, seed: int, nll, temperature, split
 ):
@@ -184,6 +190,9 @@ def run_config(
         "cache_dir": str(out / "cache"),
         "progress": False,
         "report_to": [],
+        # the runner's own thread count (--threads, or 1 for --quick): without it preftune picks
+        # its automatic count, 2 per worker on a 2-core machine with 2 workers (oversubscribed)
+        "threads": _torch_threads(),
         "rounds": {
             "count": study.sweep_rounds if split == "validation" else study.rounds,
             "prompts": str(out / "data" / "prompts.jsonl"),

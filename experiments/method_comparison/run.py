@@ -241,6 +241,12 @@ def _sft(study: Study, policy: str, train_file: Path, target: Path, seed: int) -
 # -- one run ------------------------------------------------------------------------------------------
 
 
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def run_config(
     study: Study,
     arm: Arm,
@@ -275,6 +281,9 @@ def run_config(
         "cache_dir": str(run_dir.parents[1] / "cache"),
         "progress": False,
         "report_to": [],
+        # the runner's own thread count (--threads, or 1 for --quick): without it preftune picks
+        # its automatic count, 2 per worker on a 2-core machine with 2 workers (oversubscribed)
+        "threads": _torch_threads(),
     }
     if arm.method.startswith(("mrpo", "mdpo")):
         cfg["mrpo"] = {"clip_eps": eps}
