@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parents[1] / "experiments" / "iterative"
 
 
@@ -43,3 +45,40 @@ def test_quick_study_runs_resumes_and_reports(tmp_path):
     # a rerun finds everything finished: nothing is redone
     run.run_study(quick=True, out=out, arms=["rs_sft"])
     assert len((out / "results.jsonl").read_text().splitlines()) == len(records)
+
+
+def test_the_demo_check_runs_every_round_on_validation_after_the_main_runs(tmp_path):
+    run = _load()
+    out = run.run_study(quick=True, out=tmp_path / "study", arms=[run.DEMO_CHECK_ARM])
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds[-1] == "demo_check" and kinds.count("demo_check") == 1 and "main" in kinds
+    check = records[-1]
+    assert check["arm"] == run.DEMO_CHECK_ARM and check["split"] == "validation"
+    # all rounds (the sweep runs stop after sweep_rounds), at the setting the sweep chose
+    assert sorted(check["exact_match"]) == [str(i) for i in range(run.QUICK.rounds + 1)]
+    chosen = run.selected(records, run.QUICK)
+    assert (check["sft_weight"], check["temperature"]) == chosen
+    assert "## Demo check (validation only)" in (out / "RESULTS.md").read_text()
+
+
+def test_the_demo_check_is_read_against_the_demo_arms_validation_answers():
+    run = _load()
+    rows = list(range(1436, 1500))  # the method comparison's validation problems, in its order
+    demo = run.demo_arm_validation(rows)
+    if demo is None:
+        pytest.skip("experiments/method_comparison/results is not in this checkout")
+    assert len(demo) == 64 and sum(demo) / 64 == pytest.approx(0.390625)  # the README's 0.391
+    study = run.FULL
+
+    def check(final):
+        record = {"kind": "demo_check", "arm": "dpo_nll", "seed": 0, "sft_weight": 1.0, "temperature": 0.3}
+        record["split_rows"] = rows
+        record["exact_match"] = {str(r): [0.0] * 64 for r in range(study.rounds)} | {str(study.rounds): final}
+        return "\n".join(run.demo_check_lines([record], study))
+
+    better = check([1.0] * 64)
+    assert "0.391" in better and "+0.609" in better and "holds (CI above 0)" in better
+    assert "should gain a way to show it" in better
+    worse = check(list(demo[:32]) + [0.0] * 32)  # the demo's answers on half the problems, none on the rest
+    assert "does not score higher" in worse and "demo keeps its arm" in worse

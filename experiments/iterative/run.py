@@ -60,6 +60,10 @@ ARMS: tuple[Arm, ...] = (
 )
 ARM_NAMES = tuple(a.name for a in ARMS)
 SWEEP_ARM = "dpo_nll"
+# `preftune demo` shows offline DPO + 3·NLL; the iterative arm that would replace it is its on-policy
+# twin (Iterative RPO's loss, the arm the sweep tuned). Whether it does is decided on validation: this
+# arm runs all rounds once more on the validation problems, after the main runs.
+DEMO_CHECK_ARM = "dpo_nll"
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,16 @@ def _torch_threads() -> int:
 
 
 def run_config(
-    study: Study, arm: Arm, policy: str, out: Path, run_dir: Path, seed: int, nll, temperature, split
+    study: Study,
+    arm: Arm,
+    policy: str,
+    out: Path,
+    run_dir: Path,
+    seed: int,
+    nll,
+    temperature,
+    split,
+    rounds: int | None = None,
 ):
     judge = {"kind": "verifier", "match": "regex" if study.quick else "numeric"}
     cfg = {
@@ -194,7 +207,7 @@ def run_config(
         # its automatic count, 2 per worker on a 2-core machine with 2 workers (oversubscribed)
         "threads": _torch_threads(),
         "rounds": {
-            "count": study.sweep_rounds if split == "validation" else study.rounds,
+            "count": rounds or (study.sweep_rounds if split == "validation" else study.rounds),
             "prompts": str(out / "data" / "prompts.jsonl"),
             "prompts_per_round": study.prompts_per_round,
             "samples_per_prompt": study.k,
@@ -248,7 +261,9 @@ def one_run(study: Study, out: Path, run: dict, policy: str, splits: dict) -> di
     arm, seed, split = run["arm"], run["seed"], run["split"]
     run_dir = out / "runs" / run["id"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg = run_config(study, arm, policy, out, run_dir, seed, run["nll"], run["temperature"], split)
+    cfg = run_config(
+        study, arm, policy, out, run_dir, seed, run["nll"], run["temperature"], split, run.get("rounds")
+    )
     _seed_round0(out, split, run_dir / "iterate")
     print(f"run {run['id']} (pid {os.getpid()})", flush=True)
     started = time.perf_counter()
@@ -343,6 +358,20 @@ def plan(study: Study, arms: tuple[Arm, ...], records: list[dict]) -> list[dict]
                     "id": f"main-{arm.name}-s{seed}",
                 }
             )
+    if any(a.name == DEMO_CHECK_ARM for a in arms):
+        # fixed before any main run finished: the demo's question is asked on validation only
+        runs.append(
+            {
+                "kind": "demo_check",
+                "arm": next(a for a in ARMS if a.name == DEMO_CHECK_ARM),
+                "seed": seed0,
+                "nll": lam,
+                "temperature": t,
+                "split": "validation",
+                "rounds": study.rounds,
+                "id": f"demo-check-{DEMO_CHECK_ARM}-s{seed0}",
+            }
+        )
     return runs
 
 
@@ -446,6 +475,61 @@ def reference_rows(test_rows: int) -> dict[str, dict]:
     return out
 
 
+def demo_arm_validation(rows: list[int]) -> list[float] | None:
+    """The validation exact match per problem of `preftune demo`'s arm (offline DPO + 3·NLL, the
+    method comparison's λ sweep, seed 0), when it was measured on the same validation problems."""
+    from preftune.demo import DEMO_SFT_WEIGHT
+
+    for r in load(COMPARISON / "results.jsonl"):
+        if (
+            r.get("kind") == "sweep"
+            and r.get("arm") == "dpo_sft"
+            and r.get("sft_weight") == DEMO_SFT_WEIGHT
+            and r.get("split") == "validation"
+            and r["per_row"]["rows"] == rows
+        ):
+            return [float(x) for x in r["per_row"]["exact_match"]]
+    return None
+
+
+def demo_check_lines(records: list[dict], study: Study) -> list[str]:
+    """The demo's question on validation: does the on-policy twin of its arm beat it?"""
+    import numpy as np
+
+    check = next((r for r in records if r["kind"] == "demo_check"), None)
+    if check is None:
+        return []
+    final = str(study.rounds)
+    mine = check["exact_match"][final]
+    per_round = ", ".join(
+        f"{sum(v) / len(v):.3f}" for _, v in sorted(check["exact_match"].items(), key=lambda kv: int(kv[0]))
+    )
+    lines = [
+        "",
+        "## Demo check (validation only)",
+        "",
+        f"`{check['arm']}`, seed {check['seed']}, λ = {check['sft_weight']:g}, temperature {check['temperature']:g}, "
+        f"{study.rounds} rounds on the {len(mine)} validation problems: rounds 0–{study.rounds}: {per_round}.",
+    ]
+    from preftune.demo import DEMO_SFT_WEIGHT
+
+    demo = demo_arm_validation(check["split_rows"])
+    if demo is None or study.quick:
+        return lines + ["", "The demo arm's validation answers are not available here: no comparison."]
+    d = np.array(mine, dtype=float) - np.array(demo, dtype=float)
+    lo, hi = method_comparison.analysis.bootstrap_ci(d[None, :], study.bootstrap)
+    beats = sum(mine) > sum(demo)
+    lines += [
+        f"`preftune demo`'s arm (offline DPO + {DEMO_SFT_WEIGHT:g}·NLL, 64 pairs, seed 0): {sum(demo) / len(demo):.3f}. "
+        f"Paired difference {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] ({_verdict(lo, hi)}).",
+        "",
+        "The iterative arm scores higher on validation: the demo should gain a way to show it."
+        if beats
+        else "The iterative arm does not score higher on validation: the demo keeps its arm.",
+    ]
+    return lines
+
+
 def write_results(out: Path, study: Study) -> Path:
     import numpy as np
 
@@ -529,6 +613,7 @@ def write_results(out: Path, study: Study) -> Path:
             lines.append(
                 f"| `{a}` − offline DPO+3·SFT (seeds {shared}) | {d.mean():+.3f} [{lo:+.3f}, {hi:+.3f}] | {_verdict(lo, hi)} |"
             )
+    lines += demo_check_lines(records, study)
     # cost
     hours = method_comparison.analysis.wall_hours(records) if records else 0.0
     total = sum(r["seconds"] for r in records) / 3600
